@@ -1,0 +1,5 @@
+import sys
+
+from zoft.cli import main
+
+sys.exit(main())

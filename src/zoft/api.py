@@ -1,0 +1,58 @@
+"""The public Python API: ``zoft.train(config)`` and ``zoft.evaluate(...)``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from zoft.config import Config, load_config
+from zoft.methods import get_method
+from zoft.methods.common import prepare
+from zoft.runs import RunDir
+
+
+def _as_config(config: Config | dict | str | Path | None, overrides: dict[str, Any] | None) -> Config:
+    if isinstance(config, Config):
+        return load_config(overrides={**config.to_dict(), **(overrides or {})})
+    if isinstance(config, dict):
+        return load_config(overrides={**config, **(overrides or {})})
+    return load_config(config, overrides or {})
+
+
+def train(config: Config | dict | str | Path | None = None, resume: str | Path | None = None,
+          loaded=None, **overrides) -> dict:
+    """Run one method on one task and return its results (also written to the run dir).
+
+    Args:
+        config: a Config, a dict of options, or a path to a YAML config.
+        resume: a run directory to continue from its last checkpoint (its config is reused).
+        loaded: an already loaded model (``zoft.models.LoadedModel``), to skip loading.
+        **overrides: options that take precedence over ``config``.
+
+    Example:
+        >>> zoft.train(method="mezo", task="sst2", model="smollm2-135m", steps=200, lr=1e-6)
+    """
+    if resume is not None:
+        run_dir = RunDir(resume)
+        cfg = load_config(overrides={**run_dir.read_config(), **overrides})
+    else:
+        cfg = _as_config(config, overrides)
+        run_dir = RunDir(cfg.resolved_output_dir())
+        cfg.output_dir = str(run_dir.path)
+        run_dir.write_config(cfg.to_dict())
+    setup = prepare(cfg, loaded)
+    result = get_method(cfg.method)(setup, run_dir, resume=resume is not None)
+    result["run_dir"] = str(run_dir.path)
+    return result
+
+
+def evaluate(model: str | Path = "smollm2-135m", task: str = "sst2", **overrides) -> dict:
+    """Evaluate a model (a name, a path, or a zoft run directory) on a task's eval split."""
+    path = Path(str(model))
+    if (path / "config.yaml").is_file():   # a zoft run: rebuild its model and load its best weights
+        from zoft.methods.common import evaluate as evaluate_split
+        from zoft.methods.common import load_run
+        setup, scorer = load_run(path, task=task if task else None, **overrides)
+        enc = scorer.encode(setup.data.eval)
+        return {"model": str(path), "task": setup.task.name,
+                "eval": evaluate_split(scorer, enc, setup.data.eval, setup.task, setup.cfg.eval_batch_size)}
+    return train(method="zero-shot", model=str(model), task=task, **overrides)

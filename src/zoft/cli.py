@@ -1,0 +1,121 @@
+"""Command line: argument parsing only; the work happens in zoft.api and zoft.methods.
+
+    zoft train [CONFIG.yaml] [key=value ...] [--resume RUN_DIR]
+    zoft eval  --model NAME|PATH|RUN_DIR --task TASK [key=value ...]
+    zoft compare --task sst2 --methods zero-shot,icl,lp,mezo,mezo:lora,ft [key=value ...]
+    zoft demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from zoft.errors import ZoftError
+
+
+def _overrides(items: list[str]) -> dict:
+    from zoft.config import load_config  # noqa: F401  (validates keys below)
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ZoftError(f"argument '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        import yaml
+        out[key.strip()] = yaml.safe_load(value) if value else None
+    return out
+
+
+def cmd_train(args) -> None:
+    from zoft import api
+    from zoft.report import markdown_table
+    result = api.train(args.config, resume=args.resume, **_overrides(args.overrides))
+    print(markdown_table([result]))
+    print(f"run directory: {result['run_dir']}")
+
+
+def cmd_eval(args) -> None:
+    from zoft import api
+    result = api.evaluate(args.model, task=args.task, **_overrides(args.overrides))
+    print(json.dumps(result, indent=1))
+
+
+def cmd_compare(args) -> None:
+    from zoft import api
+    from zoft.config import load_config
+    from zoft.models import load_model
+    from zoft.report import write_comparison
+    base = load_config(args.config, _overrides(args.overrides))
+    out = Path(args.output_dir or base.resolved_output_dir().with_name(f"compare-{Path(base.task).stem}"))
+    results = []
+    for spec in args.methods.split(","):
+        method, _, mode = spec.strip().partition(":")
+        # each method gets a fresh copy of the base weights: trained methods change them in place
+        loaded = load_model(base.model, dtype=base.dtype, device=base.device,
+                            trust_remote_code=base.trust_remote_code)
+        overrides = {"method": method, "mode": mode or "full",
+                     "output_dir": str(out / spec.strip().replace(":", "-"))}
+        for key, value in _overrides(args.overrides).items():
+            prefix = f"{method}.{mode}." if mode else f"{method}."
+            if key.startswith(prefix) or key.startswith(f"{method}."):
+                overrides[key.split(".")[-1]] = value
+        print(f"== {spec}", flush=True)
+        results.append(api.train(base.to_dict() | overrides, loaded=loaded))
+    table, plot = write_comparison(results, out)
+    print(table.read_text())
+    print(f"table: {table}\nplot: {plot}")
+
+
+def cmd_demo(args) -> None:
+    from zoft.demo import main as demo
+    demo(_overrides(args.overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoft", description="Fine-tune LMs with forward passes only (MeZO), "
+                                     "against zero-shot, ICL, linear probing and backprop baselines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train or evaluate one method on one task")
+    p.add_argument("config", nargs="?", help="YAML config (optional)")
+    p.add_argument("overrides", nargs="*", help="key=value options, e.g. lr=1e-6 steps=500")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a model or a trained run on a task")
+    p.add_argument("--model", required=True, help="builtin name, model path, or run directory")
+    p.add_argument("--task", default=None, help="task name or YAML (default: the run's task, else sst2)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("compare", help="several methods on one task: a markdown table and a plot")
+    p.add_argument("config", nargs="?", help="base YAML config")
+    p.add_argument("--methods", default="zero-shot,icl,lp,mezo,mezo:lora,ft",
+                   help="comma list of METHOD[:MODE]; per-method options as METHOD.key=value")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("demo", help="zero-shot vs MeZO on SST-2 with SmolLM2-135M, sized for a 2-core CPU")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:   # `zoft train lr=1e-6` with no YAML
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        args.fn(args)
+    except ZoftError as e:
+        print(f"zoft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoft: interrupted; the last checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Run configuration: one flat, typed dataclass, loaded from YAML and ``key=value`` overrides.
+
+Unknown keys and values of the wrong type are errors, as in nanoGPT's configurator, so a
+typo never silently runs the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoft.errors import ZoftError
+
+METHODS = ("zero-shot", "icl", "lp", "ft", "lp-ft", "mezo")
+MODES = ("full", "lora", "prefix")
+OBJECTIVES = ("loss", "acc", "f1")
+
+
+@dataclass
+class Config:
+    """Everything a run needs. See configs/*.yaml for worked examples."""
+
+    method: str = "mezo"
+    model: str = "smollm2-135m"
+    dtype: str = "fp32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    task: str = "sst2"
+    data_dir: str | None = None
+    # data sampling, as in the MeZO paper
+    n_train: int = 1000
+    n_dev: int = 500
+    n_eval: int = 1000
+    k_per_class: int | None = None
+    data_seed: int = 0
+    max_length: int = 256
+    # training
+    seed: int = 0
+    mode: str = "full"
+    steps: int = 1000
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    lr: float = 1e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    save_every: int | None = None
+    load_best: bool = True
+    # MeZO
+    eps: float = 1e-3
+    n_directions: int = 1
+    distribution: str = "gaussian"
+    backend: str = "auto"
+    objective: str = "loss"
+    # adapters (peft)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] | None = None
+    num_virtual_tokens: int = 5
+    # in-context learning and linear probing
+    icl_k: int = 4
+    lp_c: float = 1.0
+    lp_ft_probe_steps: int = 0
+    # output
+    output_dir: str | None = None
+    progress: bool = True
+
+    def validate(self) -> "Config":
+        for key, allowed in (("method", METHODS), ("mode", MODES), ("objective", OBJECTIVES),
+                             ("dtype", ("fp32", "bf16", "fp16")),
+                             ("lr_schedule", ("constant", "linear")),
+                             ("distribution", ("gaussian", "rademacher"))):
+            if getattr(self, key) not in allowed:
+                raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
+        for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length"):
+            if getattr(self, key) < 1:
+                raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.eps <= 0:
+            raise ZoftError(f"config: eps must be > 0, got {self.eps}")
+        return self
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        task = Path(self.task).stem
+        return Path("runs") / f"{task}-{self.method}-{self.mode}-{stamp}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Cast an override to the type of the field, or fail naming the key."""
+    f = {f.name: f for f in dataclasses.fields(Config)}[key]
+    type_text = str(f.type)
+    if value is None:
+        if "None" in type_text:
+            return None
+        raise ZoftError(f"{source}: '{key}' cannot be empty")
+    try:
+        if type_text.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if type_text.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if type_text.startswith("float"):
+            return float(value)
+        if type_text.startswith("list"):
+            return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
+        return str(value)
+    except (TypeError, ValueError):
+        raise ZoftError(f"{source}: '{key}' expects {type_text}, got {value!r}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Config from an optional YAML file, then ``key=value`` overrides (torchtune style)."""
+    values: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(Config)}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ZoftError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ZoftError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ZoftError(f"{path}: a config is a mapping of key: value")
+        for key, value in loaded.items():
+            if key not in known:
+                raise ZoftError(f"{path}: unknown config key '{key}'")
+            values[key] = _coerce(key, value, None, str(path))
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ZoftError(f"override '{item}' is not key=value")
+            key, value = item.split("=", 1)
+            pairs[key.strip()] = yaml.safe_load(value) if value else None
+        overrides = pairs
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ZoftError(f"unknown option '{key}'")
+        values[key] = _coerce(key, value, None, "override")
+    return Config(**values).validate()

@@ -1,0 +1,236 @@
+"""Scoring candidates with a language model: the one eval and loss path every method shares.
+
+A task example is a context plus candidate continuations (label words for classification,
+options for multiple choice, the gold answer for generation). Everything here works on
+pre-tokenised examples (:class:`Encoded`, built once per split), so a training step only
+pads integer lists, never calls the tokenizer.
+
+Causal LMs score a continuation by the sum of its token log-probs given the context
+(rows are left-padded, so the continuation always sits at the end of the row and only the
+last few positions need logits). Masked LMs score single-token label words at a mask
+placed after the context, as in LM-BFF.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zoft.errors import ZoftError
+
+
+@dataclass
+class Encoded:
+    """A split, tokenised once.
+
+    Attributes:
+        context_ids: per example, the context's token ids (left-truncated to fit).
+        choice_ids: per example, per candidate, the continuation's token ids.
+        targets: (N,) gold candidate index per example.
+        label_ids: (C,) the label words' token ids when every candidate is one shared
+            token (classification fast path: one row per example instead of one per
+            candidate), else None.
+        mask_positions: masked LMs only, the index of the mask token in each context row.
+    """
+
+    context_ids: list[list[int]]
+    choice_ids: list[list[list[int]]]
+    targets: torch.Tensor
+    label_ids: torch.Tensor | None = None
+    mask_positions: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.context_ids)
+
+
+class CandidateScorer:
+    """Tokenises examples once and turns a model into candidate scores, losses and predictions.
+
+    Args:
+        model: a causal or masked LM (plain or wrapped by peft).
+        tokenizer: its tokenizer.
+        kind: the task kind: "classification", "multiple_choice" or "generation".
+        is_masked_lm: score at a mask token instead of left to right.
+        max_length: longest row in tokens; contexts are truncated from the left to fit.
+        target_delimiter: text between context and continuation.
+    """
+
+    def __init__(self, model, tokenizer, kind: str, is_masked_lm: bool = False,
+                 max_length: int = 256, target_delimiter: str = " "):
+        self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self.is_masked_lm, self.max_length, self.delimiter = is_masked_lm, max_length, target_delimiter
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # peft's prompt-learning wrappers prepend virtual tokens and build their own positions.
+        peft_config = getattr(model, "active_peft_config", None)
+        prompt_learning = bool(getattr(peft_config, "is_prompt_learning", False))
+        forward = getattr(model, "get_base_model", lambda: model)().forward
+        self._pass_positions = (not prompt_learning and not is_masked_lm
+                                and "position_ids" in inspect.signature(forward).parameters)
+        self._can_keep_logits = "logits_to_keep" in inspect.signature(forward).parameters
+
+    # ---------------------------------------------------------------- encoding
+    def encode(self, examples) -> Encoded:
+        """Tokenise a list of :class:`zoft.tasks.Example` once."""
+        tok = self.tokenizer
+        choice_texts = [ex.choices if self.kind != "generation" else ex.answers[:1] for ex in examples]
+        choice_ids = [[tok(self.delimiter + c, add_special_tokens=False).input_ids for c in cs]
+                      for cs in choice_texts]
+        targets = torch.tensor([ex.target if ex.target is not None else 0 for ex in examples])
+        if self.is_masked_lm:
+            return self._encode_masked(examples, choice_ids, targets)
+        context_ids = []
+        for ex, cands in zip(examples, choice_ids):
+            ids = tok(ex.context).input_ids
+            room = self.max_length - max((len(c) for c in cands), default=0)
+            context_ids.append(ids[-room:] if room > 0 else ids[-1:])
+        label_ids = None
+        if self.kind == "classification" and all(len(c) == 1 for cs in choice_ids for c in cs):
+            label_ids = torch.tensor([c[0] for c in choice_ids[0]])
+        return Encoded(context_ids, choice_ids, targets, label_ids)
+
+    def _encode_masked(self, examples, choice_ids, targets) -> Encoded:
+        tok = self.tokenizer
+        if self.kind != "classification":
+            raise ZoftError(f"masked LMs score single-token label words only; task kind '{self.kind}' needs a causal LM")
+        if tok.mask_token is None:
+            raise ZoftError("the masked LM's tokenizer has no mask token")
+        for ex, cands in zip(examples, choice_ids):
+            for word, ids in zip(ex.choices, cands):
+                if len(ids) != 1:
+                    raise ZoftError(f"{ex.ref}: label word '{word}' is {len(ids)} tokens; a masked LM needs one")
+        context_ids, mask_positions = [], []
+        for ex in examples:
+            ids = tok(ex.context + self.delimiter + tok.mask_token).input_ids
+            if len(ids) > self.max_length:  # keep the tail, where the mask is
+                ids = ids[:1] + ids[len(ids) - self.max_length + 1:]
+            context_ids.append(ids)
+            mask_positions.append(ids.index(tok.mask_token_id))
+        label_ids = torch.tensor([c[0] for c in choice_ids[0]])
+        return Encoded(context_ids, choice_ids, targets, label_ids, mask_positions)
+
+    # ---------------------------------------------------------------- forward
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r)
+            mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _forward(self, ids, mask, keep: int | None = None, **kwargs):
+        if self._pass_positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if keep is not None and self._can_keep_logits:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        return out if keep is None else (out, out.logits[:, -keep:])
+
+    def _label_logprobs(self, enc: Encoded, idx: list[int]) -> torch.Tensor:
+        """(B, C) log-probs of the single-token label words at the scoring position."""
+        rows = [enc.context_ids[i] for i in idx]
+        if self.is_masked_lm:
+            ids, mask = self._pad(rows, left=False)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            pos = torch.tensor([enc.mask_positions[i] for i in idx], device=ids.device)
+            logits = logits[torch.arange(len(idx), device=ids.device), pos]
+        else:
+            ids, mask = self._pad(rows, left=True)
+            logits = self._forward(ids, mask, keep=1)[1][:, -1]
+        return logits.float().log_softmax(-1)[:, enc.label_ids.to(logits.device)]
+
+    def _continuation_logprobs(self, rows: list[list[int]], cont_lens: list[int]) -> torch.Tensor:
+        """(R,) summed log-prob of the last ``cont_lens[r]`` tokens of each row."""
+        ids, mask = self._pad(rows, left=True)
+        k = max(cont_lens)
+        logits = self._forward(ids, mask, keep=k + 1)[1][:, :-1].float()   # (R, k, V): predicts the last k tokens
+        logprobs = logits.log_softmax(-1).gather(-1, ids[:, -k:, None]).squeeze(-1)
+        in_cont = torch.arange(k, device=ids.device)[None, :] >= (k - torch.tensor(cont_lens, device=ids.device))[:, None]
+        return (logprobs * in_cont).sum(-1)
+
+    def candidate_logprobs(self, enc: Encoded, idx: list[int], only_target: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of candidates for examples ``idx``.
+
+        Returns:
+            (scores, lengths): summed log-probs and token counts, both (B, C); with
+            ``only_target`` both are (B, 1) for the gold candidate only (teacher forcing).
+        """
+        if enc.label_ids is not None and not only_target:
+            scores = self._label_logprobs(enc, idx)
+            return scores, torch.ones_like(scores)
+        rows, lens, shape = [], [], []
+        for i in idx:
+            cands = [enc.choice_ids[i][int(enc.targets[i])]] if only_target else enc.choice_ids[i]
+            shape.append(len(cands))
+            rows += [enc.context_ids[i] + c for c in cands]
+            lens += [len(c) for c in cands]
+        if len(set(shape)) != 1:
+            raise ZoftError("examples in one batch have different numbers of options")
+        scores = self._continuation_logprobs(rows, lens).view(len(idx), shape[0])
+        lengths = torch.tensor(lens, device=scores.device, dtype=scores.dtype).view_as(scores)
+        return scores, lengths
+
+    # ---------------------------------------------------------------- objectives
+    def loss(self, enc: Encoded, idx: list[int]) -> torch.Tensor:
+        """The paper's training objective on examples ``idx``.
+
+        Classification: cross-entropy over the candidates' log-likelihoods.
+        Multiple choice and generation: teacher forcing on the gold continuation's tokens
+        (mean negative log-likelihood per token).
+        """
+        targets = enc.targets[idx].to(self.device)
+        if self.kind == "classification":
+            scores, _ = self.candidate_logprobs(enc, idx)
+            return F.cross_entropy(scores, targets)
+        scores, lengths = self.candidate_logprobs(enc, idx, only_target=True)
+        return -(scores / lengths).mean()
+
+    @torch.no_grad()
+    def predict(self, enc: Encoded, idx: list[int]) -> list[int]:
+        """Best candidate per example: summed log-prob for label words, per-token mean for options."""
+        scores, lengths = self.candidate_logprobs(enc, idx)
+        if self.kind != "classification":
+            scores = scores / lengths
+        return scores.argmax(-1).tolist()
+
+    @torch.no_grad()
+    def generate(self, enc: Encoded, idx: list[int], max_new_tokens: int = 32,
+                 until: tuple[str, ...] = ("\n",)) -> list[str]:
+        """Greedy decoding from each context, cut at the first stop string."""
+        if self.is_masked_lm:
+            raise ZoftError("generation needs a causal LM")
+        ids, mask = self._pad([enc.context_ids[i] for i in idx], left=True)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=self.pad_id)
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        texts = [t.lstrip() for t in texts]   # a leading newline is formatting, not a stop
+        for stop in until:
+            texts = [t.split(stop)[0] if stop else t for t in texts]
+        return [t.strip() for t in texts]
+
+    @torch.no_grad()
+    def features(self, enc: Encoded, idx: list[int]) -> torch.Tensor:
+        """(B, H) last-layer hidden state where the label is predicted: features for linear probing."""
+        rows = [enc.context_ids[i] for i in idx]
+        ids, mask = self._pad(rows, left=not self.is_masked_lm)
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                         **({"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if self._pass_positions else {}))
+        hidden = out.hidden_states[-1]
+        if self.is_masked_lm:
+            pos = torch.tensor([enc.mask_positions[i] for i in idx], device=hidden.device)
+            return hidden[torch.arange(len(idx), device=hidden.device), pos].float()
+        return hidden[:, -1].float()
+
+
+def batches(n: int, batch_size: int):
+    """Consecutive index lists covering range(n)."""
+    for start in range(0, n, batch_size):
+        yield list(range(start, min(start + batch_size, n)))

@@ -1,0 +1,93 @@
+"""Set-up and evaluation shared by every method: one task, one model, one eval path."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zoft.config import Config
+from zoft.lm import CandidateScorer, Encoded, batches
+from zoft.models import LoadedModel, load_model
+from zoft.tasks import Task, TaskData, compute_metric, load_task
+
+
+@dataclass
+class Setup:
+    """A task's sampled data and a loaded model, ready to score."""
+
+    cfg: Config
+    task: Task
+    data: TaskData
+    loaded: LoadedModel
+
+    def scorer(self, model=None) -> CandidateScorer:
+        return CandidateScorer(model if model is not None else self.loaded.model, self.loaded.tokenizer,
+                               self.task.kind, self.loaded.is_masked_lm, self.cfg.max_length,
+                               self.task.target_delimiter)
+
+
+def prepare(cfg: Config, loaded: LoadedModel | None = None) -> Setup:
+    """Load the task data and the model a config names (the model can be passed in, e.g. by tests)."""
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task, data_dir=cfg.data_dir)
+    data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
+                         seed=cfg.data_seed, k_per_class=cfg.k_per_class)
+    if loaded is None:
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                            trust_remote_code=cfg.trust_remote_code)
+    return Setup(cfg, task, data, loaded)
+
+
+@torch.no_grad()
+def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int) -> list:
+    """Choice indices (classification, multiple choice) or generated strings (generation)."""
+    was_training = scorer.model.training
+    scorer.model.eval()
+    out: list = []
+    for idx in batches(len(enc), batch_size):
+        if task.kind == "generation":
+            gen = task.generation_kwargs or {}
+            out += scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
+                                   until=tuple(gen.get("until", ["\n"])))
+        else:
+            out += scorer.predict(enc, idx)
+    scorer.model.train(was_training)
+    return out
+
+
+def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int) -> dict[str, float]:
+    """Every metric of the task on a split, e.g. ``{"acc": 0.81}``."""
+    preds = predictions(scorer, enc, task, batch_size)
+    return {name: compute_metric(name, preds, examples) for name in task.metrics}
+
+
+def load_run(run_path, task: str | None = None, **overrides):
+    """Rebuild a finished run's model with its best (else last) trained weights.
+
+    Returns ``(setup, scorer)`` ready to evaluate or score new inputs.
+    """
+    from pathlib import Path
+
+    from zoft.adapters import apply_mode, named_trainable
+    from zoft.config import load_config
+    from zoft.errors import ZoftError
+    from zoft.runs import RunDir
+    from zoft.training import Trainable
+
+    run_dir = RunDir(Path(run_path))
+    values = {**run_dir.read_config(), **overrides}
+    if task:
+        values["task"] = task
+    cfg = load_config(overrides=values)
+    setup = prepare(cfg)
+    model = setup.loaded.model
+    weights = run_dir.path / "best" if (run_dir.path / "best").exists() else (run_dir.checkpoints() or [None])[-1]
+    if cfg.method in ("mezo", "ft", "lp-ft"):
+        if weights is None:
+            raise ZoftError(f"{run_dir.path}: run has no trained weights (no best/ or checkpoint-N/)")
+        model = apply_mode(model, cfg.mode, is_masked_lm=setup.loaded.is_masked_lm, lora_r=cfg.lora_r,
+                           lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                           num_virtual_tokens=cfg.num_virtual_tokens)
+        Trainable(named_trainable(model)).load(run_dir.load_checkpoint(weights)[0])
+    model.eval()
+    return setup, setup.scorer(model)

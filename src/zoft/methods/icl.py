@@ -1,0 +1,37 @@
+"""In-context learning: k solved training examples prepended to each eval context.
+
+Demonstrations are drawn from the training sample with a fixed seed, the same for every
+eval example (as in the MeZO paper's ICL baseline). When the prompt does not fit in
+``max_length``, the scorer truncates from the left, dropping the oldest demonstrations
+first.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from zoft.methods.common import Setup, evaluate
+
+
+def with_demonstrations(examples, demos, delimiter: str, separator: str = "\n\n") -> list:
+    """Copies of ``examples`` whose context starts with the solved demonstrations."""
+    prefix = "".join(d.context + delimiter + d.answers[0] + separator for d in demos)
+    return [dataclasses.replace(ex, context=prefix + ex.context) for ex in examples]
+
+
+def run(setup: Setup, run_dir, resume: bool = False) -> dict:
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    rng = np.random.default_rng(cfg.seed)
+    chosen = rng.choice(len(data.train), size=min(cfg.icl_k, len(data.train)), replace=False)
+    demos = [data.train[i] for i in chosen]
+    scorer = setup.scorer()
+    setup.loaded.model.eval()
+    evals = {}
+    for split, examples in (("eval", data.eval), ("dev", data.dev)):
+        prompted = with_demonstrations(examples, demos, task.target_delimiter)
+        evals[split] = evaluate(scorer, scorer.encode(prompted), prompted, task, cfg.eval_batch_size)
+    result = {"method": "icl", "k": len(demos), "task": task.name, "model": cfg.model,
+              "metric": task.metric, **evals, "n_eval": len(data.eval)}
+    run_dir.write_json("eval.json", result)
+    return result

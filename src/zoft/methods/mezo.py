@@ -1,0 +1,91 @@
+"""MeZO: fine-tuning with forward passes only (Malladi et al., 2023).
+
+Each step: sample a batch and n seeds, estimate the projected gradient of each seed's
+direction with two forward passes (SPSA), then apply θ ← θ − lr·mean(g·z) with z
+regenerated from the seed. Works in full, LoRA and prefix modes, and with a
+non-differentiable objective (minus accuracy or F1 on the batch) in place of the loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from zoft.adapters import apply_mode, named_trainable
+from zoft.methods.common import Setup, evaluate, predictions
+from zoft.tasks import compute_metric
+from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
+from zoft.zo import SPSA, ZOSGD, get_backend, learning_rate
+
+
+def make_objective(setup: Setup, scorer, enc, examples):
+    """The scalar MeZO minimises on a batch: the LM loss, or minus a metric (no gradient needed)."""
+    objective = setup.cfg.objective
+    if objective == "loss":
+        return lambda idx: scorer.loss(enc, idx).item()
+    metric = {"acc": "acc", "f1": "f1"}[objective]
+    if setup.task.kind == "generation" and metric == "f1":
+        metric = "squad_f1"
+
+    def negative_metric(idx):
+        sub = [examples[i] for i in idx]
+        preds = (scorer.predict(enc, idx) if setup.task.kind != "generation"
+                 else scorer.generate(enc, idx, max_new_tokens=(setup.task.generation_kwargs or {}).get("max_gen_toks", 32)))
+        return -compute_metric(metric, preds, sub)
+    return negative_metric
+
+
+def run(setup: Setup, run_dir, resume: bool = False) -> dict:
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    model = apply_mode(setup.loaded.model, cfg.mode, is_masked_lm=setup.loaded.is_masked_lm,
+                       lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                       num_virtual_tokens=cfg.num_virtual_tokens)
+    model.eval()   # no dropout: L+ and L− must see the same function
+    scorer = setup.scorer(model)
+    enc_train, enc_dev = scorer.encode(data.train), scorer.encode(data.dev)
+    objective = make_objective(setup, scorer, enc_train, data.train)
+
+    named = named_trainable(model)
+    params = list(named.values())
+    estimator = SPSA(eps=cfg.eps, n_directions=cfg.n_directions, distribution=cfg.distribution,
+                     backend=get_backend(cfg.backend, cfg.device))
+    optimizer = ZOSGD(weight_decay=cfg.weight_decay)
+
+    @torch.no_grad()
+    def step_fn(step: int) -> dict:
+        idx = batch_indices(len(enc_train), cfg.batch_size, cfg.seed, step)
+        seeds = [direction_seed(cfg.seed, step, k) for k in range(cfg.n_directions)]
+        estimate = estimator.estimate(params, lambda: objective(idx), seeds)
+        grads = [g for _, g in estimate.directions]
+        check_finite(step, loss=estimate.loss, projected_grad=sum(grads))
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+        optimizer.update(params, estimate, lr, estimator.backend, cfg.distribution)
+        return {"loss": estimate.loss, "projected_grad": sum(grads) / len(grads), "lr": lr}
+
+    def dev_fn() -> float:
+        return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
+
+    trainable = Trainable(named)
+    state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                       step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
+                       progress=cfg.progress, metric_name=task.metric)
+    return finish(setup, run_dir, scorer, trainable, state)
+
+
+def finish(setup: Setup, run_dir, scorer, trainable: Trainable, state) -> dict:
+    """Load the best dev weights (if asked), evaluate on the eval split, write eval.json and the plot."""
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    if cfg.load_best and (run_dir.path / "best").exists():
+        trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
+    enc_eval = scorer.encode(data.eval)
+    result = {
+        "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": cfg.model,
+        "metric": task.metric, "eval": evaluate(scorer, enc_eval, data.eval, task, cfg.eval_batch_size),
+        "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
+        "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
+        "train_seconds": round(state.elapsed, 1),
+    }
+    run_dir.write_json("eval.json", result)
+    run_dir.plot(task.metric)
+    return result
+
+
+__all__ = ["run", "make_objective", "predictions"]

@@ -1,0 +1,16 @@
+"""Zero-shot: score the candidates of the eval split with the pretrained model as is."""
+from __future__ import annotations
+
+from zoft.methods.common import Setup, evaluate
+
+
+def run(setup: Setup, run_dir, resume: bool = False) -> dict:
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    scorer = setup.scorer()
+    setup.loaded.model.eval()
+    result = {"method": "zero-shot", "task": task.name, "model": cfg.model, "metric": task.metric,
+              "eval": evaluate(scorer, scorer.encode(data.eval), data.eval, task, cfg.eval_batch_size),
+              "dev": evaluate(scorer, scorer.encode(data.dev), data.dev, task, cfg.eval_batch_size),
+              "n_eval": len(data.eval)}
+    run_dir.write_json("eval.json", result)
+    return result

@@ -1,0 +1,123 @@
+"""Task metrics, all with the signature ``fn(predictions, examples) -> float``.
+
+Predictions are choice indices for classification / multiple-choice tasks and strings
+for generation tasks; every metric accepts both, so any metric can be asked of any
+task. They also serve as non-differentiable training objectives (MeZO only needs a
+scalar), so they are plain Python on small lists and cheap to call.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from zoft.errors import ZoftError
+
+if TYPE_CHECKING:
+    from zoft.tasks.task import Example
+
+Prediction = int | str
+Metric = Callable[[Sequence[Prediction], Sequence["Example"]], float]
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, squash spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+
+
+def _token_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:  # SQuAD 2.0 convention: both empty counts as a match
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 1.9 * precision * recall / (precision + recall)
+
+
+def _check(predictions: Sequence[Prediction], examples: Sequence[Example]) -> None:
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+
+
+def _text(pred: Prediction, ex: Example) -> str:
+    """A prediction as text: a choice index becomes that choice's string."""
+    return ex.choices[pred] if isinstance(pred, int) and ex.choices else str(pred)
+
+
+def _label(pred: Prediction, ex: Example) -> Prediction:
+    """A prediction as a class label: the index for choice tasks, normalised text otherwise."""
+    return pred if isinstance(pred, int) else normalize_answer(pred)
+
+
+def _gold_label(ex: Example) -> Prediction:
+    return ex.target if ex.target is not None else normalize_answer(ex.answers[0])
+
+
+def accuracy(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float:
+    """Fraction of predictions equal to the gold label (exact match for generation)."""
+    _check(predictions, examples)
+    if not examples:
+        return 0.0
+    if all(ex.target is not None for ex in examples) and all(isinstance(p, int) for p in predictions):
+        return sum(p == ex.target for p, ex in zip(predictions, examples)) / len(examples)
+    return exact_match(predictions, examples)
+
+
+def macro_f1(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float:
+    """Unweighted mean of per-class F1 (scikit-learn), over classes in gold or predictions."""
+    _check(predictions, examples)
+    if not examples:
+        return 0.0
+    from sklearn.metrics import f1_score  # imported lazily: sklearn is slow to import
+
+    gold = [_gold_label(ex) for ex in examples]
+    pred = [_label(p, ex) for p, ex in zip(predictions, examples)]
+    return float(f1_score(gold, pred, average="macro", zero_division=0))
+
+
+def exact_match(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float:
+    """Fraction of predictions equal to some gold answer after SQuAD normalisation."""
+    _check(predictions, examples)
+    if not examples:
+        return 0.0
+    hits = 0
+    for p, ex in zip(predictions, examples):
+        text = normalize_answer(_text(p, ex))
+        hits += any(text == normalize_answer(a) for a in ex.answers)
+    return hits / len(examples)
+
+
+def squad_f1(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float:
+    """Mean token-overlap F1, taking the best gold answer for each example (SQuAD)."""
+    _check(predictions, examples)
+    if not examples:
+        return 0.0
+    total = sum(max(_token_f1(_text(p, ex), a) for a in ex.answers)
+                for p, ex in zip(predictions, examples))
+    return total / len(examples)
+
+
+METRICS: dict[str, Metric] = {
+    "acc": accuracy,
+    "f1": macro_f1,
+    "exact_match": exact_match,
+    "squad_f1": squad_f1,
+}
+
+
+def compute_metric(name: str, predictions: Sequence[Prediction], examples: Sequence[Example]) -> float:
+    """Computes the metric registered as ``name`` in :data:`METRICS`.
+
+    Raises:
+        ZoftError: ``name`` is not a known metric.
+    """
+    if name not in METRICS:
+        raise ZoftError(f"unknown metric '{name}' (known: {', '.join(METRICS)})")
+    return METRICS[name](predictions, examples)

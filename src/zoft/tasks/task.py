@@ -1,0 +1,333 @@
+"""Tasks defined by YAML files in the style of lm-evaluation-harness.
+
+A task names its data (``dataset_path`` plus split names), how a row becomes a prompt
+(``doc_to_text``), its candidate answers (``doc_to_choice``) and its gold label
+(``doc_to_target``). Builtin tasks live in ``configs/``; a user's own YAML file works
+the same way, so a new SuperGLUE-style dataset needs no code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from jinja2 import meta
+
+from zoft.errors import DataError, ZoftError
+from zoft.tasks.example import Example, TaskData
+from zoft.tasks.metrics import METRICS
+from zoft.tasks.readers import Row, read_rows
+from zoft.tasks.sampling import sample_task_data
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+KINDS = ("classification", "multiple_choice", "generation")
+OUTPUT_TYPES = ("multiple_choice", "generate_until")
+KEYS = {"task", "dataset_path", "dataset_name", "data_files", "training_split", "validation_split",
+        "test_split", "output_type", "doc_to_text", "doc_to_choice", "doc_to_target", "class_labels",
+        "answers_field", "target_delimiter", "metric_list", "generation_kwargs", "description", "kind"}
+GENERATION_DEFAULTS: dict[str, Any] = {"max_gen_toks": 32, "until": ["\n"]}
+
+# StrictUndefined turns a typo in a template into an error instead of an empty string;
+# keep_trailing_newline because prompts such as RTE's end in "\n" on purpose.
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                          autoescape=False)
+
+
+def data_dir() -> Path | None:
+    """The shared data folder: ``$ZOFT_DATA_DIR``, else ``../shared/data`` from cwd or the repo."""
+    if os.environ.get("ZOFT_DATA_DIR"):
+        return Path(os.environ["ZOFT_DATA_DIR"]).expanduser()
+    repo_root = Path(__file__).resolve().parents[3]
+    for candidate in (Path.cwd() / "../shared/data", repo_root / "../shared/data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def _is_template(text: str) -> bool:
+    return "{{" in text or "{%" in text
+
+
+class _Template:
+    """A compiled jinja2 template that reports missing fields with file, row and field."""
+
+    def __init__(self, source: str, key: str, yaml_path: str):
+        self.key = key
+        try:
+            parsed = _ENV.parse(source)
+            self.template = _ENV.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise DataError(f"bad template: {e.message}", yaml_path, field=key) from None
+        self.fields = sorted(meta.find_undeclared_variables(parsed))
+
+    def render(self, doc: dict, path: str, row: int) -> str:
+        for name in self.fields:
+            if doc.get(name) is None:  # a null would render as "None" in the prompt
+                raise DataError(f"missing or null in this row (used by {self.key})", path, row, name)
+        try:
+            return self.template.render(doc)
+        except (jinja2.TemplateError, TypeError, ValueError, IndexError, KeyError) as e:
+            raise DataError(f"cannot render {self.key}: {e}", path, row, self.key) from None
+
+
+class Task:
+    """A task loaded from a YAML definition.
+
+    Attributes:
+        name: The task's name (``task`` key).
+        kind: "classification" (fixed label words), "multiple_choice" (per-row options)
+            or "generation".
+        metric: The main metric (first of ``metric_list``).
+        metrics: All metric names.
+        target_delimiter: String put between context and choice/answer.
+        generation_kwargs: ``max_gen_toks`` and ``until`` (generation tasks).
+        label_words: The fixed choices of a classification task, else empty.
+        description: Text prepended to every context ("" if none).
+        training_split, validation_split, test_split: Split names.
+        source: The YAML file.
+    """
+
+    def __init__(self, config: dict, source: Path, builtin: bool = False):
+        """Validates a parsed YAML definition; data is read lazily by :meth:`load_split`.
+
+        Raises:
+            DataError: an unknown key, a missing or ill-typed value, or a bad template.
+        """
+        self.source, self._builtin = source, builtin
+        src = str(source)
+
+        def fail(message: str, key: str) -> DataError:
+            return DataError(message, src, field=key)
+
+        if not isinstance(config, dict):
+            raise DataError("a task YAML must be a mapping of keys to values", src)
+        for key in config:
+            if key not in KEYS:
+                raise fail(f"unknown key (allowed: {', '.join(sorted(KEYS))})", key)
+        for key in ("task", "dataset_path", "output_type", "doc_to_text"):
+            if not isinstance(config.get(key), str) or not config[key]:
+                raise fail("required, must be a non-empty string", key)
+
+        self.name: str = config["task"]
+        self.dataset_path: str = config["dataset_path"]
+        self.dataset_name: str | None = config.get("dataset_name")
+        self.data_files: dict[str, str] = config.get("data_files") or {}
+        if not isinstance(self.data_files, dict):
+            raise fail("must map split names to file names", "data_files")
+        self.training_split: str = str(config.get("training_split", "train"))
+        self.validation_split: str = str(config.get("validation_split", "validation"))
+        self.test_split: str | None = config.get("test_split")
+        self.description: str = config.get("description") or ""
+        self.target_delimiter: str = str(config.get("target_delimiter", " "))
+
+        output_type = config["output_type"]
+        if output_type not in OUTPUT_TYPES:
+            raise fail(f"must be one of {', '.join(OUTPUT_TYPES)}", "output_type")
+        choices = config.get("doc_to_choice")
+        if output_type == "generate_until":
+            kind = "generation"
+            if choices is not None:
+                raise fail("not used by generate_until tasks", "doc_to_choice")
+        else:
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise fail("must be a list of at least two strings", "doc_to_choice")
+            kind = "multiple_choice" if any(_is_template(c) for c in choices) else "classification"
+        self.kind: str = config.get("kind", kind)
+        if self.kind not in KINDS or (self.kind == "generation") != (output_type == "generate_until"):
+            raise fail(f"'{self.kind}' does not fit output_type '{output_type}'", "kind")
+
+        self._text = _Template(config["doc_to_text"], "doc_to_text", src)
+        self._choices = [_Template(c, "doc_to_choice", src) for c in choices or []]
+        self.label_words: list[str] = list(choices) if self.kind == "classification" else []
+
+        target = config.get("doc_to_target")
+        self.answers_field: str | None = config.get("answers_field")
+        if self.answers_field is not None and self.kind != "generation":
+            raise fail("only used by generate_until tasks", "answers_field")
+        if target is None and self.answers_field is None:
+            raise fail("required (a field name or a template)", "doc_to_target")
+        if target is not None and not isinstance(target, str):
+            raise fail("must be a field name or a template", "doc_to_target")
+        self._target_field = target if target and not _is_template(target) else None
+        self._target = _Template(target, "doc_to_target", src) if target and _is_template(target) else None
+        self.class_labels: list | None = config.get("class_labels")
+        if self.class_labels is not None and (
+                not isinstance(self.class_labels, list) or len(self.class_labels) != len(self._choices)):
+            raise fail("must list one raw label per choice, in choice order", "class_labels")
+
+        metric_list = config.get("metric_list") or [
+            {"metric": "exact_match" if self.kind == "generation" else "acc"}]
+        if not isinstance(metric_list, list):
+            raise fail("must be a list of {metric: name}", "metric_list")
+        self.metrics: list[str] = []
+        for entry in metric_list:
+            if not isinstance(entry, dict) or set(entry) != {"metric"} or entry["metric"] not in METRICS:
+                raise fail(f"entries must be {{metric: name}} with name in {', '.join(METRICS)}",
+                           "metric_list")
+            self.metrics.append(entry["metric"])
+        self.metric: str = self.metrics[0]
+
+        gen = config.get("generation_kwargs") or {}
+        if not isinstance(gen, dict) or set(gen) - set(GENERATION_DEFAULTS):
+            raise fail(f"allowed keys: {', '.join(GENERATION_DEFAULTS)}", "generation_kwargs")
+        self.generation_kwargs: dict[str, Any] = {**GENERATION_DEFAULTS, **gen}
+        if isinstance(self.generation_kwargs["until"], str):
+            self.generation_kwargs["until"] = [self.generation_kwargs["until"]]
+        self._cache: dict[str, list[Example]] = {}
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, builtin: bool = False) -> Task:
+        """Reads a task definition file.
+
+        Raises:
+            DataError: the file is missing, is not valid YAML, or fails validation.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise DataError("task file not found", str(path))
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise DataError(f"invalid YAML: {getattr(e, 'problem', None) or e}", str(path),
+                            mark.line + 1 if mark else None) from None
+        return cls(config, path, builtin)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, kind={self.kind!r}, metric={self.metric!r})"
+
+    # -- data ------------------------------------------------------------------------
+
+    def _local_dir(self) -> Path | None:
+        """The dataset folder, if ``dataset_path`` names a local one."""
+        p = Path(self.dataset_path).expanduser()
+        if p.is_absolute():
+            return p if p.is_dir() else None
+        bases = [] if self._builtin else [self.source.parent]
+        root = data_dir()
+        bases += [root] if root else []
+        bases.append(Path.cwd())
+        return next((b / p for b in bases if (b / p).is_dir()), None)
+
+    def _read_split(self, split: str) -> tuple[str, list[Row]]:
+        """Reads a split's rows from a local folder or, failing that, the HF hub."""
+        folder = self._local_dir()
+        if folder is not None:
+            name = self.data_files.get(split)
+            if name is None:
+                name = f"{split}.jsonl"
+                if not (folder / name).exists() and (folder / f"{split}.csv").exists():
+                    name = f"{split}.csv"
+            file = folder / name
+            if not file.is_file():
+                raise DataError(f"split '{split}' of task '{self.name}' not found", str(file))
+            return str(file), read_rows(file)
+        try:
+            import datasets  # lazily: slow to import and only needed for hub datasets
+
+            ds = datasets.load_dataset(self.dataset_path, self.dataset_name, split=split,
+                                       data_files=self.data_files or None)
+        except Exception as e:  # noqa: BLE001 - any hub failure becomes one readable line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"'{self.dataset_path}' is not a local folder (data dir: {data_dir()}) "
+                            f"and loading it from the hub failed: {first}", str(self.source),
+                            field="dataset_path") from None
+        label = f"{self.dataset_path}[{split}]"
+        rows = [(i, dict(r)) for i, r in enumerate(ds, start=1)]
+        if not rows:
+            raise DataError("split is empty", label)
+        return label, rows
+
+    def load_split(self, split: str) -> list[Example]:
+        """All examples of a split, validated row by row (cached).
+
+        Raises:
+            DataError: a missing or empty split file, a malformed row, a template field
+                missing from a row, or an unknown label.
+        """
+        if split not in self._cache:
+            path, rows = self._read_split(split)
+            self._cache[split] = [self._to_example(doc, path, row) for row, doc in rows]
+        return list(self._cache[split])
+
+    def get_data(self, n_train: int = 1000, n_dev: int = 500, n_eval: int = 1000, seed: int = 0,
+                 k_per_class: int | None = None) -> TaskData:
+        """Samples disjoint train/dev (training split) and eval (validation split) sets.
+
+        See :func:`zoft.tasks.sampling.sample_task_data` for the rules.
+        """
+        same = self.training_split == self.validation_split
+        train_pool = self.load_split(self.training_split)
+        eval_pool = train_pool if same else self.load_split(self.validation_split)
+        return sample_task_data(train_pool, eval_pool, same_split=same, n_train=n_train, n_dev=n_dev,
+                                n_eval=n_eval, seed=seed, k_per_class=k_per_class, name=self.name)
+
+    # -- row conversion --------------------------------------------------------------
+
+    def _to_example(self, doc: dict, path: str, row: int) -> Example:
+        ref = f"{path}:{row}"
+        context = self.description + self._text.render(doc, path, row)
+        if self.kind == "generation":
+            return Example(context, [], None, self._answers(doc, path, row), doc, ref)
+        choices = self.label_words or [t.render(doc, path, row) for t in self._choices]
+        target = self._target_index(self._raw_target(doc, path, row), choices, path, row)
+        return Example(context, choices, target, [choices[target]], doc, ref)
+
+    def _raw_target(self, doc: dict, path: str, row: int) -> Any:
+        if self._target is not None:
+            return self._target.render(doc, path, row)
+        if doc.get(self._target_field) is None:
+            raise DataError("missing or null in this row (used by doc_to_target)", path, row,
+                            self._target_field)
+        return doc[self._target_field]
+
+    def _answers(self, doc: dict, path: str, row: int) -> list[str]:
+        if self.answers_field is None:
+            return [str(self._raw_target(doc, path, row))]
+        answers = doc.get(self.answers_field)
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError("must be a non-empty list of strings", path, row, self.answers_field)
+        return answers
+
+    def _target_index(self, raw: Any, choices: list[str], path: str, row: int) -> int:
+        """Maps a raw label to a choice index: via class_labels, an int index, or a choice string."""
+        field = self._target_field or "doc_to_target"
+        if self.class_labels is not None:
+            for i, label in enumerate(self.class_labels):
+                # Also compare as text: CSV gives "true" where YAML gives True.
+                if raw == label or str(raw).strip().lower() == str(label).strip().lower():
+                    return i
+            raise DataError(f"unknown label {raw!r} (expected one of {self.class_labels})", path, row, field)
+        if (isinstance(raw, int) and not isinstance(raw, bool)) or (isinstance(raw, str) and raw.strip().isdigit()):
+            if 0 <= int(raw) < len(choices):
+                return int(raw)
+            raise DataError(f"label index {raw!r} out of range for {len(choices)} choices", path, row, field)
+        stripped = [c.strip() for c in choices]
+        if isinstance(raw, str) and raw.strip() in stripped:
+            return stripped.index(raw.strip())
+        raise DataError(f"unknown label {raw!r} (expected an index below {len(choices)} or one of "
+                        f"{choices})", path, row, field)
+
+
+def list_tasks() -> list[str]:
+    """Names of the builtin tasks."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_task(name_or_path: str | Path) -> Task:
+    """Loads a builtin task by name, or a user's task YAML by path.
+
+    Raises:
+        ZoftError: neither a builtin name nor an existing file.
+        DataError: the YAML is invalid.
+    """
+    text = str(name_or_path)
+    if text in list_tasks():
+        return Task.from_yaml(CONFIG_DIR / f"{text}.yaml", builtin=True)
+    if Path(text).is_file() or text.endswith((".yaml", ".yml")):
+        return Task.from_yaml(text)
+    raise ZoftError(f"unknown task '{text}' (builtin: {', '.join(list_tasks())}; or pass a YAML path)")

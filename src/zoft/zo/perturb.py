@@ -1,0 +1,87 @@
+"""Perturbation backends: ``p += scale * z`` in place, with z regenerated from a seed.
+
+z is never stored. Every pass regenerates it from ``(seed, tensor index)``, so the +εz,
+−2εz, +εz passes and the update all see the same direction while training memory stays
+at inference memory. Backends register by name; the torch backend is the reference and
+the CPU path.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+_MASK64 = (1 << 64) - 1
+
+
+def tensor_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for tensor ``index`` of direction ``seed`` (splitmix64).
+
+    Mixing instead of ``seed + index`` keeps directions of nearby seeds unrelated:
+    with plain addition, tensor 1 of seed s would reuse tensor 0 of seed s+1.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+class PerturbationBackend(Protocol):
+    """Adds ``scale * z(seed)`` to a list of tensors, in place."""
+
+    name: str
+
+    def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
+                   distribution: str = "gaussian") -> None: ...
+
+    def direction(self, param: torch.Tensor, seed: int, index: int,
+                  distribution: str = "gaussian") -> torch.Tensor:
+        """z for one tensor, materialised (tests and optimizers with state only)."""
+        ...
+
+
+class TorchBackend:
+    """Reference backend: one seeded ``torch.Generator`` draw per tensor.
+
+    z is drawn in float32 and the add is done in float32 with a single rounding to the
+    parameter's dtype, so bf16/fp16 weights pick up one rounding error per pass instead
+    of two (see README, "Round-trip drift").
+    """
+
+    name = "torch"
+
+    def direction(self, param: torch.Tensor, seed: int, index: int,
+                  distribution: str = "gaussian") -> torch.Tensor:
+        gen = torch.Generator(device=param.device)
+        gen.manual_seed(tensor_seed(seed, index))
+        if distribution == "gaussian":
+            return torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)
+        if distribution == "rademacher":
+            bits = torch.randint(0, 2, param.shape, generator=gen, device=param.device, dtype=torch.int8)
+            return bits.to(torch.float32).mul_(2).sub_(1)
+        raise ValueError(f"unknown distribution '{distribution}'; choose from {DISTRIBUTIONS}")
+
+    @torch.no_grad()
+    def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
+                   distribution: str = "gaussian") -> None:
+        for index, p in enumerate(params):
+            z = self.direction(p, seed, index, distribution)
+            if p.dtype in (torch.float32, torch.float64):
+                p.add_(z.to(p.dtype), alpha=scale)
+            else:   # bf16/fp16: add in float32, round once
+                p.copy_(p.float().add_(z, alpha=scale))
+
+
+BACKENDS: dict[str, Callable[[], PerturbationBackend]] = {"torch": TorchBackend}
+
+
+def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> PerturbationBackend:
+    """Backend by name; "auto" picks the fastest one available for ``device``."""
+    if name == "auto":
+        name = "torch"
+    if name not in BACKENDS:
+        from zoft.errors import ZoftError
+        raise ZoftError(f"unknown perturbation backend '{name}'; choose from {sorted(BACKENDS)}")
+    return BACKENDS[name]()
