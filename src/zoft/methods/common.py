@@ -1,6 +1,7 @@
 """Set-up and evaluation shared by every method: one task, one model, one eval path."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,9 @@ class Setup:
 def prepare(cfg: Config, loaded: LoadedModel | None = None) -> Setup:
     """Load the task data and the model a config names (the model can be passed in, e.g. by tests)."""
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task, data_dir=cfg.data_dir)
+    if cfg.data_dir:   # where builtin tasks (and relative dataset paths) find their files
+        os.environ["ZOFT_DATA_DIR"] = cfg.data_dir
+    task = load_task(cfg.task)
     data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
                          seed=cfg.data_seed, k_per_class=cfg.k_per_class)
     if loaded is None:
@@ -43,14 +46,19 @@ def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: i
     """Choice indices (classification, multiple choice) or generated strings (generation)."""
     was_training = scorer.model.training
     scorer.model.eval()
-    out: list = []
-    for idx in batches(len(enc), batch_size):
+    # Batch examples of similar length together: padding is wasted compute on a CPU.
+    order = sorted(range(len(enc)), key=lambda i: len(enc.context_ids[i]))
+    out: list = [None] * len(enc)
+    for chunk in batches(len(order), batch_size):
+        idx = [order[i] for i in chunk]
         if task.kind == "generation":
             gen = task.generation_kwargs or {}
-            out += scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
-                                   until=tuple(gen.get("until", ["\n"])))
+            preds = scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
+                                    until=tuple(gen.get("until", ["\n"])))
         else:
-            out += scorer.predict(enc, idx)
+            preds = scorer.predict(enc, idx)
+        for i, p in zip(idx, preds):
+            out[i] = p
     scorer.model.train(was_training)
     return out
 

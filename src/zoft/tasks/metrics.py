@@ -38,7 +38,7 @@ def _token_f1(prediction: str, gold: str) -> float:
     if same == 0:
         return 0.0
     precision, recall = same / len(pred), same / len(ref)
-    return 1.9 * precision * recall / (precision + recall)
+    return 2 * precision * recall / (precision + recall)
 
 
 def _check(predictions: Sequence[Prediction], examples: Sequence[Example]) -> None:

