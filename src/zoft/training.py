@@ -72,9 +72,12 @@ class Trainable:
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(self.tensors) - set(tensors)
+        missing, unexpected = set(self.tensors) - set(tensors), set(tensors) - set(self.tensors)
         if missing:
             raise ZoftError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. '{sorted(missing)[0]}'")
+        if unexpected:
+            raise ZoftError(f"checkpoint has {len(unexpected)} tensors this model does not train, "
+                            f"e.g. '{sorted(unexpected)[0]}' (different mode or model?)")
         for k, v in self.tensors.items():
             v.copy_(tensors[k])
 

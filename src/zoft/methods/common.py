@@ -91,6 +91,9 @@ def load_run(run_path, task: str | None = None, **overrides):
     model = setup.loaded.model
     weights = run_dir.path / "best" if (run_dir.path / "best").exists() else (run_dir.checkpoints() or [None])[-1]
     if cfg.method in ("mezo", "ft", "lp-ft"):
+        if cfg.method == "lp-ft":   # the probe head (untied, with a bias) must exist before its weights load
+            from zoft.methods.finetune import restore_probe_head
+            restore_probe_head(model, run_dir.path)
         if weights is None:
             raise ZoftError(f"{run_dir.path}: run has no trained weights (no best/ or checkpoint-N/)")
         model = apply_mode(model, cfg.mode, is_masked_lm=setup.loaded.is_masked_lm, lora_r=cfg.lora_r,
