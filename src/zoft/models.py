@@ -283,6 +283,7 @@ def _build_cache_entry(entry: Path, path: Path | None, file_name: str,
         entry.parent.mkdir(parents=True, exist_ok=True)
         _sweep_stale_temps(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as a normal folder
     except OSError as e:
         raise ZoftError(f"{entry.parent}: cannot write the model cache ({_one_line(e)}); set ZOFT_CACHE_DIR "
                         f"or cache_dir to a writable folder") from None
