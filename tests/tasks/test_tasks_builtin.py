@@ -12,10 +12,10 @@ pytestmark = pytest.mark.skipif(DATA is None or not (DATA / "sst2").is_dir(),
 
 
 def test_list_tasks():
-    assert list_tasks() == ["boolq", "cb", "copa", "rte", "sst2", "sst2_gen"]
+    assert list_tasks() == ["boolq", "cb", "copa", "rte", "sst2", "sst2_gen", "sst2_review"]
 
 
-@pytest.mark.parametrize("name", ["sst2", "rte", "cb", "boolq", "copa", "sst2_gen"])
+@pytest.mark.parametrize("name", ["sst2", "rte", "cb", "boolq", "copa", "sst2_gen", "sst2_review"])
 def test_every_builtin_loads_both_splits(name):
     task = load_task(name)
     assert isinstance(task, Task) and task.name == name
