@@ -38,8 +38,9 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
         cfg = _as_config(config, overrides)
         run_dir = RunDir(cfg.resolved_output_dir())
         cfg.output_dir = str(run_dir.path)
+    setup = prepare(cfg, loaded)     # bad data or a bad model fails here, before anything is written
+    if resume is None:
         run_dir.write_config(cfg.to_dict())
-    setup = prepare(cfg, loaded)
     result = get_method(cfg.method)(setup, run_dir, resume=resume is not None)
     result["run_dir"] = str(run_dir.path)
     return result

@@ -47,20 +47,25 @@ def cmd_compare(args) -> None:
     from zoft.config import load_config
     from zoft.models import load_model
     from zoft.report import write_comparison
-    base = load_config(args.config, _overrides(args.overrides))
+    options = _overrides(args.overrides)
+    # "key=v" applies to every method; "mezo.key=v" to all MeZO runs; "mezo:lora.key=v" to one spec.
+    shared = {k: v for k, v in options.items() if "." not in k}
+    scoped = {k: v for k, v in options.items() if "." in k}
+    base = load_config(args.config, shared)
     out = Path(args.output_dir or base.resolved_output_dir().with_name(f"compare-{Path(base.task).stem}"))
+    specs = [spec.strip() for spec in args.methods.split(",")]
+    unused = {k for k in scoped if k.rsplit(".", 1)[0] not in specs + [s.partition(":")[0] for s in specs]}
+    if unused:
+        raise ZoftError(f"option '{sorted(unused)[0]}' names no method in --methods {args.methods}")
     results = []
-    for spec in args.methods.split(","):
-        method, _, mode = spec.strip().partition(":")
-        # each method gets a fresh copy of the base weights: trained methods change them in place
+    for spec in specs:
+        method, _, mode = spec.partition(":")
+        overrides = {"method": method, "mode": mode or "full", "output_dir": str(out / spec.replace(":", "-"))}
+        for scope in (method, spec):   # the more specific scope wins
+            overrides |= {k.rsplit(".", 1)[1]: v for k, v in scoped.items() if k.rsplit(".", 1)[0] == scope}
+        # each method starts from a fresh copy of the base weights: trained methods change them in place
         loaded = load_model(base.model, dtype=base.dtype, device=base.device,
                             trust_remote_code=base.trust_remote_code)
-        overrides = {"method": method, "mode": mode or "full",
-                     "output_dir": str(out / spec.strip().replace(":", "-"))}
-        for key, value in _overrides(args.overrides).items():
-            prefix = f"{method}.{mode}." if mode else f"{method}."
-            if key.startswith(prefix) or key.startswith(f"{method}."):
-                overrides[key.split(".")[-1]] = value
         print(f"== {spec}", flush=True)
         results.append(api.train(base.to_dict() | overrides, loaded=loaded))
     table, plot = write_comparison(results, out)

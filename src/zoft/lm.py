@@ -144,13 +144,13 @@ class CandidateScorer:
         else:
             ids, mask = self._pad(rows, left=True)
             logits = self._forward(ids, mask, keep=1)[1][:, -1]
-        return logits.float().log_softmax(-1)[:, enc.label_ids.to(logits.device)]
+        return _upcast(logits).log_softmax(-1)[:, enc.label_ids.to(logits.device)]
 
     def _continuation_logprobs(self, rows: list[list[int]], cont_lens: list[int]) -> torch.Tensor:
         """(R,) summed log-prob of the last ``cont_lens[r]`` tokens of each row."""
         ids, mask = self._pad(rows, left=True)
         k = max(cont_lens)
-        logits = self._forward(ids, mask, keep=k + 1)[1][:, :-1].float()   # (R, k, V): predicts the last k tokens
+        logits = _upcast(self._forward(ids, mask, keep=k + 1)[1][:, :-1])   # (R, k, V): predicts the last k tokens
         logprobs = logits.log_softmax(-1).gather(-1, ids[:, -k:, None]).squeeze(-1)
         in_cont = torch.arange(k, device=ids.device)[None, :] >= (k - torch.tensor(cont_lens, device=ids.device))[:, None]
         return (logprobs * in_cont).sum(-1)
@@ -226,8 +226,13 @@ class CandidateScorer:
         hidden = out.hidden_states[-1]
         if self.is_masked_lm:
             pos = torch.tensor([enc.mask_positions[i] for i in idx], device=hidden.device)
-            return hidden[torch.arange(len(idx), device=hidden.device), pos].float()
-        return hidden[:, -1].float()
+            return _upcast(hidden[torch.arange(len(idx), device=hidden.device), pos])
+        return _upcast(hidden[:, -1])
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in at least float32 (bf16/fp16 logits lose the small differences that matter)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def batches(n: int, batch_size: int):
