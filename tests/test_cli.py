@@ -44,3 +44,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_eval_of_a_run_reproduces_its_final_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "method=mezo", "mode=lora", "model=tiny-llama", "task=sst2", "n_train=16", "n_dev=8",
+                 "n_eval=16", "steps=6", "eval_every=2", "lr=5e-2", "eps=1e-1", "progress=false",
+                 f"output_dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run)]) == 0
+    out = capsys.readouterr().out
+    evaluated = json.loads(out[out.index("{"):])
+    assert evaluated["eval"] == json.loads((run / "eval.json").read_text())["eval"]
