@@ -17,13 +17,13 @@ from zoft.errors import ZoftError
 
 
 def _overrides(items: list[str]) -> dict:
-    from zoft.config import load_config  # noqa: F401  (validates keys below)
+    """``["lr=1e-6", "mode=lora"]`` → ``{"lr": 1e-6, "mode": "lora"}`` (values parsed as YAML scalars)."""
+    import yaml
     out = {}
     for item in items:
         if "=" not in item:
             raise ZoftError(f"argument '{item}' is not key=value")
         key, value = item.split("=", 1)
-        import yaml
         out[key.strip()] = yaml.safe_load(value) if value else None
     return out
 

@@ -95,7 +95,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+def _coerce(key: str, value: Any, source: str) -> Any:
     """Cast an override to the type of the field, or fail naming the key."""
     f = {f.name: f for f in dataclasses.fields(Config)}[key]
     type_text = str(f.type)
@@ -140,7 +140,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         for key, value in loaded.items():
             if key not in known:
                 raise ZoftError(f"{path}: unknown config key '{key}'")
-            values[key] = _coerce(key, value, None, str(path))
+            values[key] = _coerce(key, value, str(path))
     if isinstance(overrides, list):
         pairs = {}
         for item in overrides:
@@ -152,5 +152,5 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     for key, value in (overrides or {}).items():
         if key not in known:
             raise ZoftError(f"unknown option '{key}'")
-        values[key] = _coerce(key, value, None, "override")
+        values[key] = _coerce(key, value, "override")
     return Config(**values).validate()

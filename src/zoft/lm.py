@@ -221,9 +221,7 @@ class CandidateScorer:
         """(B, H) last-layer hidden state where the label is predicted: features for linear probing."""
         rows = [enc.context_ids[i] for i in idx]
         ids, mask = self._pad(rows, left=not self.is_masked_lm)
-        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
-                         **({"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if self._pass_positions else {}))
-        hidden = out.hidden_states[-1]
+        hidden = self._forward(ids, mask, output_hidden_states=True).hidden_states[-1]
         if self.is_masked_lm:
             pos = torch.tensor([enc.mask_positions[i] for i in idx], device=hidden.device)
             return _upcast(hidden[torch.arange(len(idx), device=hidden.device), pos])

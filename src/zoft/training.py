@@ -125,7 +125,8 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
                 run.save_best(trainable.tensors, {"step": done, "dev": dev})
         run.log(record)
         state.elapsed = time.perf_counter() - start_time
-        bar.set_postfix(loss=f"{record['loss']:.4f}", best=f"{state.best_metric or 0:.3f}", refresh=False)
+        bar.set_postfix({"loss": f"{record['loss']:.4f}", f"best dev {metric_name}": f"{state.best_metric or 0:.3f}"},
+                       refresh=False)
         bar.update(1)
         if done % save_every == 0 or done == steps:
             save(done)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from zoft.adapters import apply_mode, named_trainable
-from zoft.methods.common import Setup, evaluate, predictions
+from zoft.methods.common import Setup, evaluate
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
 from zoft.zo import SPSA, ZOSGD, get_backend, learning_rate
@@ -87,5 +87,3 @@ def finish(setup: Setup, run_dir, scorer, trainable: Trainable, state) -> dict:
     run_dir.plot(task.metric)
     return result
 
-
-__all__ = ["run", "make_objective", "predictions"]

@@ -33,13 +33,14 @@ def spsa(params: Sequence[torch.Tensor], loss_fn: LossFn, seed: int, eps: float,
          backend: PerturbationBackend, distribution: str = "gaussian") -> tuple[float, float]:
     """One two-sided SPSA probe, in place. Returns ``(L(θ+εz), L(θ−εz))``.
 
-    The parameters are back at θ afterwards (up to floating-point rounding).
+    The parameters are back at θ afterwards: exactly in bf16/fp16 (the backend inverts its own
+    rounding, see ``undo``), within a few ulp per step in fp32.
     """
-    backend.add_noise_(params, seed, +eps, distribution)      # θ + εz
+    backend.add_noise_(params, seed, +eps, distribution)              # θ + εz
     loss_plus = float(loss_fn())
-    backend.add_noise_(params, seed, -2 * eps, distribution)  # θ − εz
+    backend.add_noise_(params, seed, -eps, distribution, undo=+eps)   # θ − εz
     loss_minus = float(loss_fn())
-    backend.add_noise_(params, seed, +eps, distribution)      # back to θ
+    backend.add_noise_(params, seed, 0.0, distribution, undo=-eps)    # back to θ
     return loss_plus, loss_minus
 
 
