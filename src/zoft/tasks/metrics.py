@@ -104,11 +104,37 @@ def squad_f1(predictions: Sequence[Prediction], examples: Sequence[Example]) -> 
     return total / len(examples)
 
 
+def qwk(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float:
+    """Quadratic weighted kappa between gold and predicted choice indices (ASAP-SAS convention).
+
+    Choices are taken as an ordinal scale in their listed order (score levels, lowest
+    first); distances use the whole scale, including levels that never occur.
+
+    Raises:
+        ZoftError: a generation task (predictions that are not choice indices) or an
+            example without a gold choice.
+    """
+    _check(predictions, examples)
+    if not examples:
+        return 0.0
+    from numbers import Integral
+
+    if any(ex.target is None for ex in examples) or not all(
+            isinstance(p, Integral) and not isinstance(p, bool) for p in predictions):
+        raise ZoftError("metric 'qwk' needs choice-index predictions and gold choices "
+                        "(a classification or multiple-choice task)")
+    from zoft.scoring.metrics import quadratic_weighted_kappa  # lazily: tasks do not depend on scoring
+
+    labels = list(range(max(len(ex.choices) for ex in examples)))
+    return quadratic_weighted_kappa([ex.target for ex in examples], [int(p) for p in predictions], labels)
+
+
 METRICS: dict[str, Metric] = {
     "acc": accuracy,
     "f1": macro_f1,
     "exact_match": exact_match,
     "squad_f1": squad_f1,
+    "qwk": qwk,
 }
 
 

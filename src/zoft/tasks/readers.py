@@ -17,16 +17,19 @@ Row = tuple[int, dict]
 
 
 def read_text(path: Path) -> str:
-    """Reads a file as UTF-8 (BOM tolerated), falling back to Latin-1.
+    """Reads a file as UTF-8 (BOM tolerated), else Windows-1252, else Latin-1.
 
-    Latin-1 decodes any byte sequence, so it is only a fallback: real-world CSVs
-    (e.g. exported from spreadsheets) are sometimes not UTF-8.
+    Real-world CSVs (e.g. exported from spreadsheets) are sometimes not UTF-8.
     """
     data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+    # Not UTF-8 usually means Windows-1252 (ASAP's item files: 0x95 is a bullet there, a control
+    # character in Latin-1); Latin-1 is the last resort because it decodes any byte.
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1")
 
 
 def read_jsonl(path: Path) -> list[Row]:

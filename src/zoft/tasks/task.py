@@ -8,6 +8,7 @@ the same way, so a new SuperGLUE-style dataset needs no code.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,7 @@ class Task:
                                        data_files=self.data_files or None)
         except Exception as e:  # noqa: BLE001 - any hub failure becomes one readable line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"'{self.dataset_path}' is not a local folder (data dir: {data_dir()}) "
+            raise DataError(f"'{self.dataset_path}' is not a local folder (data dir: {data_dir() or 'not found; set ZOFT_DATA_DIR'}) "
                             f"and loading it from the hub failed: {first}", str(self.source),
                             field="dataset_path") from None
         label = f"{self.dataset_path}[{split}]"
@@ -321,6 +322,9 @@ def list_tasks() -> list[str]:
 def load_task(name_or_path: str | Path) -> Task:
     """Loads a builtin task by name, or a user's task YAML by path.
 
+    ``asap-<N>`` and ``scientsbank`` are scoring tasks (a
+    :class:`zoft.scoring.task.ScoringTask`, which has the same interface).
+
     Raises:
         ZoftError: neither a builtin name nor an existing file.
         DataError: the YAML is invalid.
@@ -330,4 +334,10 @@ def load_task(name_or_path: str | Path) -> Task:
         return Task.from_yaml(CONFIG_DIR / f"{text}.yaml", builtin=True)
     if Path(text).is_file() or text.endswith((".yaml", ".yml")):
         return Task.from_yaml(text)
-    raise ZoftError(f"unknown task '{text}' (builtin: {', '.join(list_tasks())}; or pass a YAML path)")
+    if text == "scientsbank" or re.fullmatch(r"asap-\d+", text):
+        # Scoring tasks (rubric prompts over ASAP-SAS / SciEntsBank); imported here so
+        # tasks do not depend on zoft.scoring.
+        from zoft.scoring.task import load_scoring_task
+        return load_scoring_task(text)
+    raise ZoftError(f"unknown task '{text}' (builtin: {', '.join(list_tasks())}; scoring: asap-<N>, "
+                    f"scientsbank; or pass a YAML path)")

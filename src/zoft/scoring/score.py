@@ -1,0 +1,195 @@
+"""Scoring new responses with a trained run: a CSV in, the same rows with scores out.
+
+The input is a CSV with columns ``id`` and ``text`` and, optionally, ``item_id`` (the
+task's item the response answers; needed only when the task has several items, e.g.
+SciEntsBank's questions). Every other column is copied through. The output has every
+input row, in input order, plus:
+
+* ``score``: the most probable score level ("" if the row could not be scored);
+* ``p_<level>``: the probability of each level (softmax of the model's log-likelihoods
+  of the levels after the prompt), one column per level, lowest level first;
+* ``error``: why the row was not scored (one line), "" for scored rows.
+
+A bad row (no id, empty text, an unknown item, a wrong number of fields) is reported
+in its ``error`` cell and the others are still scored. The output file is written to
+a temporary file next to it and renamed, so it is complete or absent.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoft.errors import DataError, ZoftError
+from zoft.scoring.data import Response
+from zoft.tasks.readers import read_text
+
+INPUT_COLUMNS = ("id", "text")
+ITEM_COLUMN = "item_id"
+_ERRORS_SHOWN = 5
+
+
+def output_columns(levels: list[str]) -> list[str]:
+    """The columns score_file adds to the input's: ``score``, ``p_<level>`` per level, ``error``."""
+    return ["score", *(f"p_{level}" for level in levels), "error"]
+
+
+def _read_input(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the ``(row number, values)`` of each non-blank data row."""
+    if not path.is_file():
+        raise DataError("input file not found", str(path))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
+        header = next(reader, None)
+        rows = [(i, values) for i, values in enumerate(reader, start=1) if values]
+    except csv.Error as e:
+        raise DataError(f"malformed CSV: {e}", str(path), reader.line_num) from None
+    if not header:
+        raise DataError("file is empty (no header)", str(path))
+    missing = [c for c in INPUT_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"missing column (has: {', '.join(header)})", str(path), field=missing[0])
+    dup = next((c for c in header if header.count(c) > 1), None)
+    if dup is not None:
+        raise DataError("column appears twice in the header", str(path), field=dup)
+    return header, rows
+
+
+def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path,
+               batch_size: int = 16) -> dict[str, Any]:
+    """Scores every response of a CSV with a trained scoring run and writes a scored CSV.
+
+    Args:
+        run_dir: A finished zoft run on a scoring task (``asap-<N>``, ``scientsbank``);
+            its best (else last) weights are loaded with
+            :func:`zoft.methods.common.load_run`.
+        input_path: CSV with ``id``, ``text`` and optionally ``item_id`` columns.
+        output_path: Where to write the scored CSV (see the module docstring); its
+            folder is created if needed.
+        batch_size: Responses per forward pass.
+
+    Returns:
+        A summary: ``run_dir``, ``task``, ``input``, ``output``, ``levels``, ``rows``,
+        ``scored``, ``failed``, ``score_counts`` (predicted level -> rows) and
+        ``errors`` (the first few ``"row N: reason"``).
+
+    Raises:
+        ZoftError: the run's task is not a scoring task, or batch_size < 1.
+        DataError: the input is missing, is not a CSV, lacks ``id``/``text`` columns,
+            or already has a column this function writes.
+    """
+    from zoft.lm import batches
+    from zoft.methods.common import load_run
+    from zoft.scoring.task import ScoringTask
+
+    if batch_size < 1:
+        raise ZoftError(f"batch_size must be >= 1, got {batch_size}")
+    input_path, output_path = Path(input_path), Path(output_path)
+    header, rows = _read_input(input_path)   # a bad file fails before the model loads
+    setup, scorer = load_run(run_dir)
+    task = setup.task
+    if not isinstance(task, ScoringTask):
+        raise ZoftError(f"{run_dir}: task '{task.name}' is not a scoring task (use asap-<N> or scientsbank)")
+    added = output_columns(task.levels)
+    clash = next((c for c in added if c in header), None)
+    if clash is not None:
+        raise DataError(f"input already has the column '{clash}' that scoring writes; rename it",
+                        str(input_path), field=clash)
+
+    p = str(input_path)
+    records: list[dict[str, str]] = []
+    errors: list[str | None] = []        # per record: why it was not scored, or None
+    row_numbers: list[int] = []
+    examples, where = [], []             # the scorable rows, and their position in records
+    seen: dict[str, int] = {}
+    has_item = ITEM_COLUMN in header
+    for row, values in rows:
+        record = dict(zip(header, values))
+        records.append(record)
+        row_numbers.append(row)
+        error = None
+        if len(values) != len(header):
+            error = f"row has {len(values)} fields, header has {len(header)}"
+            record.update({c: "" for c in header if c not in record})
+        rid, text = record["id"].strip(), record["text"]
+        item_key = record.get(ITEM_COLUMN, "").strip() if has_item else ""
+        if error is None and not rid:
+            error = "missing id"
+        elif error is None and not text.strip():
+            error = "empty text"
+        elif error is None and rid in seen:
+            error = f"duplicate id '{rid}' (first at row {seen[rid]})"
+        item = None
+        if error is None:
+            if item_key:
+                item = task.items.get(item_key)
+                if item is None:
+                    known = sorted(task.items)
+                    shown = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
+                    error = f"unknown item_id '{item_key}' (task '{task.name}' has: {shown})"
+            elif len(task.items) == 1:
+                item = next(iter(task.items.values()))
+            else:
+                error = f"no item_id: task '{task.name}' has {len(task.items)} items"
+        if error is None:
+            seen[rid] = row
+            response = Response(rid, text, None, None, None, item.item_id, f"{p}:{row}")
+            examples.append(task.example(response, item))
+            where.append(len(records) - 1)
+        errors.append(error)
+
+    probs: list[list[float] | None] = [None] * len(records)
+    if examples:
+        enc = scorer.encode(examples)
+        was_training = scorer.model.training
+        scorer.model.eval()
+        # Similar lengths together: padding is wasted compute.
+        order = sorted(range(len(examples)), key=lambda i: len(enc.context_ids[i]))
+        with torch.no_grad():
+            for chunk in batches(len(order), batch_size):
+                idx = [order[i] for i in chunk]
+                logprobs, _ = scorer.candidate_logprobs(enc, idx)
+                for i, dist in zip(idx, logprobs.double().softmax(-1).tolist()):
+                    probs[where[i]] = dist
+        scorer.model.train(was_training)
+
+    counts: Counter[str] = Counter()
+    out_rows = []
+    for record, error, dist in zip(records, errors, probs):
+        if dist is None:
+            extra = ["", *([""] * len(task.levels)), error]
+        else:
+            best = task.levels[max(range(len(dist)), key=dist.__getitem__)]
+            counts[best] += 1
+            extra = [best, *(f"{q:.6f}" for q in dist), ""]
+        out_rows.append([record.get(c, "") for c in header] + extra)
+    _write_csv(output_path, header + added, out_rows)
+
+    failed = [f"row {row}: {e}" for row, e in zip(row_numbers, errors) if e]
+    return {"run_dir": str(run_dir), "task": task.name, "input": str(input_path), "output": str(output_path),
+            "levels": list(task.levels), "rows": len(records), "scored": len(records) - len(failed),
+            "failed": len(failed), "score_counts": {lv: counts[lv] for lv in task.levels},
+            "errors": failed[:_ERRORS_SHOWN]}
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """Writes a CSV atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

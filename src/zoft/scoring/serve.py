@@ -1,0 +1,262 @@
+"""``zoft serve``: a fine-tuned scorer behind an OpenAI-compatible chat completions endpoint.
+
+A tool written against the official ``openai`` client sets ``base_url`` to
+``http://HOST:PORT/v1`` and sends the same chat messages the OpenAI chat JSONL export
+trains on (:mod:`zoft.scoring.openai_jsonl`): a system turn with the rubric instructions
+and a user turn with the item and the response. The reply's content is the score level.
+
+How chat messages become the scorer's context (the prompt the model was fine-tuned on):
+
+* if the run's task has a ``context_from_chat(messages)`` method, it decides;
+* otherwise :func:`default_context`: every system message's content, then the **last**
+  user message's content, joined by blank lines, then ``"\\n\\nScore:"``. For messages
+  built by :func:`~zoft.scoring.data.system_prompt` and
+  :func:`~zoft.scoring.data.user_prompt` this is exactly the context of
+  :func:`~zoft.scoring.data.to_example` (``system + "\\n\\n" + user + "\\n\\nScore:"``).
+  Earlier user and assistant turns are ignored.
+
+Instead of generating, the server scores every level as a candidate continuation (as
+evaluation does) and answers with the best one; with ``logprobs: true`` the reply's
+``choices[0].logprobs.content[0].top_logprobs`` lists the levels with their
+log-probabilities normalised over the levels (``exp`` of them sums to 1). Sampling
+parameters (``temperature``, ``top_p``, ``max_tokens``, ``seed``, ...) are accepted and
+ignored: scoring is deterministic. ``stream: true`` and ``n > 1`` are rejected with 400.
+
+Needs the ``serve`` extra: ``pip install 'zoft[serve]'`` (fastapi and uvicorn).
+"""
+# No "from __future__ import annotations": FastAPI must see the real Request class in the
+# route signature below, and fastapi is imported lazily (it is an optional extra).
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoft.errors import ZoftError
+from zoft.tasks.example import Example
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class RequestError(Exception):
+    """A bad request: answered with HTTP 400 and an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+def message_text(message: dict, where: str) -> str:
+    """A message's content as text: a string, or the text parts of a content list joined."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                                   f"{where}.content[{j}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError("content must be a string or a list of text parts", f"{where}.content")
+
+
+def default_context(messages: list[dict]) -> str:
+    """System messages + the last user message + ``"\\n\\nScore:"``, as in :func:`to_example`.
+
+    Raises:
+        RequestError: no user message, or an empty one.
+    """
+    system = [message_text(m, f"messages[{i}]") for i, m in enumerate(messages)
+              if m.get("role") in ("system", "developer")]
+    users = [(i, m) for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise RequestError("messages must include a user message (the item and the response to score)",
+                           "messages")
+    i, last = users[-1]
+    user = message_text(last, f"messages[{i}]")
+    if not user.strip():
+        raise RequestError("the user message is empty", f"messages[{i}].content")
+    return "\n\n".join([s for s in system if s.strip()] + [user]) + "\n\nScore:"
+
+
+def _check_request(body: Any) -> dict:
+    """Validates the parts of a chat completions body the server uses; returns it."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if body.get("stream"):
+        raise RequestError("streaming is not supported", "stream")
+    if "model" in body and not isinstance(body["model"], str):
+        raise RequestError("model must be a string", "model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError("each message must be an object with role and content", f"messages[{i}]")
+        if m.get("role") not in ROLES:
+            raise RequestError(f"role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        message_text(m, f"messages[{i}]")   # content shape
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise RequestError("only n=1 is supported", "n")
+    if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+        raise RequestError("logprobs must be a boolean", "logprobs")
+    k = body.get("top_logprobs")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise RequestError("top_logprobs must be a non-negative integer", "top_logprobs")
+    return body
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None):
+    from fastapi.responses import JSONResponse
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+
+def _logprob_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], str], model_name: str):
+    """The FastAPI app serving ``scorer`` (a :class:`zoft.lm.CandidateScorer`) over ``levels``.
+
+    Args:
+        scorer: scores the levels after a context.
+        levels: the score labels, lowest first (the candidates; the reply is one of them).
+        build_context: chat messages -> the scorer's context; may raise :class:`RequestError`.
+        model_name: the id ``/v1/models`` lists and replies carry.
+
+    Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``.
+    """
+    try:
+        from fastapi import FastAPI, Request
+        from starlette.concurrency import run_in_threadpool
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        raise ZoftError("zoft serve needs fastapi and uvicorn: pip install 'zoft[serve]'") from None
+    if len(levels) < 2 or len(set(levels)) != len(levels):
+        raise ZoftError(f"serving needs at least two distinct score levels, got {levels}")
+    levels = list(levels)
+    lock = threading.Lock()   # one forward pass at a time: the model is shared
+    created = int(time.time())
+    app = FastAPI(title="zoft scorer", docs_url=None, redoc_url=None)
+
+    def score(context: str) -> tuple[list[float], int, list[int]]:
+        """Log-probs normalised over the levels, the prompt's token count, each level's tokens."""
+        ex = Example(context, levels, 0, [levels[0]], {}, "request")
+        with lock, torch.no_grad():
+            was_training = scorer.model.training
+            scorer.model.eval()
+            try:
+                enc = scorer.encode([ex])
+                scores, lengths = scorer.candidate_logprobs(enc, [0])
+            finally:
+                scorer.model.train(was_training)
+        if scorer.kind != "classification":   # as CandidateScorer.predict: per-token mean for options
+            scores = scores / lengths
+        normalised = scores[0].double().log_softmax(-1).tolist()
+        return normalised, len(enc.context_ids[0]), [len(c) for c in enc.choice_ids[0]]
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request, exc: RequestError):
+        return _error(400, exc.message, "invalid_request_error", exc.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):
+        return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "zoft"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id != model_name:
+            return _error(404, f"The model '{model_id}' does not exist (this server has '{model_name}')",
+                          "invalid_request_error", "model")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestError("the request body is not valid JSON") from None
+        body = _check_request(body)
+        try:
+            context = build_context(body["messages"])
+        except RequestError:
+            raise
+        except (ValueError, KeyError, TypeError, ZoftError) as e:   # a task's own check of the messages
+            raise RequestError(f"cannot build the prompt from the messages: {e}", "messages") from None
+        if not isinstance(context, str) or not context.strip():
+            raise RequestError("the messages give an empty prompt", "messages")
+        logprobs, prompt_tokens, level_tokens = await run_in_threadpool(score, context)
+        best = max(range(len(levels)), key=logprobs.__getitem__)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
+                                  "message": {"role": "assistant", "content": levels[best], "refusal": None}}
+        if body.get("logprobs"):
+            k = body.get("top_logprobs")
+            order = sorted(range(len(levels)), key=lambda j: -logprobs[j])
+            order = order if k is None else order[:k]
+            top = [_logprob_entry(levels[j], logprobs[j]) for j in order]
+            choice["logprobs"] = {"content": [{**_logprob_entry(levels[best], logprobs[best]), "top_logprobs": top}],
+                                  "refusal": None}
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "choices": [choice], "system_fingerprint": None,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": level_tokens[best],
+                          "total_tokens": prompt_tokens + level_tokens[best]}}
+
+    return app
+
+
+def level_probabilities(top_logprobs) -> dict[str, float]:
+    """``{level: probability}`` from a reply's ``top_logprobs`` (dicts or openai client objects)."""
+    get = (lambda e, k: e[k]) if top_logprobs and isinstance(top_logprobs[0], dict) else getattr
+    return {get(e, "token"): math.exp(get(e, "logprob")) for e in top_logprobs}
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          log_level: str = "info") -> None:
+    """Loads a finished run (best, else last weights) and serves it until interrupted.
+
+    The levels are the task's label words (else the choices of its first example); the
+    context comes from the task's ``context_from_chat(messages)`` if it has one, else
+    :func:`default_context`. ``model_name`` defaults to the run folder's name.
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise ZoftError("zoft serve needs fastapi and uvicorn: pip install 'zoft[serve]'") from None
+    from zoft.methods.common import load_run
+
+    setup, scorer = load_run(run_dir)
+    task = setup.task
+    levels = list(getattr(task, "label_words", None) or [])
+    if not levels:
+        first = next((ex for split in (setup.data.train, setup.data.dev, setup.data.eval) for ex in split), None)
+        levels = list(first.choices) if first is not None else []
+    if not levels:
+        raise ZoftError(f"{run_dir}: the run's task has no score levels (label words) to serve")
+    build_context = getattr(task, "context_from_chat", None) or default_context
+    name = model_name or Path(run_dir).resolve().name
+    app = create_app(scorer, levels, build_context, name)
+    print(f"zoft serve: model '{name}', levels {levels}, at http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

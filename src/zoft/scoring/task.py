@@ -1,0 +1,402 @@
+"""Automatic scoring as a zoft task: rubric-aware prompts whose choices are the score levels.
+
+:class:`ScoringTask` duck-types :class:`zoft.tasks.Task` (``name``, ``kind``, ``metric``,
+``metrics``, ``target_delimiter``, ``generation_kwargs``, ``label_words``, ``get_data``),
+so every method (zero-shot, icl, lp, ft, lp-ft, mezo) trains and evaluates on scored
+student responses unchanged. Each response becomes one classification example::
+
+    Item: <question, shortened>
+    Reference answers: ...            (when the source has them)
+    Rubric:
+    <rubric, shortened>
+    Scored examples: ...              (when the item has them)
+    Possible scores: 0, 1, 2, 3.
+    Response: <the student's response>
+    Score:
+
+followed by ``" " + level``. The language model scores each level after the prompt.
+
+Builtin names (``zoft.tasks.load_task`` routes them here): ``asap-<N>`` (ASAP-SAS set N:
+train rows for train/dev, the public test rows for eval) and ``scientsbank``
+(SemEval-2013 2-way: train.jsonl for train/dev, test-unseen-answers.jsonl for eval).
+Any CSV/JSONL file works through :meth:`ScoringTask.from_table`.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from zoft.errors import DataError, ZoftError
+from zoft.scoring.data import (ScoringItem, Response, format_score, read_asap, read_semeval,
+                               read_table)
+from zoft.tasks.example import Example, TaskData
+from zoft.tasks.sampling import sample_task_data
+from zoft.tasks.task import GENERATION_DEFAULTS, data_dir
+
+METRICS = ["qwk", "acc", "f1"]    # QWK first: the ASAP convention; accuracy is what the scoring paper reports
+ASAP_NAME = re.compile(r"asap-(\d+)")
+SCIENTSBANK_EVAL = "test-unseen-answers"
+
+# Prompt budgets, in whitespace-separated words (a real subword tokenizer makes ~1.3
+# tokens of a word): about 600 words at most; an ASAP prompt is 300-370 words
+# (400-500 tokens), so runs on real models want max_length 512 or more.
+QUESTION_WORDS = 50
+RUBRIC_WORDS = 250
+EXAMPLE_WORDS = 40      # per scored example
+EXAMPLES_WORDS = 120    # all scored examples together
+RESPONSE_WORDS = 150
+_ELLIPSIS = "[...]"
+
+
+# ---------------------------------------------------------------- shortening texts
+
+def shorten(text: str, max_words: int, head: float = 0.4) -> str:
+    """``text`` cut to about ``max_words`` words by dropping its middle (marked ``[...]``).
+
+    Keeping both ends suits rubrics: they open with what the item asks for and usually
+    close with the score-point definitions, while the middle holds sample answers and
+    tables. Cuts snap to a line break when one is within a few words, so the kept
+    parts start and end on whole lines. Whitespace inside the kept parts is unchanged.
+    """
+    words = re.findall(r"\S+\s*", text.strip())
+    if len(words) <= max_words:
+        return text.strip()
+    n_head = max(1, round(max_words * head))
+    n_tail = max(1, max_words - n_head)
+    cut_head, cut_tail = n_head, len(words) - n_tail
+    slack = max(3, max_words // 10)
+    for i in range(n_head, max(0, n_head - slack), -1):       # end the head at a line break
+        if "\n" in words[i - 1]:
+            cut_head = i
+            break
+    for i in range(cut_tail, min(len(words), cut_tail + slack)):  # start the tail on a new line
+        if i > 0 and "\n" in words[i - 1]:
+            cut_tail = i
+            break
+    return "".join(words[:cut_head]).rstrip() + f"\n{_ELLIPSIS}\n" + "".join(words[cut_tail:]).strip()
+
+
+def truncate_end(text: str, max_words: int) -> str:
+    """The first ``max_words`` words of ``text`` (whitespace squashed), ``[...]`` if cut."""
+    words = text.split()
+    return " ".join(words[:max_words]) + (f" {_ELLIPSIS}" if len(words) > max_words else "")
+
+
+def item_rubric(rubric: str) -> str:
+    """The part of a rubric that is specific to the item, with runs of blank lines squashed.
+
+    ASAP science sets 1 and 2 open with two pages of the general open-ended rubric
+    ("Scoring Rubric for Science Open-Ended Items ...") before the item's own
+    ("Rubric for Acid Rain ..."), which defines the same score points concretely; the
+    item's own is kept when there is one after the start.
+    """
+    text = re.sub(r"\n\s*\n+", "\n", rubric.strip())
+    own = re.search(r"^Rubric for\b", text, re.M)
+    return text[own.start():] if own and own.start() > 0 else text
+
+
+_BULLET = re.compile(r"^\s*([•*\-–o]|\d+[.)])\s+")
+# Where score points are defined: "Score 3", "Score Point 2", "2 points", "3-Point Rubric".
+_SCORE_HEADING = re.compile(r"^\s*(score(\s+point)?\s+\d+\b|\d+\s*-?\s*points?\b)", re.I)
+
+
+def shorten_rubric(rubric: str, max_words: int) -> str:
+    """A rubric cut to about ``max_words`` words, keeping its score-point definitions.
+
+    In order, until it fits: take the item's own rubric (:func:`item_rubric`); drop
+    bulleted list entries (sample answers, "acceptable responses"), last ones first and
+    from the longest list first, each list keeping its first entry and a ``[...]``
+    where entries went; shorten the preamble between the title line and the first
+    score-point heading ("Score 3", "Score Point 2", "2 points"); finally drop the
+    middle of the whole text (:func:`shorten`).
+    """
+    lines = item_rubric(rubric).split("\n")
+    sizes = [len(line.split()) for line in lines]
+    total = sum(sizes)
+    if total <= max_words:
+        return "\n".join(lines)
+    runs: list[list[int]] = []      # consecutive bullet lines
+    for i, line in enumerate(lines):
+        if _BULLET.match(line):
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+    dropped: set[int] = set()
+    kept = [list(run) for run in runs]
+    while total > max_words:
+        longest = max(kept, key=len, default=[])
+        if len(longest) <= 1:
+            break
+        i = longest.pop()
+        dropped.add(i)
+        total -= sizes[i]
+    out = []
+    for i, line in enumerate(lines):
+        if i in dropped:
+            if i - 1 not in dropped:
+                out.append(_ELLIPSIS)
+            continue
+        out.append(line)
+    if total > max_words:
+        heading = next((i for i, line in enumerate(out) if i > 0 and _SCORE_HEADING.match(line)), None)
+        if heading is not None and heading > 1:
+            preamble = "\n".join(out[1:heading])
+            size = len(preamble.split())
+            room = max(15, max_words - (total - size))
+            if size > room:
+                out[1:heading] = shorten(preamble, room).split("\n")
+                total = len("\n".join(out).split())
+    text = "\n".join(out)
+    return text if total <= max_words else shorten(text, max_words, head=0.5)
+
+
+# ---------------------------------------------------------------- the task
+
+class ScoringTask:
+    """Scoring student responses to one or more items, as a classification task.
+
+    Attributes:
+        name: The task name (``"asap-1"``, ``"scientsbank"``, a table's file stem).
+        kind: Always ``"classification"``: the choices are the score levels.
+        metric: The main metric, ``"qwk"``.
+        metrics: ``["qwk", "acc", "f1"]``.
+        target_delimiter: ``" "``, between ``"Score:"`` and the level.
+        generation_kwargs: Unused (not a generation task); kept for the Task interface.
+        label_words: The score levels, lowest first (``"0".."3"``; SemEval
+            ``"incorrect", "correct"``).
+        levels: Same as ``label_words``.
+        items: The items by ``item_id``.
+        human_qwk: QWK between the two human raters on the training rows (ASAP:
+            Score1 vs Score2), the ceiling a scorer is measured against; None where the
+            source has no second rater.
+        description: ``""`` (the prompt carries its own instructions).
+    """
+
+    kind = "classification"
+    target_delimiter = " "
+    description = ""
+
+    def __init__(self, name: str, items: Sequence[ScoringItem], train: Sequence[Response],
+                 eval: Sequence[Response], *, same_split: bool = False, source: str = "",
+                 prompt: Mapping[str, int] | None = None):
+        """Builds a task from items and their train and eval responses.
+
+        Args:
+            name: The task name.
+            items: Every item a response refers to; all must share the same score levels.
+            train: Responses to draw train and dev samples from.
+            eval: Responses to draw the eval sample from (the same list if ``same_split``).
+            same_split: Train and eval are one pool: eval rows are held out before
+                train/dev are drawn (see :func:`zoft.tasks.sampling.sample_task_data`).
+            source: Where the data came from, for messages.
+            prompt: Word budgets overriding the defaults: ``question``, ``rubric``,
+                ``example``, ``examples``, ``response``.
+
+        Raises:
+            DataError: no items, items with different levels, multi-label items, or a
+                response to an unknown item.
+        """
+        if not items:
+            raise DataError(f"task '{name}' has no items", source or None)
+        self.name, self.source = name, source
+        self.items: dict[str, ScoringItem] = {}
+        for item in items:
+            if item.aspects:
+                raise DataError(f"item '{item.item_id}' is multi-label (aspects {item.aspects}); a scoring "
+                                "task needs one score per response", source or None)
+            self.items.setdefault(item.item_id, item)
+        levels = {tuple(i.score_levels) for i in self.items.values()}
+        if len(levels) != 1:
+            raise DataError(f"items of task '{name}' have different score levels {sorted(levels)}; "
+                            "one task needs one scale", source or None)
+        self.levels: list[str] = list(next(iter(levels)))
+        if len(self.levels) < 2:
+            hint = " (a table without scores needs 'levels' in its mapping)" if not self.levels else ""
+            raise DataError(f"task '{name}' needs at least two score levels, has {self.levels}{hint}",
+                            source or None)
+        self.label_words = list(self.levels)
+        self.metrics: list[str] = list(METRICS)
+        self.metric: str = self.metrics[0]
+        self.generation_kwargs: dict[str, Any] = dict(GENERATION_DEFAULTS)
+        budget = {"question": QUESTION_WORDS, "rubric": RUBRIC_WORDS, "example": EXAMPLE_WORDS,
+                  "examples": EXAMPLES_WORDS, "response": RESPONSE_WORDS}
+        unknown = set(prompt or {}) - set(budget)
+        if unknown:
+            raise ZoftError(f"unknown prompt budget '{sorted(unknown)[0]}' (use {', '.join(budget)})")
+        self.budget = {**budget, **(prompt or {})}
+        for r in [*train, *eval]:
+            if r.item_id not in self.items:
+                raise DataError(f"response '{r.id}' refers to unknown item '{r.item_id}'", r.ref or None)
+        self._train, self._eval, self.same_split = list(train), list(eval), same_split
+        self._headers: dict[str, str] = {}
+        self._cache: dict[str, list[Example]] = {}
+        self.human_qwk: float | None = self._human_qwk()
+
+    def __repr__(self) -> str:
+        return f"ScoringTask({self.name!r}, items={len(self.items)}, levels={self.levels})"
+
+    # -- prompts -----------------------------------------------------------------------
+
+    def header(self, item: ScoringItem) -> str:
+        """The part of the prompt shared by every response to ``item`` (cached).
+
+        The response comes after it, last, right before ``"Score:"``: the scorer
+        truncates contexts that do not fit ``max_length`` from the left, so a too-long
+        prompt loses the start of the item text (then of the rubric), never the response
+        or the score cue.
+        """
+        if item.item_id in self._headers:
+            return self._headers[item.item_id]
+        b, parts = self.budget, []
+        if item.question.strip():
+            # Item texts set the scene first and ask last: keep more of the end.
+            parts.append("Item: " + " ".join(shorten(item.question, b["question"], head=0.35).split()))
+        if item.reference_answers:
+            parts.append("Reference answers:\n" + "\n".join(
+                f"- {truncate_end(a, b['example'])}" for a in item.reference_answers))
+        if item.rubric.strip():
+            parts.append("Rubric:\n" + shorten_rubric(item.rubric, b["rubric"]))
+        if item.examples:
+            shown, used = [], 0
+            for text, score in item.examples:
+                line = truncate_end(text, b["example"])
+                used += len(line.split())
+                if shown and used > b["examples"]:
+                    break
+                shown.append(f"- Score {format_score(score, item.score_levels)}: {line}")
+            parts.append("Scored examples:\n" + "\n".join(shown))
+        parts.append(f"Possible scores: {', '.join(item.score_levels)}.")
+        self._headers[item.item_id] = text = "\n".join(parts) + "\n"
+        return text
+
+    def context(self, item: ScoringItem, text: str) -> str:
+        """The full prompt for one response: header, ``Response: <text>``, ``Score:``."""
+        return f"{self.header(item)}Response: {truncate_end(text, self.budget['response'])}\nScore:"
+
+    def example(self, response: Response, item: ScoringItem | None = None) -> Example:
+        """A response as an :class:`Example`; unscored responses get ``target`` None.
+
+        Raises:
+            DataError: a multi-label score, or an unknown item.
+        """
+        item = item or self.items.get(response.item_id)
+        if item is None:
+            raise DataError(f"unknown item '{response.item_id}'", response.ref or None, field="item_id")
+        if isinstance(response.score, list):
+            raise DataError("needs one score per response, not a list", response.ref or None, field="score")
+        target = response.score
+        doc = {"item_id": item.item_id, "id": response.id, "text": response.text, "split": response.split,
+               "score": target, "second_score": response.second_score}
+        return Example(self.context(item, response.text), list(self.levels), target,
+                       [self.levels[target]] if target is not None else [], doc, response.ref)
+
+    # -- data --------------------------------------------------------------------------
+
+    def _examples(self, which: str) -> list[Example]:
+        if which not in self._cache:
+            responses = self._train if which == "train" else self._eval
+            unscored = next((r for r in responses if r.score is None), None)
+            if unscored is not None:
+                raise DataError("response has no score: training and evaluation need scored responses",
+                                unscored.ref or None, field="score")
+            self._cache[which] = [self.example(r) for r in responses]
+        return list(self._cache[which])
+
+    def load_split(self, split: str) -> list[Example]:
+        """All examples of ``"train"`` or ``"eval"``."""
+        if split not in ("train", "eval"):
+            raise ZoftError(f"task '{self.name}' has splits 'train' and 'eval', not '{split}'")
+        return self._examples(split)
+
+    def get_data(self, n_train: int = 1000, n_dev: int = 500, n_eval: int = 1000, seed: int = 0,
+                 k_per_class: int | None = None) -> TaskData:
+        """Samples disjoint train and dev sets from the train responses and eval from the eval ones.
+
+        Deterministic for a ``seed``; ``k_per_class`` draws k responses per score level.
+        """
+        train = self._examples("train")
+        evals = train if self.same_split else self._examples("eval")
+        return sample_task_data(train, evals, same_split=self.same_split, n_train=n_train, n_dev=n_dev,
+                                n_eval=n_eval, seed=seed, k_per_class=k_per_class, name=self.name)
+
+    def _human_qwk(self) -> float | None:
+        from zoft.scoring.metrics import human_agreement
+
+        both = [r for r in self._train if isinstance(r.score, int) and r.second_score is not None]
+        if not both:
+            return None
+        return human_agreement(both, list(range(len(self.levels))))
+
+    # -- constructors ------------------------------------------------------------------
+
+    @classmethod
+    def from_table(cls, path: str | Path, mapping: Mapping[str, Any] | str | Path, *,
+                   name: str | None = None, train_split: str = "train", eval_split: str = "test",
+                   prompt: Mapping[str, int] | None = None) -> ScoringTask:
+        """A task from any CSV or JSONL file, read by :func:`zoft.scoring.data.read_table`.
+
+        If the mapping names a ``split`` column, rows of ``train_split`` give train/dev
+        and rows of ``eval_split`` give eval (other rows are unused); without one, all
+        rows form one pool and eval rows are held out of it before train/dev are drawn.
+
+        Raises:
+            DataError: a bad file or mapping (see ``read_table``), multi-label scores, or
+                a split column without rows of ``train_split`` or ``eval_split``.
+        """
+        path = Path(path)
+        groups = read_table(path, mapping)
+        items = [item for item, _ in groups]
+        responses = [r for _, rs in groups for r in rs]
+        name = name or path.stem
+        if all(r.split is None for r in responses):
+            return cls(name, items, responses, responses, same_split=True, source=str(path), prompt=prompt)
+        found = sorted({r.split for r in responses if r.split is not None})
+        train = [r for r in responses if r.split == train_split]
+        evals = [r for r in responses if r.split == eval_split]
+        for split, rows in ((train_split, train), (eval_split, evals)):
+            if not rows:
+                raise DataError(f"no rows of split '{split}' (splits found: {', '.join(found)})", str(path),
+                                field="split")
+        return cls(name, items, train, evals, source=str(path), prompt=prompt)
+
+
+def load_scoring_task(name: str, data_root: str | Path | None = None) -> ScoringTask:
+    """A builtin scoring task: ``asap-<N>`` (ASAP-SAS set N) or ``scientsbank``.
+
+    Args:
+        name: The task name.
+        data_root: The shared data folder; default ``$ZOFT_DATA_DIR`` or ``../shared/data``.
+
+    Raises:
+        ZoftError: an unknown name, or no data folder.
+        DataError: missing or malformed data files.
+    """
+    root = Path(data_root) if data_root is not None else data_dir()
+    asap = ASAP_NAME.fullmatch(name)
+    if asap is None and name != "scientsbank":
+        raise ZoftError(f"unknown scoring task '{name}' (use asap-<N>, e.g. asap-1, or scientsbank)")
+    if root is None:
+        raise ZoftError(f"task '{name}' needs the shared data folder: set ZOFT_DATA_DIR or data_dir")
+    if asap is not None:
+        item, responses = read_asap(int(asap[1]), root)
+        train = [r for r in responses if r.split == "train"]
+        test = [r for r in responses if r.split == "test"]
+        if not train or not test:
+            raise DataError(f"ASAP set {asap[1]} needs rows with split 'train' and 'test' (found "
+                            f"{len(train)} and {len(test)})", str(root / "asap-sas"), field="split")
+        return ScoringTask(name, [item], train, test, source=str(root / "asap-sas"))
+    folder = root / "semeval2013-2way" / "scientsbank"
+    train_groups = read_semeval(folder / "train.jsonl")
+    eval_groups = read_semeval(folder / f"{SCIENTSBANK_EVAL}.jsonl")
+    # Unseen answers are new responses to the training questions: the items are the same.
+    items = [item for item, _ in train_groups] + [item for item, _ in eval_groups]
+    return ScoringTask(name, items, [r for _, rs in train_groups for r in rs],
+                       [r for _, rs in eval_groups for r in rs], source=str(folder))
+
+
+def is_scoring_task_name(name: str) -> bool:
+    """Whether ``name`` is one :func:`load_scoring_task` knows."""
+    return name == "scientsbank" or ASAP_NAME.fullmatch(name) is not None

@@ -1,0 +1,153 @@
+"""score_file: a trained scoring run scores a CSV of new responses; bad rows are reported, not fatal."""
+import csv
+import os
+
+import pytest
+import torch
+
+from zoft import api
+from zoft.errors import DataError, ZoftError
+from zoft.methods.common import load_run
+from zoft.scoring.data import Response
+from zoft.scoring.score import score_file
+from zoft.tasks.task import data_dir
+
+DATA = data_dir()
+pytestmark = pytest.mark.skipif(DATA is None or not (DATA / "asap-sas").is_dir(),
+                                reason="shared data folder not found (set ZOFT_DATA_DIR)")
+TINY = dict(model="tiny-llama", progress=False, eval_batch_size=16, n_train=8, n_dev=4, n_eval=8)
+LEVELS = ["0", "1", "2", "3"]
+
+
+@pytest.fixture(scope="module")
+def asap_run(tmp_path_factory):
+    """A 2-step MeZO run on ASAP set 1 (so load_run restores trained weights)."""
+    path = tmp_path_factory.mktemp("runs") / "asap1"
+    api.train(method="mezo", task="asap-1", steps=2, eval_every=1, batch_size=4, lr=1e-2,
+              output_dir=str(path), **TINY)
+    assert (path / "best").exists()
+    return path
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+INPUT = [
+    ("a1", "You need to know how much vinegar was used, what type of vinegar, and the size of the samples.", "x"),
+    ("a2", "", "empty text"),
+    ("", "a response without an id", "no id"),
+    ("a4", 'The "container" size, the amount of vinegar,\nand how long to rinse.', "quotes, commas, a newline"),
+    ("a5", "   ", "blank text"),
+    ("a6", "more trials", "short"),
+]
+
+
+def test_score_file_scores_good_rows_and_reports_bad_ones(asap_run, tmp_path):
+    src = write_csv(tmp_path / "in.csv", ["id", "text", "note"], INPUT)
+    out = tmp_path / "out" / "scored.csv"
+    summary = score_file(asap_run, src, out, batch_size=2)
+    assert (summary["rows"], summary["scored"], summary["failed"]) == (6, 3, 3)
+    assert summary["task"] == "asap-1" and summary["levels"] == LEVELS
+    assert summary["errors"] == ["row 2: empty text", "row 3: missing id", "row 5: empty text"]
+    rows = read_csv(out)
+    assert list(rows[0]) == ["id", "text", "note", "score", "p_0", "p_1", "p_2", "p_3", "error"]
+    # every input row, in input order, with its own columns unchanged
+    assert [(r["id"], r["text"], r["note"]) for r in rows] == list(INPUT)
+    bad = {1: "empty text", 2: "missing id", 4: "empty text"}
+    for i, r in enumerate(rows):
+        probs = [r[f"p_{lv}"] for lv in LEVELS]
+        if i in bad:
+            assert r["error"] == bad[i] and r["score"] == "" and probs == ["", "", "", ""]
+        else:
+            assert r["error"] == ""
+            values = [float(p) for p in probs]
+            assert sum(values) == pytest.approx(1.0, abs=1e-5)
+            assert r["score"] == LEVELS[max(range(4), key=values.__getitem__)]
+    assert sum(summary["score_counts"].values()) == 3
+
+
+def test_probabilities_are_the_softmax_of_candidate_logprobs(asap_run, tmp_path):
+    src = write_csv(tmp_path / "in.csv", ["id", "text", "note"], INPUT)
+    out = score_file(asap_run, src, tmp_path / "scored.csv", batch_size=4)["output"]
+    rows = {r["id"]: r for r in read_csv(out)}
+    setup, scorer = load_run(asap_run)
+    item = next(iter(setup.task.items.values()))
+    for rid, text, _ in (INPUT[0], INPUT[3]):
+        ex = setup.task.example(Response(rid, text, None, item_id=item.item_id), item)
+        enc = scorer.encode([ex])
+        with torch.no_grad():
+            logprobs, _ = scorer.candidate_logprobs(enc, [0])
+        direct = logprobs.double().softmax(-1)[0].tolist()
+        written = [float(rows[rid][f"p_{lv}"]) for lv in LEVELS]
+        assert written == pytest.approx(direct, abs=1e-5)
+    # and they are not uniform: the model does look at the response
+    assert max(direct) - min(direct) > 1e-4
+
+
+def test_output_is_atomic_and_file_level_errors_write_nothing(asap_run, tmp_path):
+    out = tmp_path / "scored.csv"
+    out.write_text("old contents\n")
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], [("1", "vinegar"), ("2", "rinse time")])
+    assert score_file(asap_run, src, out)["scored"] == 2
+    assert [r["id"] for r in read_csv(out)] == ["1", "2"]
+    assert sorted(os.listdir(tmp_path)) == ["in.csv", "scored.csv"]     # no temp file left
+    with pytest.raises(DataError, match="field 'text': missing column"):
+        score_file(asap_run, write_csv(tmp_path / "notext.csv", ["id", "answer"], [("1", "x")]),
+                   tmp_path / "never.csv")
+    with pytest.raises(DataError, match="input already has the column 'score'"):
+        score_file(asap_run, write_csv(tmp_path / "clash.csv", ["id", "text", "score"], [("1", "x", "2")]),
+                   tmp_path / "never.csv")
+    with pytest.raises(DataError, match="input file not found"):
+        score_file(asap_run, tmp_path / "missing.csv", tmp_path / "never.csv")
+    assert not (tmp_path / "never.csv").exists()
+
+
+def test_item_ids_duplicates_and_ragged_rows(asap_run, tmp_path):
+    item_id = "asap-sas/set01"
+    src = tmp_path / "in.csv"
+    src.write_text("id,text,item_id\n"
+                   f"1,vinegar amount,{item_id}\n"
+                   "2,rinse time,set99\n"
+                   "3,no item given,\n"         # one-item task: the item is implied
+                   "1,same id again,\n"
+                   "5,too,many,fields\n"
+                   "6\n", encoding="utf-8")
+    summary = score_file(asap_run, src, tmp_path / "out.csv")
+    rows = read_csv(tmp_path / "out.csv")
+    assert [r["id"] for r in rows] == ["1", "2", "3", "1", "5", "6"]
+    errors = [r["error"] for r in rows]
+    assert errors[0] == "" and errors[2] == ""
+    assert errors[1].startswith("unknown item_id 'set99' (task 'asap-1' has: asap-sas/set01)")
+    assert errors[3] == "duplicate id '1' (first at row 1)"
+    assert errors[4] == "row has 4 fields, header has 3" and errors[5] == "row has 1 fields, header has 3"
+    assert all("\n" not in e for e in errors)
+    assert (summary["scored"], summary["failed"]) == (2, 4)
+
+
+def test_multi_item_task_needs_item_id_and_non_scoring_run_is_refused(tmp_path):
+    run = tmp_path / "sb"
+    api.train(method="zero-shot", task="scientsbank", output_dir=str(run), **TINY)
+    setup, _ = load_run(run)
+    qid = sorted(setup.task.items)[0]
+    src = write_csv(tmp_path / "in.csv", ["id", "text", "item_id"],
+                    [("1", "it has seeds", qid), ("2", "it has seeds", "")])
+    summary = score_file(run, src, tmp_path / "out.csv")
+    rows = read_csv(tmp_path / "out.csv")
+    assert list(rows[0])[-3:] == ["p_incorrect", "p_correct", "error"]
+    assert rows[0]["error"] == "" and rows[0]["score"] in ("incorrect", "correct")
+    assert rows[1]["error"].startswith("no item_id: task 'scientsbank' has ")
+    assert (summary["scored"], summary["failed"]) == (1, 1)
+    plain = tmp_path / "sst2"
+    api.train(method="zero-shot", task="sst2", output_dir=str(plain), **TINY)
+    with pytest.raises(ZoftError, match="not a scoring task"):
+        score_file(plain, src, tmp_path / "never.csv")
