@@ -3,6 +3,8 @@
     zoft train [CONFIG.yaml] [key=value ...] [--resume RUN_DIR]
     zoft eval  --model NAME|PATH|RUN_DIR --task TASK [key=value ...]
     zoft compare --task sst2 --methods zero-shot,icl,lp,mezo,mezo:lora,ft [key=value ...]
+    zoft score --model RUN_DIR --input responses.csv --output scored.csv
+    zoft serve --model RUN_DIR [--port 8000]
     zoft demo
 """
 from __future__ import annotations
@@ -73,6 +75,22 @@ def cmd_compare(args) -> None:
     print(f"table: {table}\nplot: {plot}")
 
 
+def cmd_score(args) -> None:
+    from zoft.scoring.score import score_file
+    summary = score_file(args.model, args.input, args.output, batch_size=args.batch_size)
+    print(f"scored {summary['scored']} of {summary['rows']} rows -> {summary['output']}; "
+          f"score counts {summary['score_counts']}")
+    for error in summary["errors"]:
+        print(f"  {error}", file=sys.stderr)
+    if summary["failed"]:
+        print(f"{summary['failed']} rows failed; see the 'error' column", file=sys.stderr)
+
+
+def cmd_serve(args) -> None:
+    from zoft.scoring.serve import serve
+    serve(args.model, host=args.host, port=args.port)
+
+
 def cmd_demo(args) -> None:
     from zoft.demo import main as demo
     demo(_overrides(args.overrides))
@@ -99,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("score", help="score new responses with a trained scorer (CSV: id, text[, item_id])")
+    p.add_argument("--model", required=True, metavar="RUN_DIR")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(fn=cmd_score)
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions endpoint for a trained scorer")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained zoft run on a scoring task")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("demo", help="zero-shot vs MeZO on SST-2 with SmolLM2-135M, sized for a 2-core CPU")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_demo)

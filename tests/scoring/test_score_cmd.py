@@ -151,3 +151,16 @@ def test_multi_item_task_needs_item_id_and_non_scoring_run_is_refused(tmp_path):
     api.train(method="zero-shot", task="sst2", output_dir=str(plain), **TINY)
     with pytest.raises(ZoftError, match="not a scoring task"):
         score_file(plain, src, tmp_path / "never.csv")
+
+
+def test_zoft_score_cli_scores_the_batch_and_reports_bad_rows(asap_run, tmp_path, capsys):
+    from zoft.cli import main
+    src = write_csv(tmp_path / "in.csv", ["id", "text", "note"], INPUT)
+    out = tmp_path / "scored.csv"
+    assert main(["score", "--model", str(asap_run), "--input", str(src), "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "scored 3 of 6 rows" in captured.out
+    assert "3 rows failed" in captured.err
+    rows = read_csv(out)
+    assert [r["id"] for r in rows] == [r[0] for r in INPUT]
+    assert [bool(r["error"]) for r in rows] == [False, True, True, False, True, False]

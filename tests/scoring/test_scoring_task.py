@@ -200,3 +200,15 @@ def test_mezo_asap10_runs(tmp_path):
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "task: asap-10" in config
     assert Path(result["run_dir"]) == tmp_path / "run"
+
+
+def test_context_from_chat_rebuilds_the_training_prompt():
+    from zoft.scoring.data import Response, system_prompt, user_prompt
+    from zoft.scoring.task import load_scoring_task
+    task = load_scoring_task("asap-1")
+    item = next(iter(task.items.values()))
+    response = Response(id="x", text="They should say how much vinegar to use.", score=None, second_score=None,
+                        split="test", item_id=item.item_id, ref="")
+    messages = [{"role": "system", "content": system_prompt(item)},
+                {"role": "user", "content": user_prompt(item, response)}]
+    assert task.context_from_chat(messages) == task.context(item, response.text)

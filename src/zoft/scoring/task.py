@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from zoft.errors import DataError, ZoftError
-from zoft.scoring.data import (ScoringItem, Response, format_score, read_asap, read_semeval,
+from zoft.scoring.data import (ScoringItem, Response, format_score, read_asap, read_semeval, system_prompt,
                                read_table)
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.sampling import sample_task_data
@@ -275,6 +275,29 @@ class ScoringTask:
     def context(self, item: ScoringItem, text: str) -> str:
         """The full prompt for one response: header, ``Response: <text>``, ``Score:``."""
         return f"{self.header(item)}Response: {truncate_end(text, self.budget['response'])}\nScore:"
+
+    def context_from_chat(self, messages: list[dict]) -> str:
+        """The training prompt for an OpenAI chat request (as exported by ``openai_jsonl``).
+
+        The item is the one whose ``system_prompt`` is the request's system message (the only
+        item, if the task has one); the response is the user message's text after
+        ``"Response:\n"``. ``zoft serve`` scores this, so a served model sees exactly the
+        prompt it was trained on.
+
+        Raises:
+            ValueError: no user message, or a system message that matches no item.
+        """
+        system = "\n\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "system")
+        users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+        if not users:
+            raise ValueError("no user message")
+        matches = [item for item in self.items.values() if system_prompt(item) == system]
+        if not matches and len(self.items) == 1:
+            matches = list(self.items.values())
+        if not matches:
+            raise ValueError("the system message matches no item of this scorer (send the exported system prompt)")
+        text = users[-1].split("Response:\n", 1)[-1]
+        return self.context(matches[0], text)
 
     def example(self, response: Response, item: ScoringItem | None = None) -> Example:
         """A response as an :class:`Example`; unscored responses get ``target`` None.
