@@ -3,6 +3,7 @@
     zoft train [CONFIG.yaml] [key=value ...] [--resume RUN_DIR]
     zoft eval  --model NAME|PATH|RUN_DIR --task TASK [key=value ...]
     zoft compare --task sst2 --methods zero-shot,icl,lp,mezo,mezo:lora,ft [key=value ...]
+    zoft report RUN_OR_COMPARE_DIR ... [--output-dir DIR]
     zoft score --model RUN_DIR --input responses.csv --output scored.csv
     zoft serve --model RUN_DIR [--port 8000]
     zoft demo
@@ -75,6 +76,21 @@ def cmd_compare(args) -> None:
     print(f"table: {table}\nplot: {plot}")
 
 
+def cmd_report(args) -> None:
+    from zoft.report import write_report
+    results = []
+    for path in map(Path, args.runs):
+        if (path / "comparison.json").is_file():
+            results += json.loads((path / "comparison.json").read_text())
+        elif (path / "eval.json").is_file():
+            results.append(json.loads((path / "eval.json").read_text()) | {"run_dir": str(path)})
+        else:
+            raise ZoftError(f"{path}: neither a run (eval.json) nor a comparison (comparison.json)")
+    out = Path(args.output_dir or (Path(args.runs[0]) / "report"))
+    page = write_report(results, out, title=args.title)
+    print(f"report: {page} and {page.with_suffix('.html')}")
+
+
 def cmd_score(args) -> None:
     from zoft.scoring.score import score_file
     summary = score_file(args.model, args.input, args.output, batch_size=args.batch_size)
@@ -117,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("report", help="a markdown + HTML page from runs or comparisons")
+    p.add_argument("runs", nargs="+", help="run directories and/or compare output directories")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--title", default="zoft report")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("score", help="score new responses with a trained scorer (CSV: id, text[, item_id])")
     p.add_argument("--model", required=True, metavar="RUN_DIR")
     p.add_argument("--input", required=True)

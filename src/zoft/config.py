@@ -15,7 +15,7 @@ import yaml
 
 from zoft.errors import ZoftError
 
-METHODS = ("zero-shot", "icl", "lp", "ft", "lp-ft", "mezo")
+METHODS = ("zero-shot", "icl", "lp", "ft", "lp-ft", "mezo", "bert-cls")
 MODES = ("full", "lora", "prefix")
 OBJECTIVES = ("loss", "acc", "f1")
 
@@ -66,6 +66,8 @@ class Config:
     icl_k: int = 4
     lp_c: float = 1.0
     lp_ft_probe_steps: int = 0
+    # bert-cls: the encoder fine-tuned with a classification head (a builtin name or a local HF folder)
+    encoder: str = "minilm-l6"
     # output
     output_dir: str | None = None
     progress: bool = True

