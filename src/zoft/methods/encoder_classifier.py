@@ -93,8 +93,9 @@ def load_encoder(name: str, num_labels: int, seed: int = 0, dtype: torch.dtype =
     from transformers.utils import logging as hf_logging
 
     folder = encoder_path(name)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()   # the load report lists the new head as "missing": expected
+    hf_logging.disable_progress_bar()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -105,6 +106,8 @@ def load_encoder(name: str, num_labels: int, seed: int = 0, dtype: torch.dtype =
         raise ZoftError(f"encoder '{name}' ({folder}): cannot load it as a sequence classifier: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device), tokenizer
 
 
