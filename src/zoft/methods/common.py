@@ -95,6 +95,8 @@ def load_run(run_path, task: str | None = None, **overrides):
     if task:
         values["task"] = task
     cfg = load_config(overrides=values)
+    if cfg.method == "bert-cls":   # its weights are an encoder classifier, not the LM this rebuilds
+        raise ZoftError(f"{run_dir.path}: re-loading bert-cls runs is not supported yet; see its eval.json")
     setup = prepare(cfg)
     model = setup.loaded.model
     weights = run_dir.path / "best" if (run_dir.path / "best").exists() else (run_dir.checkpoints() or [None])[-1]
