@@ -20,15 +20,8 @@ from zoft.errors import ZoftError
 
 
 def _overrides(items: list[str]) -> dict:
-    """``["lr=1e-6", "mode=lora"]`` → ``{"lr": 1e-6, "mode": "lora"}`` (values parsed as YAML scalars)."""
-    import yaml
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ZoftError(f"argument '{item}' is not key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value else None
-    return out
+    from zoft.config import parse_overrides
+    return parse_overrides(items)
 
 
 def cmd_train(args) -> None:

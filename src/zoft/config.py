@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,17 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ZoftError(f"{source}: '{key}' expects {type_text}, got {value!r}") from None
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-6", "mode=lora"]`` → ``{"lr": 1e-6, "mode": "lora"}`` (values parsed as YAML scalars)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ZoftError(f"argument '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value else None
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """Config from an optional YAML file, then ``key=value`` overrides (torchtune style)."""
     values: dict[str, Any] = {}
@@ -144,13 +155,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
                 raise ZoftError(f"{path}: unknown config key '{key}'")
             values[key] = _coerce(key, value, str(path))
     if isinstance(overrides, list):
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ZoftError(f"override '{item}' is not key=value")
-            key, value = item.split("=", 1)
-            pairs[key.strip()] = yaml.safe_load(value) if value else None
-        overrides = pairs
+        overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         if key not in known:
             raise ZoftError(f"unknown option '{key}'")

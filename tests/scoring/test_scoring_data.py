@@ -195,7 +195,7 @@ def test_table_csv_with_dict_mapping_and_rubric_file(tmp_path):
     assert item.rubric == "2: names the force\n1: partly\n0: no°"
     assert item.score_levels == ["0", "1", "2"]  # derived from the data, 0 to the highest score
     assert [(r.score, r.second_score) for r in responses] == [(2, 2), (1, None)]
-    assert groups[1][1][0].score is 0 and groups[1][1][0].second_score == 1
+    assert groups[1][1][0].score == 0 and groups[1][1][0].second_score == 1
     unscored = read_table(path, {"id": "sid", "text": "answer", "item_id": "qid"})
     assert [r.score for _, rs in unscored for r in rs] == [None, None, None]
 

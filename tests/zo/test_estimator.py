@@ -1,5 +1,4 @@
 """The MeZO math against independent computations (autograd, explicit z, hand updates)."""
-import math
 
 import pytest
 import torch

@@ -34,12 +34,10 @@ import torch.nn.functional as F
 from zoft.errors import ZoftError
 from zoft.lm import batches
 from zoft.methods.common import Setup
-from zoft.methods.finetune import (grad_norm, load_optimizer_state, make_optimizer, optimizer_state, seeded_rng,
-                                   step_rng_seed)
+from zoft.methods.finetune import adamw_step, load_optimizer_state, make_optimizer, optimizer_state
 from zoft.methods.linear_probe import require_classification
 from zoft.tasks import compute_metric
-from zoft.training import Trainable, batch_indices, check_finite, train_loop
-from zoft.zo import learning_rate
+from zoft.training import Trainable, batch_indices, train_loop
 
 METHOD = "bert-cls"
 
@@ -248,19 +246,8 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
 
     def step_fn(step: int) -> dict:
         idx = batch_indices(len(tok_train), cfg.batch_size, cfg.seed, step)
-        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with seeded_rng(step_rng_seed(cfg.seed, step), device):
-            loss = batch_loss(model, tok_train, idx, pad_id)
-            loss.backward()
-        norm = grad_norm(params)
-        check_finite(step, loss=loss.item(), grad_norm=norm)   # before the step: weights stay good
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
+        return adamw_step(step, cfg, model, optimizer, params, lambda: batch_loss(model, tok_train, idx, pad_id),
+                          device)
 
     def dev_fn() -> float:
         return evaluate_split(model, tok_dev, data.dev, task, pad_id, cfg.eval_batch_size)[0][task.metric]

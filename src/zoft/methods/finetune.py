@@ -111,6 +111,26 @@ def grad_norm(params: list[torch.Tensor]) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
+def adamw_step(step: int, cfg, model, optimizer, params: list[torch.Tensor], loss_fn, device,
+               frozen: list[torch.Tensor] = ()) -> dict:
+    """One backprop step: stateless LR, seeded dropout, finite check, AdamW; ``frozen`` gets no update."""
+    lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with seeded_rng(step_rng_seed(cfg.seed, step), device):
+        loss = loss_fn()
+        loss.backward()
+    for p in frozen:   # no gradient: AdamW skips the tensor entirely (no moment, no decay)
+        p.grad = None
+    norm = grad_norm(params)
+    check_finite(step, loss=loss.item(), grad_norm=norm)   # before the step: weights stay good
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)   # free the gradients before dev eval
+    return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
+
+
 def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: int = 0,
           head_params: list[torch.Tensor] | None = None) -> dict:
     """Fine-tune ``model`` (already in its mode) with AdamW through :func:`zoft.training.train_loop`.
@@ -128,26 +148,13 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
         raise ZoftError(f"mode '{cfg.mode}' leaves no tensor to train")
     optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
     head_ids = {id(p) for p in head_params or []}
+    body = [p for p in params if id(p) not in head_ids]
 
     def step_fn(step: int) -> dict:
         idx = batch_indices(len(enc_train), cfg.batch_size, cfg.seed, step)
-        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with seeded_rng(step_rng_seed(cfg.seed, step), scorer.device):
-            loss = scorer.loss(enc_train, idx)
-            loss.backward()
-        if step < head_only_steps:   # LP phase of LP-FT: the body gets no update
-            for p in params:
-                if id(p) not in head_ids:
-                    p.grad = None
-        norm = grad_norm(params)
-        check_finite(step, loss=loss.item(), grad_norm=norm)   # before the step: weights stay good
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)   # free the gradients before dev eval
-        return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
+        frozen = body if step < head_only_steps else ()   # LP phase of LP-FT: the body gets no update
+        return adamw_step(step, cfg, model, optimizer, params, lambda: scorer.loss(enc_train, idx),
+                          scorer.device, frozen)
 
     def dev_fn() -> float:
         return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
