@@ -112,3 +112,23 @@ def load_run(run_path, task: str | None = None, **overrides):
         Trainable(named_trainable(model)).load(run_dir.load_checkpoint(weights)[0])
     model.eval()
     return setup, setup.scorer(model)
+
+
+def finish(setup: Setup, run_dir, scorer, trainable, state) -> dict:
+    """Load the best dev weights (if asked), evaluate on the eval split, write eval.json and the plot."""
+    cfg, task, data = setup.cfg, setup.task, setup.data
+    if cfg.load_best and (run_dir.path / "best").exists():
+        trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
+    metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
+                                                 cfg.eval_batch_size)
+    result = {
+        "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": cfg.model,
+        "metric": task.metric, "eval": metrics,
+        "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
+        "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
+        "train_seconds": round(state.elapsed, 1), "eval_outputs": outputs,
+    }
+    run_dir.write_json("eval.json", result)
+    run_dir.plot(task.metric)
+    return result
+

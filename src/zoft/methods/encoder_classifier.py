@@ -259,7 +259,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
                        progress=cfg.progress, metric_name=task.metric)
     model.eval()
 
-    # as zoft.methods.mezo.finish, with the encoder in place of the scorer
+    # as zoft.methods.common.finish, with the encoder in place of the scorer
     if cfg.load_best and (run_dir.path / "best").exists():
         trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
     metrics, preds = evaluate_split(model, tokenized(data.eval), data.eval, task, pad_id, cfg.eval_batch_size)

@@ -38,9 +38,8 @@ from safetensors.torch import load_file, save_file
 from zoft.adapters import apply_mode, named_trainable
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
-from zoft.methods.common import Setup, evaluate
+from zoft.methods.common import Setup, evaluate, finish
 from zoft.methods.linear_probe import fit_probe, require_classification
-from zoft.methods.mezo import finish
 from zoft.training import Trainable, batch_indices, check_finite, train_loop
 from zoft.zo import learning_rate
 

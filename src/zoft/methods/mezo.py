@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from zoft.adapters import apply_mode, named_trainable
-from zoft.methods.common import Setup, evaluate, evaluate_with_predictions
+from zoft.methods.common import Setup, evaluate, finish
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
 from zoft.zo import SPSA, ZOSGD, get_backend, learning_rate
@@ -21,9 +21,7 @@ def make_objective(setup: Setup, scorer, enc, examples):
     objective = setup.cfg.objective
     if objective == "loss":
         return lambda idx: scorer.loss(enc, idx).item()
-    metric = {"acc": "acc", "f1": "f1"}[objective]
-    if setup.task.kind == "generation" and metric == "f1":
-        metric = "squad_f1"
+    metric = "squad_f1" if setup.task.kind == "generation" and objective == "f1" else objective
 
     def negative_metric(idx):
         sub = [examples[i] for i in idx]
@@ -68,23 +66,3 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
                        progress=cfg.progress, metric_name=task.metric)
     return finish(setup, run_dir, scorer, trainable, state)
-
-
-def finish(setup: Setup, run_dir, scorer, trainable: Trainable, state) -> dict:
-    """Load the best dev weights (if asked), evaluate on the eval split, write eval.json and the plot."""
-    cfg, task, data = setup.cfg, setup.task, setup.data
-    if cfg.load_best and (run_dir.path / "best").exists():
-        trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
-    metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
-                                                 cfg.eval_batch_size)
-    result = {
-        "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": cfg.model,
-        "metric": task.metric, "eval": metrics,
-        "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
-        "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
-        "train_seconds": round(state.elapsed, 1), "eval_outputs": outputs,
-    }
-    run_dir.write_json("eval.json", result)
-    run_dir.plot(task.metric)
-    return result
-
