@@ -121,8 +121,14 @@ def finish(setup: Setup, run_dir, scorer, trainable, state) -> dict:
         trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
     metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
                                                  cfg.eval_batch_size)
+    return write_result(setup, run_dir, state, metrics, outputs)
+
+
+def write_result(setup: Setup, run_dir, state, metrics: dict, outputs: dict, model_name: str | None = None) -> dict:
+    """eval.json (and the training curve) of a trained run."""
+    cfg, task, data = setup.cfg, setup.task, setup.data
     result = {
-        "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": cfg.model,
+        "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": model_name or cfg.model,
         "metric": task.metric, "eval": metrics,
         "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
         "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),

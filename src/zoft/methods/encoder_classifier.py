@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 from zoft.errors import ZoftError
 from zoft.lm import batches
-from zoft.methods.common import Setup
-from zoft.methods.finetune import adamw_step, load_optimizer_state, make_optimizer, optimizer_state
+from zoft.methods.common import Setup, write_result
+from zoft.methods.finetune import adamw_step, adamw_trainable, make_optimizer
 from zoft.methods.linear_probe import require_classification
 from zoft.tasks import compute_metric
-from zoft.training import Trainable, batch_indices, train_loop
+from zoft.training import batch_indices, train_loop
 
 METHOD = "bert-cls"
 
@@ -252,8 +252,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     def dev_fn() -> float:
         return evaluate_split(model, tok_dev, data.dev, task, pad_id, cfg.eval_batch_size)[0][task.metric]
 
-    trainable = Trainable(named, get_optimizer_state=lambda: optimizer_state(optimizer, params),
-                          set_optimizer_state=lambda flat: load_optimizer_state(optimizer, params, flat))
+    trainable = adamw_trainable(named, optimizer, params)
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
                        progress=cfg.progress, metric_name=task.metric)
@@ -263,17 +262,8 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     if cfg.load_best and (run_dir.path / "best").exists():
         trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
     metrics, preds = evaluate_split(model, tokenized(data.eval), data.eval, task, pad_id, cfg.eval_batch_size)
-    result = {
-        "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": cfg.encoder,
-        "metric": task.metric, "eval": metrics,
-        "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
-        "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
-        "train_seconds": round(state.elapsed, 1),
-        "eval_outputs": {"predictions": preds, "targets": [ex.target for ex in data.eval]},
-    }
-    run_dir.write_json("eval.json", result)
-    run_dir.plot(task.metric)
-    return result
+    return write_result(setup, run_dir, state, metrics,
+                        {"predictions": preds, "targets": [ex.target for ex in data.eval]}, model_name=cfg.encoder)
 
 
 __all__ = ["run", "ENCODERS", "encoder_path", "load_encoder", "input_texts", "tokenize", "batch_loss",

@@ -110,6 +110,12 @@ def grad_norm(params: list[torch.Tensor]) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
+def adamw_trainable(named: dict[str, torch.Tensor], optimizer, params: list[torch.Tensor]) -> Trainable:
+    """The trained tensors plus the AdamW state, as checkpoints store them."""
+    return Trainable(named, get_optimizer_state=lambda: optimizer_state(optimizer, params),
+                     set_optimizer_state=lambda flat: load_optimizer_state(optimizer, params, flat))
+
+
 def adamw_step(step: int, cfg, model, optimizer, params: list[torch.Tensor], loss_fn, device,
                frozen: list[torch.Tensor] = ()) -> dict:
     """One backprop step: stateless LR, seeded dropout, finite check, AdamW; ``frozen`` gets no update."""
@@ -158,8 +164,7 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
     def dev_fn() -> float:
         return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
 
-    trainable = Trainable(named, get_optimizer_state=lambda: optimizer_state(optimizer, params),
-                          set_optimizer_state=lambda flat: load_optimizer_state(optimizer, params, flat))
+    trainable = adamw_trainable(named, optimizer, params)
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
                        progress=cfg.progress, metric_name=task.metric)
