@@ -16,6 +16,11 @@ def label(result: dict) -> str:
     return name
 
 
+def fmt(metric: str, value: float) -> str:
+    """Percentages for accuracy-like metrics; kappa stays on its own -1..1 scale, as it is reported."""
+    return f"{value:.3f}" if metric == "qwk" else f"{100 * value:.1f}"
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per run: method, eval metrics, best dev, steps, examples, train time."""
     metrics = sorted({m for r in results for m in r["eval"]}, key=lambda m: (m != results[0]["metric"], m))
@@ -23,8 +28,8 @@ def markdown_table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         dev = r.get("best_dev", (r.get("dev") or {}).get(r["metric"]))
-        cells = [label(r), *[f"{100 * r['eval'][m]:.1f}" if m in r["eval"] else "" for m in metrics],
-                 f"{100 * dev:.1f}" if isinstance(dev, (int, float)) else "",
+        cells = [label(r), *[fmt(m, r["eval"][m]) if m in r["eval"] else "" for m in metrics],
+                 fmt(r["metric"], dev) if isinstance(dev, (int, float)) else "",
                  str(r.get("steps", "")), str(r.get("n_train", "")), str(r.get("n_eval", "")),
                  str(r.get("train_seconds", ""))]
         lines.append("| " + " | ".join(cells) + " |")
