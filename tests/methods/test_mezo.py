@@ -36,7 +36,7 @@ def test_mezo_changes_only_trainable_weights(tmp_path, monkeypatch, mode):
         wrapped["model"] = apply_mode(model, *args, **kwargs)
         wrapped["start"] = {k: v.detach().clone() for k, v in named_trainable(wrapped["model"]).items()}
         return wrapped["model"]
-    monkeypatch.setattr("zoft.methods.mezo.apply_mode", capture)
+    monkeypatch.setattr("zoft.methods.common.apply_mode", capture)
     result = run_mezo(tmp_path, loaded, mode=mode, load_best=False)
 
     trained = named_trainable(wrapped["model"])

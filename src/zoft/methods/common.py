@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zoft.adapters import apply_mode
 from zoft.config import Config
 from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.models import LoadedModel, load_model
@@ -20,6 +21,13 @@ class Setup:
     task: Task
     data: TaskData
     loaded: LoadedModel
+
+    def with_mode(self, model=None):
+        """The model (default: the loaded one) made trainable in the config's mode (full/LoRA/prefix)."""
+        cfg = self.cfg
+        return apply_mode(self.loaded.model if model is None else model, cfg.mode,
+                          is_masked_lm=self.loaded.is_masked_lm, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_targets=cfg.lora_targets, num_virtual_tokens=cfg.num_virtual_tokens)
 
     def scorer(self, model=None) -> CandidateScorer:
         return CandidateScorer(model if model is not None else self.loaded.model, self.loaded.tokenizer,
@@ -84,7 +92,7 @@ def load_run(run_path, task: str | None = None, **overrides):
     """
     from pathlib import Path
 
-    from zoft.adapters import apply_mode, named_trainable
+    from zoft.adapters import named_trainable
     from zoft.config import load_config
     from zoft.errors import ZoftError
     from zoft.runs import RunDir
@@ -106,9 +114,7 @@ def load_run(run_path, task: str | None = None, **overrides):
             restore_probe_head(model, run_dir.path)
         if weights is None:
             raise ZoftError(f"{run_dir.path}: run has no trained weights (no best/ or checkpoint-N/)")
-        model = apply_mode(model, cfg.mode, is_masked_lm=setup.loaded.is_masked_lm, lora_r=cfg.lora_r,
-                           lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                           num_virtual_tokens=cfg.num_virtual_tokens)
+        model = setup.with_mode(model)
         Trainable(named_trainable(model)).load(run_dir.load_checkpoint(weights)[0])
     model.eval()
     return setup, setup.scorer(model)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from zoft.adapters import apply_mode, named_trainable
+from zoft.adapters import named_trainable
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.methods.common import Setup, evaluate, finish
@@ -172,16 +172,9 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
     return finish(setup, run_dir, scorer, trainable, state)
 
 
-def _apply_mode(setup: Setup, model):
-    cfg = setup.cfg
-    return apply_mode(model, cfg.mode, is_masked_lm=setup.loaded.is_masked_lm, lora_r=cfg.lora_r,
-                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                      num_virtual_tokens=cfg.num_virtual_tokens)
-
-
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     """FT: backprop fine-tuning with AdamW on the MeZO objective (full or LoRA)."""
-    return train(setup, run_dir, _apply_mode(setup, setup.loaded.model), resume)
+    return train(setup, run_dir, setup.with_mode(), resume)
 
 
 # ---------------------------------------------------------------- LP-FT
@@ -309,7 +302,7 @@ def run_lp_ft(setup: Setup, run_dir, resume: bool = False) -> dict:
     saved = load_file(str(path))
     install_head(model, saved["label_ids"], saved["rows"], saved["bias"])
 
-    model = _apply_mode(setup, model)
+    model = setup.with_mode(model)
     head = model.get_output_embeddings()
     head_params = [p for p in (head.weight, head.bias) if p.requires_grad]
     if cfg.lp_ft_probe_steps > 0 and not head_params:

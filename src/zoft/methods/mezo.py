@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from zoft.adapters import apply_mode, named_trainable
+from zoft.adapters import named_trainable
 from zoft.methods.common import Setup, evaluate, finish
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
@@ -33,9 +33,7 @@ def make_objective(setup: Setup, scorer, enc, examples):
 
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     cfg, task, data = setup.cfg, setup.task, setup.data
-    model = apply_mode(setup.loaded.model, cfg.mode, is_masked_lm=setup.loaded.is_masked_lm,
-                       lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                       num_virtual_tokens=cfg.num_virtual_tokens)
+    model = setup.with_mode()
     model.eval()   # no dropout: L+ and L− must see the same function
     scorer = setup.scorer(model)
     enc_train, enc_dev = scorer.encode(data.train), scorer.encode(data.dev)
