@@ -310,11 +310,16 @@ def _build_cache_entry(entry: Path, path: Path | None, file_name: str,
 
 def _dequantise_gguf(gguf: Path, out: Path) -> None:
     """Read a GGUF with transformers, unpacked to fp32, and save it as safetensors + tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
-        # dequantize=True: a plain dense model (no packed GGUF layers), which can be saved
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True))
+        # dequantize=True: a plain dense model (no packed GGUF layers), which can be saved.
+        # Older transformers have no GgufConfig and always dequantise GGUF on load.
+        from transformers import GgufConfig
+        dense = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:
+        dense = {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dense)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
