@@ -154,7 +154,7 @@ def test_from_table_splits_pool_and_errors(tmp_path):
     unscored = ScoringTask.from_table(path, {"id": "rid", "text": "answer", "levels": ["0", "1", "2"]})
     with pytest.raises(DataError, match="has no score"):
         unscored.get_data(n_train=1, n_dev=1, n_eval=1)
-    with pytest.raises(DataError, match="multi-label"):
+    with pytest.raises(DataError, match="aspects repeat"):
         ScoringTask.from_table(path, {"id": "rid", "text": "answer", "scores": ["points", "points"]})
 
 

@@ -10,6 +10,10 @@ input row, in input order, plus:
   of the levels after the prompt), one column per level, lowest level first;
 * ``error``: why the row was not scored (one line), "" for scored rows.
 
+For a multi-label task (rubric aspects, e.g. claim/evidence/reasoning), ``score`` is the
+aspects' levels joined by commas (``"1,0,1"``, as in OpenAI chat JSONL), and the extra
+columns are ``<aspect>`` (its level) and ``p_<aspect>_<level>`` for each aspect.
+
 A bad row (no id, empty text, an unknown item, a wrong number of fields) is reported
 in its ``error`` cell and the others are still scored. The output file is written to
 a temporary file next to it and renamed, so it is complete or absent.
@@ -35,8 +39,11 @@ ITEM_COLUMN = "item_id"
 _ERRORS_SHOWN = 5
 
 
-def output_columns(levels: list[str]) -> list[str]:
-    """The columns score_file adds to the input's: ``score``, ``p_<level>`` per level, ``error``."""
+def output_columns(levels: list[str], aspects: list[str] | None = None) -> list[str]:
+    """The columns score_file adds to the input's: ``score``, ``p_<level>`` per level, ``error``
+    (multi-label: ``score``, each aspect, ``p_<aspect>_<level>``, ``error``)."""
+    if aspects:
+        return ["score", *aspects, *(f"p_{a}_{level}" for a in aspects for level in levels), "error"]
     return ["score", *(f"p_{level}" for level in levels), "error"]
 
 
@@ -96,7 +103,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
     task = setup.task
     if not isinstance(task, ScoringTask):
         raise ZoftError(f"{run_dir}: task '{task.name}' is not a scoring task (use asap-<N> or scientsbank)")
-    added = output_columns(task.levels)
+    added = output_columns(task.levels, task.aspects)
     clash = next((c for c in added if c in header), None)
     if clash is not None:
         raise DataError(f"input already has the column '{clash}' that scoring writes; rename it",
@@ -140,11 +147,12 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         if error is None:
             seen[rid] = row
             response = Response(rid, text, None, None, None, item.item_id, f"{p}:{row}")
-            examples.append(task.example(response, item))
-            where.append(len(records) - 1)
+            new = task.examples(response, item)   # one per aspect for multi-label items
+            examples += new
+            where += [len(records) - 1] * len(new)
         errors.append(error)
 
-    probs: list[list[float] | None] = [None] * len(records)
+    probs: list[list[list[float]]] = [[] for _ in records]   # per record: one distribution per aspect
     if examples:
         enc = scorer.encode(examples)
         was_training = scorer.model.training
@@ -156,25 +164,28 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
                 idx = [order[i] for i in chunk]
                 logprobs, _ = scorer.candidate_logprobs(enc, idx)
                 for i, dist in zip(idx, logprobs.double().softmax(-1).tolist()):
-                    probs[where[i]] = dist
+                    probs[where[i]].append((i, dist))
+        probs = [[dist for _, dist in sorted(per)] for per in probs]   # aspects back in their order
         scorer.model.train(was_training)
 
     counts: Counter[str] = Counter()
     out_rows = []
-    for record, error, dist in zip(records, errors, probs):
-        if dist is None:
-            extra = ["", *([""] * len(task.levels)), error]
+    for record, error, dists in zip(records, errors, probs):
+        if not dists:
+            extra = [""] * (len(added) - 1) + [error]
         else:
-            best = task.levels[max(range(len(dist)), key=dist.__getitem__)]
+            bests = [task.levels[max(range(len(d)), key=d.__getitem__)] for d in dists]
+            best = ",".join(bests)
             counts[best] += 1
-            extra = [best, *(f"{q:.6f}" for q in dist), ""]
+            extra = [best, *(bests if task.aspects else []), *(f"{q:.6f}" for d in dists for q in d), ""]
         out_rows.append([record.get(c, "") for c in header] + extra)
     _write_csv(output_path, header + added, out_rows)
 
     failed = [f"row {row}: {e}" for row, e in zip(row_numbers, errors) if e]
     return {"run_dir": str(run_dir), "task": task.name, "input": str(input_path), "output": str(output_path),
             "levels": list(task.levels), "rows": len(records), "scored": len(records) - len(failed),
-            "failed": len(failed), "score_counts": {lv: counts[lv] for lv in task.levels},
+            "failed": len(failed), "score_counts": (dict(sorted(counts.items())) if task.aspects
+                                                        else {lv: counts[lv] for lv in task.levels}),
             "errors": failed[:_ERRORS_SHOWN]}
 
 

@@ -16,6 +16,12 @@ student responses unchanged. Each response becomes one classification example::
 
 followed by ``" " + level``. The language model scores each level after the prompt.
 
+Multi-label items (several rubric aspects, e.g. claim / evidence / reasoning, each 0/1)
+become one example per aspect: the same prompt with an ``Aspect: <name>`` line before
+``Score:``. Every method then trains on aspect decisions unchanged; train/dev/eval are
+sampled by response (all aspects of a response land in the same split), and the extra
+metric ``response_acc`` counts a response right only if all its aspects are.
+
 Builtin names (``zoft.tasks.load_task`` routes them here): ``asap-<N>`` (ASAP-SAS set N:
 train rows for train/dev, the public test rows for eval) and ``scientsbank``
 (SemEval-2013 2-way: train.jsonl for train/dev, test-unseen-answers.jsonl for eval).
@@ -162,13 +168,14 @@ class ScoringTask:
         name: The task name (``"asap-1"``, ``"scientsbank"``, a table's file stem).
         kind: Always ``"classification"``: the choices are the score levels.
         metric: The main metric, ``"qwk"``.
-        metrics: ``["qwk", "acc", "f1"]``.
+        metrics: ``["qwk", "acc", "f1"]``, plus ``"response_acc"`` for multi-label items.
         target_delimiter: ``" "``, between ``"Score:"`` and the level.
         generation_kwargs: Unused (not a generation task); kept for the Task interface.
         label_words: The score levels, lowest first (``"0".."3"``; SemEval
             ``"incorrect", "correct"``).
         levels: Same as ``label_words``.
         items: The items by ``item_id``.
+        aspects: The rubric aspects every item shares (multi-label), or ``[]``.
         human_qwk: QWK between the two human raters on the training rows (ASAP:
             Score1 vs Score2), the ceiling a scorer is measured against; None where the
             source has no second rater.
@@ -196,7 +203,7 @@ class ScoringTask:
                 ``example``, ``examples``, ``response``.
 
         Raises:
-            DataError: no items, items with different levels, multi-label items, or a
+            DataError: no items, items with different levels or different aspects, or a
                 response to an unknown item.
         """
         if not items:
@@ -204,10 +211,16 @@ class ScoringTask:
         self.name, self.source = name, source
         self.items: dict[str, ScoringItem] = {}
         for item in items:
-            if item.aspects:
-                raise DataError(f"item '{item.item_id}' is multi-label (aspects {item.aspects}); a scoring "
-                                "task needs one score per response", source or None)
             self.items.setdefault(item.item_id, item)
+        aspects = {tuple(i.aspects) for i in self.items.values()}
+        if len(aspects) != 1:
+            raise DataError(f"items of task '{name}' have different rubric aspects {sorted(aspects)}; one task "
+                            "scores either one score per response or the same aspects for every item",
+                            source or None)
+        self.aspects: list[str] = list(next(iter(aspects)))
+        if len(set(self.aspects)) != len(self.aspects):
+            raise DataError(f"multi-label aspects repeat a name {self.aspects}; each aspect needs its own column",
+                            source or None)
         levels = {tuple(i.score_levels) for i in self.items.values()}
         if len(levels) != 1:
             raise DataError(f"items of task '{name}' have different score levels {sorted(levels)}; "
@@ -218,7 +231,7 @@ class ScoringTask:
             raise DataError(f"task '{name}' needs at least two score levels, has {self.levels}{hint}",
                             source or None)
         self.label_words = list(self.levels)
-        self.metrics: list[str] = list(METRICS)
+        self.metrics: list[str] = list(METRICS) + (["response_acc"] if self.aspects else [])
         self.metric: str = self.metrics[0]
         self.generation_kwargs: dict[str, Any] = dict(GENERATION_DEFAULTS)
         budget = {"question": QUESTION_WORDS, "rubric": RUBRIC_WORDS, "example": EXAMPLE_WORDS,
@@ -268,13 +281,16 @@ class ScoringTask:
                     break
                 shown.append(f"- Score {format_score(score, item.score_levels)}: {line}")
             parts.append("Scored examples:\n" + "\n".join(shown))
+        if item.aspects:
+            parts.append(f"Aspects, scored one at a time: {', '.join(item.aspects)}.")
         parts.append(f"Possible scores: {', '.join(item.score_levels)}.")
         self._headers[item.item_id] = text = "\n".join(parts) + "\n"
         return text
 
-    def context(self, item: ScoringItem, text: str) -> str:
-        """The full prompt for one response: header, ``Response: <text>``, ``Score:``."""
-        return f"{self.header(item)}Response: {truncate_end(text, self.budget['response'])}\nScore:"
+    def context(self, item: ScoringItem, text: str, aspect: str | None = None) -> str:
+        """The full prompt for one response: header, ``Response: <text>``, [``Aspect: <name>``], ``Score:``."""
+        cue = f"Aspect: {aspect}\nScore:" if aspect else "Score:"
+        return f"{self.header(item)}Response: {truncate_end(text, self.budget['response'])}\n{cue}"
 
     def context_from_chat(self, messages: list[dict]) -> str:
         """The training prompt for an OpenAI chat request (as exported by ``openai_jsonl``).
@@ -308,13 +324,38 @@ class ScoringTask:
         item = item or self.items.get(response.item_id)
         if item is None:
             raise DataError(f"unknown item '{response.item_id}'", response.ref or None, field="item_id")
-        if isinstance(response.score, list):
-            raise DataError("needs one score per response, not a list", response.ref or None, field="score")
+        if isinstance(response.score, list) or self.aspects:
+            raise DataError("needs one score per response, not a list (multi-label items: use examples())",
+                            response.ref or None, field="score")
         target = response.score
         doc = {"item_id": item.item_id, "id": response.id, "text": response.text, "split": response.split,
                "score": target, "second_score": response.second_score}
         return Example(self.context(item, response.text), list(self.levels), target,
                        [self.levels[target]] if target is not None else [], doc, response.ref)
+
+    def examples(self, response: Response, item: ScoringItem | None = None) -> list[Example]:
+        """A response as its examples: one, or one per aspect for a multi-label item.
+
+        Raises:
+            DataError: an unknown item, or a multi-label score with the wrong number of aspects.
+        """
+        if not self.aspects:
+            return [self.example(response, item)]
+        item = item or self.items.get(response.item_id)
+        if item is None:
+            raise DataError(f"unknown item '{response.item_id}'", response.ref or None, field="item_id")
+        scores = response.score
+        if scores is not None and (not isinstance(scores, list) or len(scores) != len(self.aspects)):
+            raise DataError(f"needs {len(self.aspects)} aspect scores ({', '.join(self.aspects)}), got {scores!r}",
+                            response.ref or None, field="score")
+        out = []
+        for k, aspect in enumerate(self.aspects):
+            target = scores[k] if scores is not None else None
+            doc = {"item_id": item.item_id, "id": response.id, "text": response.text, "split": response.split,
+                   "aspect": aspect, "score": target, "response_key": f"{item.item_id}/{response.id}"}
+            out.append(Example(self.context(item, response.text, aspect), list(self.levels), target,
+                               [self.levels[target]] if target is not None else [], doc, response.ref))
+        return out
 
     # -- data --------------------------------------------------------------------------
 
@@ -325,7 +366,7 @@ class ScoringTask:
             if unscored is not None:
                 raise DataError("response has no score: training and evaluation need scored responses",
                                 unscored.ref or None, field="score")
-            self._cache[which] = [self.example(r) for r in responses]
+            self._cache[which] = [ex for r in responses for ex in self.examples(r)]
         return list(self._cache[which])
 
     def load_split(self, split: str) -> list[Example]:
@@ -342,8 +383,20 @@ class ScoringTask:
         """
         train = self._examples("train")
         evals = train if self.same_split else self._examples("eval")
-        return sample_task_data(train, evals, same_split=self.same_split, n_train=n_train, n_dev=n_dev,
-                                n_eval=n_eval, seed=seed, k_per_class=k_per_class, name=self.name)
+        if not self.aspects:
+            return sample_task_data(train, evals, same_split=self.same_split, n_train=n_train, n_dev=n_dev,
+                                    n_eval=n_eval, seed=seed, k_per_class=k_per_class, name=self.name)
+        # Multi-label: sample responses (by their first aspect's example, so k_per_class balances
+        # that aspect), then bring every aspect along: no response straddles two splits.
+        train_groups, eval_groups = _by_response(train), _by_response(evals)
+        picked = sample_task_data([g[0] for g in train_groups.values()], [g[0] for g in eval_groups.values()],
+                                  same_split=self.same_split, n_train=n_train, n_dev=n_dev, n_eval=n_eval,
+                                  seed=seed, k_per_class=k_per_class, name=self.name)
+
+        def expand(split: list[Example], groups: dict[str, list[Example]]) -> list[Example]:
+            return [e for ex in split for e in groups[ex.doc["response_key"]]]
+        return TaskData(expand(picked.train, train_groups), expand(picked.dev, train_groups),
+                        expand(picked.eval, eval_groups))
 
     def _human_qwk(self) -> float | None:
         from zoft.scoring.metrics import human_agreement
@@ -366,8 +419,7 @@ class ScoringTask:
         rows form one pool and eval rows are held out of it before train/dev are drawn.
 
         Raises:
-            DataError: a bad file or mapping (see ``read_table``), multi-label scores, or
-                a split column without rows of ``train_split`` or ``eval_split``.
+            DataError: a bad file or mapping (see ``read_table``), or a split column without rows of ``train_split`` or ``eval_split``.
         """
         path = Path(path)
         groups = read_table(path, mapping)
@@ -384,6 +436,62 @@ class ScoringTask:
                 raise DataError(f"no rows of split '{split}' (splits found: {', '.join(found)})", str(path),
                                 field="split")
         return cls(name, items, train, evals, source=str(path), prompt=prompt)
+
+
+SCORING_YAML_KEYS = {"table", "mapping", "train_split", "eval_split", "prompt"}
+
+
+def load_scoring_yaml(path: str | Path) -> ScoringTask:
+    """A scoring task described by a YAML file, for ``task=path/to/task.yaml``::
+
+        table: responses.jsonl        # CSV or JSONL, relative to this file
+        mapping: responses.yaml       # the column mapping of read_table (a file, or inline keys)
+        train_split: train            # optional, as in ScoringTask.from_table
+        eval_split: test
+        prompt: {rubric: 300}         # optional word budgets
+
+    Raises:
+        DataError: an unreadable file, an unknown key, or a missing ``table``/``mapping``.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise DataError(f"cannot read scoring task: {e}".splitlines()[0], str(path)) from None
+    unknown = sorted(set(spec) - SCORING_YAML_KEYS)
+    if unknown:
+        raise DataError(f"unknown key (a scoring task has {', '.join(sorted(SCORING_YAML_KEYS))})", str(path),
+                        field=unknown[0])
+    for key in ("table", "mapping"):
+        if not spec.get(key):
+            raise DataError("missing key", str(path), field=key)
+    mapping = spec["mapping"]
+    if isinstance(mapping, str):
+        mapping = path.parent / mapping
+    return ScoringTask.from_table(path.parent / spec["table"], mapping, name=path.stem,
+                                  train_split=spec.get("train_split", "train"),
+                                  eval_split=spec.get("eval_split", "test"), prompt=spec.get("prompt"))
+
+
+def is_scoring_yaml(path: str | Path) -> bool:
+    """Whether a YAML file describes a scoring task (it has a top-level ``table`` key)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False   # Task.from_yaml reports the problem
+    return isinstance(spec, dict) and "table" in spec
+
+
+def _by_response(examples: list[Example]) -> dict[str, list[Example]]:
+    """Examples grouped by the response they score (the aspects of a multi-label response), in order."""
+    groups: dict[str, list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(ex.doc["response_key"], []).append(ex)
+    return groups
 
 
 def load_scoring_task(name: str, data_root: str | Path | None = None) -> ScoringTask:

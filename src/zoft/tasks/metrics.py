@@ -129,10 +129,25 @@ def qwk(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float
     return quadratic_weighted_kappa([ex.target for ex in examples], [int(p) for p in predictions], labels)
 
 
+def response_accuracy(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float:
+    """Fraction of responses with every aspect right (multi-label scoring).
+
+    Examples of one response share ``doc["response_key"]``; an example without one is a
+    response of its own, so on single-label data this equals accuracy.
+    """
+    _check(predictions, examples)
+    right: dict[object, bool] = {}
+    for i, (p, ex) in enumerate(zip(predictions, examples)):
+        key = (ex.doc or {}).get("response_key", ("example", i))
+        right[key] = right.get(key, True) and _label(p, ex) == _gold_label(ex)
+    return sum(right.values()) / len(right) if right else 0.0
+
+
 METRICS: dict[str, Metric] = {
     "acc": accuracy,
     "f1": macro_f1,
     "exact_match": exact_match,
+    "response_acc": response_accuracy,
     "squad_f1": squad_f1,
     "qwk": qwk,
 }

@@ -323,7 +323,8 @@ def load_task(name_or_path: str | Path) -> Task:
     """Loads a builtin task by name, or a user's task YAML by path.
 
     ``asap-<N>`` and ``scientsbank`` are scoring tasks (a
-    :class:`zoft.scoring.task.ScoringTask`, which has the same interface).
+    :class:`zoft.scoring.task.ScoringTask`, which has the same interface), and so is a
+    YAML file with a ``table`` key (a CSV/JSONL of scored responses and its column mapping).
 
     Raises:
         ZoftError: neither a builtin name nor an existing file.
@@ -333,6 +334,9 @@ def load_task(name_or_path: str | Path) -> Task:
     if text in list_tasks():
         return Task.from_yaml(CONFIG_DIR / f"{text}.yaml", builtin=True)
     if Path(text).is_file() or text.endswith((".yaml", ".yml")):
+        from zoft.scoring.task import is_scoring_yaml, load_scoring_yaml   # see below: imported lazily
+        if Path(text).is_file() and is_scoring_yaml(text):
+            return load_scoring_yaml(text)
         return Task.from_yaml(text)
     if text == "scientsbank" or re.fullmatch(r"asap-\d+", text):
         # Scoring tasks (rubric prompts over ASAP-SAS / SciEntsBank); imported here so
