@@ -139,3 +139,31 @@ def test_inputs_are_the_response_text():
     assert all(b is None for _, b in pairs)   # one item: the question would be the same on every row
     question = next(iter(setup.task.items.values())).question.strip()
     assert {b for _, b in bert.input_texts(setup.task, setup.data.train, pair_question=True)} == {question}
+
+
+def test_reloaded_run_reproduces_its_eval_and_scores_new_responses(six_steps, tmp_path):
+    """load_run rebuilds the encoder with its best weights: zoft eval gives eval.json's numbers
+    again, and zoft score gives per-level probabilities whose argmax is that prediction."""
+    import csv
+
+    from zoft.methods.common import load_run
+    from zoft.scoring.score import score_file
+
+    result, out = six_steps
+    again = zoft.api.evaluate(str(out), task="asap-10")
+    assert again["eval"] == pytest.approx(result["eval"], abs=1e-12)
+    setup, scorer = load_run(out)
+    assert setup.loaded is None and isinstance(scorer, bert.EncoderScorer)
+    texts = [ex.doc["text"] for ex in setup.data.eval[:4]]
+    src = tmp_path / "new.csv"
+    with open(src, "w", newline="") as f:
+        csv.writer(f).writerows([["id", "text"], *[[f"r{i}", t] for i, t in enumerate(texts)], ["bad", ""]])
+    summary = score_file(out, src, tmp_path / "scored.csv")
+    assert summary["scored"] == 4 and summary["failed"] == 1
+    with open(tmp_path / "scored.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = result["eval_outputs"]["predictions"][:4]
+    for row, want in zip(rows, expected):
+        probs = [float(row[f"p_{lv}"]) for lv in ("0", "1", "2")]
+        assert sum(probs) == pytest.approx(1, abs=1e-5)
+        assert row["score"] == str(want) == str(max(range(3), key=probs.__getitem__))

@@ -20,7 +20,7 @@ class Setup:
     cfg: Config
     task: Task
     data: TaskData
-    loaded: LoadedModel
+    loaded: LoadedModel | None   # None for bert-cls, which loads its own encoder
 
     def with_mode(self, model=None):
         """The model (default: the loaded one) made trainable in the config's mode (full/LoRA/prefix)."""
@@ -43,7 +43,7 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None) -> Setup:
     task = load_task(cfg.task)
     data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
                          seed=cfg.data_seed, k_per_class=cfg.k_per_class)
-    if loaded is None:
+    if loaded is None and cfg.method != "bert-cls":   # bert-cls trains an encoder, not this LM
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
     return Setup(cfg, task, data, loaded)
@@ -103,9 +103,10 @@ def load_run(run_path, task: str | None = None, **overrides):
     if task:
         values["task"] = task
     cfg = load_config(overrides=values)
-    if cfg.method == "bert-cls":   # its weights are an encoder classifier, not the LM this rebuilds
-        raise ZoftError(f"{run_dir.path}: re-loading bert-cls runs is not supported yet; see its eval.json")
     setup = prepare(cfg)
+    if cfg.method == "bert-cls":   # an encoder classifier, behind the same scorer interface
+        from zoft.methods.encoder_classifier import load_encoder_run
+        return setup, load_encoder_run(setup, run_dir)
     model = setup.loaded.model
     weights = run_dir.path / "best" if (run_dir.path / "best").exists() else (run_dir.checkpoints() or [None])[-1]
     if cfg.method in ("mezo", "ft", "lp-ft"):

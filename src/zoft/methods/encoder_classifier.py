@@ -37,7 +37,7 @@ from zoft.methods.common import Setup, write_result
 from zoft.methods.finetune import adamw_step, adamw_trainable, make_optimizer
 from zoft.methods.linear_probe import require_classification
 from zoft.tasks import compute_metric
-from zoft.training import batch_indices, train_loop
+from zoft.training import Trainable, batch_indices, train_loop
 
 METHOD = "bert-cls"
 
@@ -146,6 +146,11 @@ class Tokenized:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def context_ids(self) -> list[list[int]]:
+        """The token ids, under the name :class:`zoft.lm.Encoded` uses (callers sort by length)."""
+        return self.input_ids
+
 
 def tokenize(tokenizer, pairs: list[tuple[str, str | None]], labels: list[int | None], max_length: int) -> Tokenized:
     firsts = [a for a, _ in pairs]
@@ -206,13 +211,56 @@ def evaluate_split(model, tok: Tokenized, examples, task, pad_id: int, batch_siz
     return {name: compute_metric(name, preds, examples) for name in task.metrics}, preds
 
 
+class EncoderScorer:
+    """A fine-tuned encoder classifier behind the :class:`zoft.lm.CandidateScorer` interface
+    (``encode``, ``predict``, ``candidate_logprobs``, ``model``), so ``zoft eval`` and
+    ``zoft score`` treat bert-cls runs like LM runs. A class's "log-prob" is its log-softmax.
+    """
+
+    kind = "classification"
+
+    def __init__(self, model, tokenizer, task, max_length: int):
+        self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(self, examples) -> Tokenized:
+        return tokenize(self.tokenizer, input_texts(self.task, examples), [ex.target for ex in examples],
+                        self.max_length)
+
+    @torch.no_grad()
+    def candidate_logprobs(self, enc: Tokenized, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) class log-probabilities and (B, C) ones (one "token" per class)."""
+        device = next(self.model.parameters()).device
+        logprobs = self.model(**collate(enc, idx, self.pad_id, device)).logits.float().log_softmax(-1).cpu()
+        return logprobs, torch.ones_like(logprobs)
+
+    def predict(self, enc: Tokenized, idx: list[int]) -> list[int]:
+        return self.candidate_logprobs(enc, idx)[0].argmax(-1).tolist()
+
+
+def load_encoder_run(setup: Setup, run_dir) -> EncoderScorer:
+    """The scorer of a finished bert-cls run: the encoder, its head, and the best (else last) weights."""
+    from zoft.models import resolve_dtype
+
+    cfg, task = setup.cfg, setup.task
+    weights = run_dir.path / "best" if (run_dir.path / "best").exists() else (run_dir.checkpoints() or [None])[-1]
+    if weights is None:
+        raise ZoftError(f"{run_dir.path}: run has no trained weights (no best/ or checkpoint-N/)")
+    model, tokenizer = load_encoder(cfg.encoder, len(task.label_words), seed=cfg.seed,
+                                    dtype=resolve_dtype(cfg.dtype), device=cfg.device)
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    Trainable(named).load(run_dir.load_checkpoint(weights)[0])
+    model.eval()
+    limit = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
+    return EncoderScorer(model, tokenizer, task, limit)
+
+
 # ---------------------------------------------------------------- the method
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     """Fine-tune ``cfg.encoder`` with a classification head on a classification task.
 
-    ``setup.loaded`` (the causal LM) is ignored. NOTE: :func:`zoft.methods.common.prepare`
-    still loads ``cfg.model`` before any method runs, which is wasted time and memory for
-    this method (pass ``loaded=`` to :func:`zoft.api.train` to avoid it).
+    ``setup.loaded`` is None: :func:`zoft.methods.common.prepare` does not load ``cfg.model``
+    for this method.
 
     Raises:
         ZoftError: not a classification task, a mode other than ``full``, a missing encoder,
