@@ -24,10 +24,15 @@ class Setup:
 
     def with_mode(self, model=None):
         """The model (default: the loaded one) made trainable in the config's mode (full/LoRA/prefix)."""
-        cfg = self.cfg
-        return apply_mode(self.loaded.model if model is None else model, cfg.mode,
-                          is_masked_lm=self.loaded.is_masked_lm, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_targets=cfg.lora_targets, num_virtual_tokens=cfg.num_virtual_tokens)
+        cfg, model = self.cfg, self.loaded.model if model is None else model
+        # the adapter init is a pure function of the seed (not of whatever ran before), so a
+        # trajectory replay or a resume rebuilds the very same LoRA/prefix starting point
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed)
+            return apply_mode(model, cfg.mode,
+                              is_masked_lm=self.loaded.is_masked_lm, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                              lora_targets=cfg.lora_targets, num_virtual_tokens=cfg.num_virtual_tokens)
 
     def scorer(self, model=None) -> CandidateScorer:
         return CandidateScorer(model if model is not None else self.loaded.model, self.loaded.tokenizer,
