@@ -85,7 +85,7 @@ class Trajectory:
     def to_bytes(self, state: Mapping[str, Any] | None = None) -> bytes:
         if state is not None:
             self.header["state"] = dict(state)
-        self.header["steps"] = self.steps
+        self.header.update(format=FORMAT, version=VERSION, steps=self.steps)
         n = len(self.records[0].seeds) if self.records else 0
         if any(len(r.seeds) != n for r in self.records):
             raise ZoftError("trajectory: every step must apply the same number of directions")
