@@ -20,6 +20,7 @@ A dead or stuck rank makes the others fail within ``dist_timeout`` seconds with 
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import json
@@ -122,16 +123,10 @@ class Parallel:
         return bytes(v for v in row.tolist() if v).decode()
 
 
-_CURRENT: Parallel | None = None
-
-
 def from_config(cfg) -> Parallel | None:
     """The run's :class:`Parallel` (joining the process group on first use), or None if not parallel."""
-    global _CURRENT
     if cfg.parallel == "none":
         return None
-    if _CURRENT is not None:
-        return _CURRENT
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ZoftError(f"parallel={cfg.parallel} runs under torchrun, e.g. "
                         f"torchrun --nproc_per_node=2 -m zoft train ... parallel={cfg.parallel}")
@@ -142,24 +137,23 @@ def from_config(cfg) -> Parallel | None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     timeout = datetime.timedelta(seconds=cfg.dist_timeout)
     try:
-        if not dist.is_initialized():
+        if not dist.is_initialized():   # once per process: later runs in it reuse the group
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-        if not cuda:
-            dist.monitored_barrier(timeout=timeout)   # names a rank that never arrived
+            atexit.register(shutdown)
+            if not cuda:
+                dist.monitored_barrier(timeout=timeout)   # names a rank that never arrived
     except RuntimeError as e:
         raise DistError(f"could not join the process group: {' '.join(str(e).split())[:200]}") from None
-    _CURRENT = Parallel(cfg.parallel, dist.get_rank(), dist.get_world_size(),
-                        torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
-    _CURRENT.check_same_config(cfg.to_dict())
-    return _CURRENT
+    par = Parallel(cfg.parallel, dist.get_rank(), dist.get_world_size(),
+                   torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
+    par.check_same_config(cfg.to_dict())
+    return par
 
 
 def shutdown() -> None:
-    """Leave the process group (end of a run)."""
-    global _CURRENT
-    if _CURRENT is not None and dist.is_initialized():
+    """Leave the process group (at exit)."""
+    if dist.is_initialized():
         dist.destroy_process_group()
-    _CURRENT = None
 
 
 class ReadOnlyRunDir(RunDir):

@@ -41,7 +41,8 @@ def make_objective(setup: Setup, scorer, enc, examples):
     return negative_metric
 
 
-def run(setup: Setup, run_dir, resume: bool = False) -> dict:
+def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel | None = None) -> dict:
+    """Train with MeZO; ``par`` (from ``zoft.distributed``) makes it data- or direction-parallel."""
     cfg, task, data = setup.cfg, setup.task, setup.data
     model = setup.with_mode()
     model.eval()   # no dropout: L+ and L− must see the same function
@@ -52,7 +53,6 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     named = named_trainable(model)
     params = list(named.values())
     estimator, optimizer = zo_components(cfg)
-    par = distributed.from_config(cfg)   # None unless parallel=data|direction under torchrun
     writer = par is None or par.is_writer
     recorder = TrajectoryRecorder(setup, run_dir, named, estimator, optimizer, par) if cfg.trajectory else None
 
