@@ -91,6 +91,9 @@ class Config:
                 raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
         if self.eps <= 0:
             raise ZoftError(f"config: eps must be > 0, got {self.eps}")
+        if self.offload and self.weight_decay:
+            raise ZoftError("config: offload=true needs weight_decay=0 (decay would scale the CPU copies "
+                            "out of order with the passes queued for them)")
         if not self.save_weights and not (self.method == "mezo" and self.trajectory):
             raise ZoftError("config: save_weights=false needs method=mezo with trajectory=true (resume replays it)")
         return self

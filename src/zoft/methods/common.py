@@ -49,7 +49,7 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None) -> Setup:
     data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
                          seed=cfg.data_seed, k_per_class=cfg.k_per_class)
     if loaded is None:
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu" if cfg.offload else cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
     return Setup(cfg, task, data, loaded)
 

@@ -13,6 +13,7 @@ from zoft import distributed
 from zoft.adapters import named_trainable
 from zoft.methods.common import Setup, evaluate, finish
 from zoft.methods.replay import TrajectoryRecorder
+from zoft.offload import Offloader
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
 from zoft.zo import SPSA, ZOSGD, get_backend, learning_rate
@@ -46,6 +47,7 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     cfg, task, data = setup.cfg, setup.task, setup.data
     model = setup.with_mode()
     model.eval()   # no dropout: L+ and L− must see the same function
+    offloader = Offloader(model, cfg.device) if cfg.offload else None   # blocks stream from CPU memory
     scorer = setup.scorer(model)
     enc_train, enc_dev = scorer.encode(data.train), scorer.encode(data.dev)
     objective = make_objective(setup, scorer, enc_train, data.train)
@@ -53,6 +55,8 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     named = named_trainable(model)
     params = list(named.values())
     estimator, optimizer = zo_components(cfg)
+    if offloader is not None:
+        estimator.backend = offloader.backend(estimator.backend, params)
     writer = par is None or par.is_writer
     recorder = TrajectoryRecorder(setup, run_dir, named, estimator, optimizer, par) if cfg.trajectory else None
 
@@ -80,14 +84,26 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     def dev_fn() -> float:
         if not writer:   # only rank 0 keeps the best weights; the others would evaluate for nothing
             return 0.0
-        return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
+        metric = evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
+        settle()   # the best weights are saved from the CPU copies next
+        return metric
+
+    def settle() -> None:   # offload: run the passes still queued for blocks in CPU memory
+        if offloader is not None:
+            offloader.settle()
+
+    def on_save(step: int, state: dict) -> None:
+        settle()
+        if recorder is not None and writer:
+            recorder.save(step, state)
 
     trainable = Trainable(named)
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
                        progress=cfg.progress and writer, metric_name=task.metric,
-                       on_save=recorder.save if recorder and writer else None,
+                       on_save=on_save,
                        on_resume=recorder.resume if recorder else None, save_weights=cfg.save_weights)
+    settle()
     if not writer:
         return {"rank": par.rank}
     return finish(setup, run_dir, scorer, trainable, state)
