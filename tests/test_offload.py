@@ -89,3 +89,15 @@ def test_offloaded_mezo_run_equals_normal_run(tmp_path, mode):
 def test_offload_refuses_weight_decay():
     with pytest.raises(ZoftError, match="offload=true needs weight_decay=0"):
         api.train({**SMALL, "offload": True, "weight_decay": 0.1})
+
+
+def test_device_map_placement_trains_like_the_plain_model(tmp_path):
+    """device_map=auto goes through accelerate's dispatch; on a CPU-only machine every layer lands
+    on the CPU, so this checks the path and that nothing in the step assumes an undispatched model
+    (multi-GPU splits need several GPUs and are not tested here)."""
+    for device_map in (None, "auto"):
+        api.train({**SMALL, "device_map": device_map, "output_dir": str(tmp_path / str(device_map))})
+    a = load_file(str(tmp_path / "None" / "checkpoint-4" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "auto" / "checkpoint-4" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+

@@ -49,8 +49,11 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None) -> Setup:
     data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
                          seed=cfg.data_seed, k_per_class=cfg.k_per_class)
     if loaded is None:
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu" if cfg.offload else cfg.device,
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu" if cfg.offload or cfg.device_map else cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
+        if cfg.device_map:   # layers over several GPUs; each parameter is perturbed where it lives
+            from zoft.placement import place
+            loaded.model = place(loaded.model, cfg.device_map)
     return Setup(cfg, task, data, loaded)
 
 
