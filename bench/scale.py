@@ -6,7 +6,9 @@
 
 Data-parallel part: a small random Llama (hidden 256, 4 layers, vocab 8192), a fixed global
 batch (16 x 64 tokens) sharded over N ranks by zoft.distributed, the same zo_step as training.
-Each rank gets cores/N threads so every row uses the same cores. Speedup = t(1) / t(N).
+Each rank gets cores/N threads (or --threads) so every row uses the same cores. Speedup = t(1) / t(N).
+On a machine shared with other jobs, multi-threaded ranks suffer most from the contention (every
+op waits for its slowest thread): compare with --threads 1 before reading much into a speedup.
 
 GPU part: random-weight OPT-shaped models in fp16 built on the GPU (meta device, to_empty, a
 normal(0, 0.02) init), batch 8 x 256 tokens. For each shape: the resident MeZO step (the whole
@@ -37,7 +39,7 @@ OPT_SHAPES = {  # hidden, layers, heads, ffn (the OPT paper's table 1)
 
 
 # ----------------------------------------------------------------------------- data-parallel, CPU
-def dp_worker(out: Path, steps: int) -> None:
+def dp_worker(out: Path, steps: int, threads: int) -> None:
     """One rank of the DP measurement (run under torchrun)."""
     import torch
     import torch.distributed as dist
@@ -49,7 +51,7 @@ def dp_worker(out: Path, steps: int) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688,
                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)).eval()
@@ -74,12 +76,12 @@ def dp_worker(out: Path, steps: int) -> None:
     dist.destroy_process_group()
 
 
-def dp_table(out: Path, procs: list[int], steps: int) -> list[dict]:
+def dp_table(out: Path, procs: list[int], steps: int, threads: int) -> list[dict]:
     rows = []
     for n in procs:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               __file__, "--dp-worker", "--out", str(out), "--steps", str(steps)]
+               __file__, "--dp-worker", "--out", str(out), "--steps", str(steps), "--threads", str(threads)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{n} processes failed:\n{proc.stderr[-2000:]}")
@@ -217,19 +219,20 @@ def main() -> None:
     ap.add_argument("--shapes", default="1.3b,6.7b,13b,30b")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rows after this long")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores / processes)")
     ap.add_argument("--dp-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO / "src"))
     if args.dp_worker:
-        return dp_worker(out, args.steps)
+        return dp_worker(out, args.steps, args.threads)
     if args.gpu:
         shapes = ["tiny"] if args.smoke else args.shapes.split(",")
         result = {"part": "offload", "rows": gpu_table(out, shapes, args.smoke, args.budget_s)}
     else:
         procs = [int(p) for p in args.procs.split(",")]
-        result = {"part": "data-parallel", "rows": dp_table(out, procs, 2 if args.smoke else args.steps)}
+        result = {"part": "data-parallel", "rows": dp_table(out, procs, 2 if args.smoke else args.steps, args.threads)}
     import torch
     result |= {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}
     (out / "scale.json").write_text(json.dumps(result, indent=1))

@@ -92,8 +92,8 @@ class Trajectory:
         flat = np.array([v for r in self.records for v in r.losses], dtype=np.float64)
         lossless32 = np.array_equal(flat.astype(np.float32).astype(np.float64), flat)
         tensors = {
-            "seeds": torch.tensor([r.seeds for r in self.records], dtype=torch.int64).reshape(-1, n),
-            "grads": torch.tensor([r.grads for r in self.records], dtype=torch.float64).reshape(-1, n),
+            "seeds": torch.tensor([r.seeds for r in self.records], dtype=torch.int64).reshape(self.steps, n),
+            "grads": torch.tensor([r.grads for r in self.records], dtype=torch.float64).reshape(self.steps, n),
             "lr": torch.tensor([r.lr for r in self.records], dtype=torch.float64),
             # model losses are float32 values already: storing them as float32 loses nothing
             "losses": torch.from_numpy(flat.astype(np.float32) if lossless32 else flat),
