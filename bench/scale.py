@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--procs", default="1,2,4")
     ap.add_argument("--shapes", default="1.3b,6.7b,13b,30b")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rows after this long")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new rows after this long")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores / processes)")
     ap.add_argument("--dp-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
