@@ -38,10 +38,17 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
         cfg = _as_config(config, overrides)
         run_dir = RunDir(cfg.resolved_output_dir())
         cfg.output_dir = str(run_dir.path)
+    par = None
+    if cfg.parallel != "none":   # under torchrun: join the group; only rank 0 writes the run directory
+        from zoft import distributed
+        par = distributed.from_config(cfg)
+        cfg.output_dir = par.broadcast_text(cfg.output_dir)
+        run_dir = RunDir(cfg.output_dir) if par.is_writer else distributed.ReadOnlyRunDir(cfg.output_dir)
     setup = prepare(cfg, loaded)     # bad data or a bad model fails here, before anything is written
     if resume is None:
         run_dir.write_config(cfg.to_dict())
-    result = get_method(cfg.method)(setup, run_dir, resume=resume is not None)
+    parallel = {"par": par} if par else {}
+    result = get_method(cfg.method)(setup, run_dir, resume=resume is not None, **parallel)
     result["run_dir"] = str(run_dir.path)
     return result
 

@@ -6,6 +6,7 @@
     zoft report RUN_OR_COMPARE_DIR ... [--output-dir DIR]
     zoft score --model RUN_DIR --input responses.csv --output scored.csv
     zoft serve --model RUN_DIR [--port 8000]
+    zoft replay BASE TRAJECTORY --output DIR
     zoft demo
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ def cmd_train(args) -> None:
     from zoft import api
     from zoft.report import markdown_table
     result = api.train(args.config, resume=args.resume, **_overrides(args.overrides))
+    if result.get("rank", 0) != 0:   # torchrun: rank 0 reports for all
+        return
     print(markdown_table([result]))
     print(f"run directory: {result['run_dir']}")
 
@@ -100,6 +103,12 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port)
 
 
+def cmd_replay(args) -> None:
+    from zoft.methods.replay import rebuild
+    out = rebuild(args.base, args.trajectory, args.output, device=args.device)
+    print(f"rebuilt weights: {out}")
+
+
 def cmd_demo(args) -> None:
     from zoft.demo import main as demo
     demo(_overrides(args.overrides))
@@ -142,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("replay", help="rebuild a MeZO run's weights from its base model and trajectory")
+    p.add_argument("base", help="the base model (builtin name or path) the run started from")
+    p.add_argument("trajectory", help="trajectory.safetensors (or the run directory holding it)")
+    p.add_argument("--output", required=True, help="folder for the rebuilt weights (safetensors)")
+    p.add_argument("--device", default=None, help="default: the device type the run trained on")
+    p.set_defaults(fn=cmd_replay)
     p = sub.add_parser("demo", help="zero-shot vs MeZO on SST-2 with SmolLM2-135M, sized for a 2-core CPU")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_demo)

@@ -68,6 +68,13 @@ class Config:
     lp_ft_probe_steps: int = 0
     # bert-cls: the encoder fine-tuned with a classification head (a builtin name or a local HF folder)
     encoder: str = "minilm-l6"
+    # scale (MeZO): trajectory checkpoints, torchrun data/direction parallelism, CPU offload
+    trajectory: bool = True          # write trajectory.safetensors (seeds, g, lr per step: KBs) at each checkpoint
+    save_weights: bool = True        # false: checkpoints are the trajectory only (resume replays it)
+    parallel: str = "none"           # none | data (shard the batch) | direction (one seed per rank); under torchrun
+    dist_timeout: float = 1800.0     # seconds a rank waits for the others before failing
+    offload: bool = False            # stream decoder layers from (pinned) CPU memory to the GPU, ZO2-style
+    device_map: str | None = None    # auto | balanced: split the layers over several GPUs (accelerate)
     # output
     output_dir: str | None = None
     progress: bool = True
@@ -76,7 +83,8 @@ class Config:
         for key, allowed in (("method", METHODS), ("mode", MODES), ("objective", OBJECTIVES),
                              ("dtype", ("fp32", "bf16", "fp16")),
                              ("lr_schedule", ("constant", "linear")),
-                             ("distribution", ("gaussian", "rademacher"))):
+                             ("distribution", ("gaussian", "rademacher")),
+                             ("parallel", ("none", "data", "direction"))):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
         for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length"):
@@ -84,6 +92,11 @@ class Config:
                 raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
         if self.eps <= 0:
             raise ZoftError(f"config: eps must be > 0, got {self.eps}")
+        if self.offload and self.weight_decay:
+            raise ZoftError("config: offload=true needs weight_decay=0 (decay would scale the CPU copies "
+                            "out of order with the passes queued for them)")
+        if not self.save_weights and not (self.method == "mezo" and self.trajectory):
+            raise ZoftError("config: save_weights=false needs method=mezo with trajectory=true (resume replays it)")
         return self
 
     def resolved_output_dir(self) -> Path:

@@ -84,27 +84,41 @@ class Trainable:
 
 def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | None,
                step_fn: Callable[[int], dict], dev_fn: Callable[[], float], trainable: Trainable,
-               resume: bool = False, progress: bool = True, metric_name: str = "acc") -> TrainState:
+               resume: bool = False, progress: bool = True, metric_name: str = "acc",
+               on_save: Callable[[int, dict], None] | None = None,
+               on_resume: Callable[[TrainState | None], TrainState | None] | None = None,
+               save_weights: bool = True) -> TrainState:
     """Run ``step_fn`` for steps [start, steps), evaluating, logging and checkpointing.
+
+    ``on_save(step, state)`` runs at every checkpoint, before the weights are written (MeZO writes
+    its trajectory there). On resume, ``on_resume(state)`` gets the state of the last weight
+    checkpoint (None if there is none) and returns the state to continue from: MeZO rebuilds
+    the weights by replaying its trajectory when no weight checkpoint exists.
 
     Returns the final state; the best weights are in ``run.path / "best"``.
     """
     state = TrainState()
     save_every = save_every or eval_every
-    if resume and run.checkpoints():
-        tensors, saved, optimizer = run.load_checkpoint(run.checkpoints()[-1])
-        trainable.load(tensors)
-        if optimizer and trainable.set_optimizer_state:
-            trainable.set_optimizer_state(optimizer)
-        state = TrainState(**saved)
+    if resume:
+        loaded = None
+        if run.checkpoints():
+            tensors, saved, optimizer = run.load_checkpoint(run.checkpoints()[-1])
+            trainable.load(tensors)
+            if optimizer and trainable.set_optimizer_state:
+                trainable.set_optimizer_state(optimizer)
+            loaded = TrainState(**saved)
+        if on_resume is not None:
+            loaded = on_resume(loaded)
+        state = loaded or TrainState()   # killed before the first checkpoint: start over
         run.truncate_metrics(state.step)
-    elif resume:
-        run.truncate_metrics(-1)   # killed before the first checkpoint: start over
 
     def save(step: int) -> None:
         state.step = step
-        optimizer = trainable.get_optimizer_state() if trainable.get_optimizer_state else None
-        run.save_checkpoint(step, trainable.tensors, state.__dict__, optimizer)
+        if on_save is not None:
+            on_save(step, dict(state.__dict__))
+        if save_weights:
+            optimizer = trainable.get_optimizer_state() if trainable.get_optimizer_state else None
+            run.save_checkpoint(step, trainable.tensors, state.__dict__, optimizer)
 
     start_time = time.perf_counter() - state.elapsed
     bar = tqdm(total=steps, initial=state.step, disable=not progress, dynamic_ncols=True, desc="train")

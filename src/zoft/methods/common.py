@@ -24,10 +24,15 @@ class Setup:
 
     def with_mode(self, model=None):
         """The model (default: the loaded one) made trainable in the config's mode (full/LoRA/prefix)."""
-        cfg = self.cfg
-        return apply_mode(self.loaded.model if model is None else model, cfg.mode,
-                          is_masked_lm=self.loaded.is_masked_lm, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_targets=cfg.lora_targets, num_virtual_tokens=cfg.num_virtual_tokens)
+        cfg, model = self.cfg, self.loaded.model if model is None else model
+        # the adapter init is a pure function of the seed (not of whatever ran before), so a
+        # trajectory replay or a resume rebuilds the very same LoRA/prefix starting point
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed)
+            return apply_mode(model, cfg.mode,
+                              is_masked_lm=self.loaded.is_masked_lm, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                              lora_targets=cfg.lora_targets, num_virtual_tokens=cfg.num_virtual_tokens)
 
     def scorer(self, model=None) -> CandidateScorer:
         return CandidateScorer(model if model is not None else self.loaded.model, self.loaded.tokenizer,
@@ -44,8 +49,11 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None) -> Setup:
     data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
                          seed=cfg.data_seed, k_per_class=cfg.k_per_class)
     if loaded is None and cfg.method != "bert-cls":   # bert-cls trains an encoder, not this LM
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu" if cfg.offload or cfg.device_map else cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
+        if cfg.device_map:   # layers over several GPUs; each parameter is perturbed where it lives
+            from zoft.placement import place
+            loaded.model = place(loaded.model, cfg.device_map)
     return Setup(cfg, task, data, loaded)
 
 

@@ -1,0 +1,211 @@
+"""Trajectory checkpoints: a whole MeZO run as the base model's identity plus a few numbers per step.
+
+A MeZO step changes θ only through seeded directions and scalars, so the run
+
+    θ_T = step_{T-1}( ... step_1(step_0(θ_0)) ... ),   step_t = zo_step(seeds_t, losses_t, lr_t)
+
+is fully described by θ_0 (the base model, named by a content hash, plus the adapter init for
+LoRA/prefix) and, per step, the direction seeds, the projected grads g, the learning rate and the
+tape of objective values the estimator saw. Replay (:func:`replay`) feeds that tape back through
+the same :func:`zoft.zo.step.zo_step` that training ran, so it redoes exactly the same passes
+without any forward pass, and the rebuilt weights are bit-identical on the same device type.
+
+File format (``trajectory.safetensors``): a safetensors file, no pickle. Tensors:
+
+    seeds   int64   [S, n]   direction seeds applied at each step (n = directions per step)
+    grads   float64 [S, n]   projected grads g, in the same order
+    lr      float64 [S]      learning rate of each step
+    losses  f32|f64 [L]      the objective values, in call order (float32 when that is lossless)
+    loss_counts int16 [S]    values per step; only stored when steps differ
+
+and one metadata entry ``zoft_trajectory``: JSON with the format version, the base model's
+identity, the init hash, the run config (ε, distribution, backend, mode, optimizer settings...),
+the device type and the trainer state. 20k steps of single-direction MeZO take about 640 KB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_bytes
+
+from zoft.errors import ZoftError
+from zoft.zo.estimator import Estimate
+from zoft.zo.step import zo_step
+
+FORMAT, VERSION = "zoft-trajectory", 1
+FILENAME = "trajectory.safetensors"
+
+
+class TrajectoryMismatch(ZoftError):
+    """The base model or set-up does not match the one the trajectory was recorded from."""
+
+
+@dataclass
+class StepRecord:
+    """One step: the applied (seed, g) pairs, the lr, and the objective values in call order."""
+
+    seeds: list[int]
+    grads: list[float]
+    lr: float
+    losses: list[float]
+
+
+@dataclass
+class Trajectory:
+    """A run's header (identity, config) and its step records.
+
+    ``header["n_probed"]``: how many of each step's seeds the writing process probed itself
+    (all of them, except in direction-parallel mode where rank 0 probes its own share).
+    """
+
+    header: dict[str, Any]
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.records)
+
+    def append(self, seeds: Sequence[int], grads: Sequence[float], lr: float, losses: Sequence[float]) -> None:
+        self.records.append(StepRecord([int(s) for s in seeds], [float(g) for g in grads], float(lr),
+                                       [float(v) for v in losses]))
+
+    def truncate(self, steps: int) -> None:
+        del self.records[steps:]
+
+    # -- storage
+    def to_bytes(self, state: Mapping[str, Any] | None = None) -> bytes:
+        if state is not None:
+            self.header["state"] = dict(state)
+        self.header.update(format=FORMAT, version=VERSION, steps=self.steps)
+        n = len(self.records[0].seeds) if self.records else 0
+        if any(len(r.seeds) != n for r in self.records):
+            raise ZoftError("trajectory: every step must apply the same number of directions")
+        flat = np.array([v for r in self.records for v in r.losses], dtype=np.float64)
+        lossless32 = np.array_equal(flat.astype(np.float32).astype(np.float64), flat)
+        tensors = {
+            "seeds": torch.tensor([r.seeds for r in self.records], dtype=torch.int64).reshape(self.steps, n),
+            "grads": torch.tensor([r.grads for r in self.records], dtype=torch.float64).reshape(self.steps, n),
+            "lr": torch.tensor([r.lr for r in self.records], dtype=torch.float64),
+            # model losses are float32 values already: storing them as float32 loses nothing
+            "losses": torch.from_numpy(flat.astype(np.float32) if lossless32 else flat),
+        }
+        counts = [len(r.losses) for r in self.records]
+        if len(set(counts)) > 1:
+            tensors["loss_counts"] = torch.tensor(counts, dtype=torch.int16)
+        else:
+            self.header["losses_per_step"] = counts[0] if counts else 0
+        return save_bytes(tensors, metadata={FORMAT: json.dumps(self.header, sort_keys=True)})
+
+    def save(self, path: str | Path, state: Mapping[str, Any] | None = None) -> Path:
+        """Write atomically (temp file in the same folder, fsync, rename): a kill never leaves half a file."""
+        path = Path(path)
+        data = self.to_bytes(state)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trajectory":
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILENAME
+        if not path.is_file():
+            raise ZoftError(f"{path}: trajectory not found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:   # safetensors raises its own error types for a bad header
+            raise ZoftError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+        if FORMAT not in meta:
+            raise ZoftError(f"{path}: not a zoft trajectory (no '{FORMAT}' metadata)")
+        header = json.loads(meta[FORMAT])
+        if header.get("version") != VERSION:
+            raise ZoftError(f"{path}: trajectory format version {header.get('version')}; this zoft reads {VERSION}")
+        seeds, grads, lrs = tensors["seeds"].tolist(), tensors["grads"].tolist(), tensors["lr"].tolist()
+        losses = tensors["losses"].double().tolist()
+        counts = (tensors["loss_counts"].tolist() if "loss_counts" in tensors
+                  else [header.get("losses_per_step", 0)] * len(lrs))
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        records = [StepRecord(seeds[i], grads[i], lrs[i], losses[starts[i]:starts[i + 1]]) for i in range(len(lrs))]
+        return cls(header, records)
+
+
+def tensors_sha(named: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes, bytes), e.g. the LoRA init that replay must match."""
+    h = hashlib.sha256()
+    for name, t in named.items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base(header: Mapping[str, Any], identity: str, init_sha: str | None, where: str = "trajectory") -> None:
+    """Refuse to replay onto a different base model (or adapter init), in one line."""
+    want = header["base"]["identity"]
+    if identity.rsplit("@", 1)[-1] != want.rsplit("@", 1)[-1]:   # the hash decides; names may be paths
+        raise TrajectoryMismatch(f"{where}: base model mismatch: it was recorded from {want}, "
+                                 f"but the given base is {identity}")
+    if header.get("init_sha") and init_sha != header["init_sha"]:
+        raise TrajectoryMismatch(f"{where}: the initial trainable weights ({header['config'].get('mode')} init) "
+                                 f"hash to {init_sha}, the run started from {header['init_sha']}")
+
+
+def replay(params: Sequence[torch.Tensor], trajectory: Trajectory, estimator, optimizer,
+           steps: int | None = None, progress=None) -> None:
+    """Re-apply the first ``steps`` records to ``params`` in place, through the training step function.
+
+    Each step runs :func:`zo_step` with a loss function that reads the recorded tape, so the
+    estimator's ±ε passes and the optimizer's update passes are the very ones training ran.
+    The recomputed g must equal the recorded one to the bit; otherwise the estimator code has
+    changed since the trajectory was written, and replay stops rather than build other weights.
+    """
+    n_probed = trajectory.header.get("n_probed")
+    for t, record in enumerate(trajectory.records[:steps]):
+        tape = _Tape(record.losses, t)
+        probed = record.seeds[:n_probed]
+        applied = Estimate(loss=0.0, directions=list(zip(record.seeds, record.grads)))
+
+        def exchange(local: Estimate, t=t, applied=applied) -> Estimate:
+            if local.directions != applied.directions[:len(local.directions)]:
+                raise ZoftError(f"replay: step {t} recomputes (seed, g) = {local.directions[0]}, the run recorded "
+                                f"{applied.directions[0]}: the estimator differs from the one that trained")
+            return applied
+
+        zo_step(params, tape, probed, record.lr, estimator, optimizer, exchange=exchange)
+        tape.check_used()
+        if progress is not None:
+            progress(t + 1)
+
+
+class _Tape:
+    """A loss function that returns one step's recorded objective values, in order."""
+
+    def __init__(self, values: Sequence[float], step: int):
+        self.values, self.step, self.used = values, step, 0
+
+    def __call__(self) -> float:
+        if self.used == len(self.values):
+            raise ZoftError(f"replay: step {self.step} asks for more losses than the run recorded "
+                            f"({len(self.values)}): the estimator differs from the one that trained")
+        self.used += 1
+        return self.values[self.used - 1]
+
+    def check_used(self) -> None:
+        if self.used != len(self.values):
+            raise ZoftError(f"replay: step {self.step} used {self.used} of {len(self.values)} recorded losses: "
+                            "the estimator differs from the one that trained")
