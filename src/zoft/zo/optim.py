@@ -42,9 +42,9 @@ def apply_weight_decay(params: Sequence[torch.Tensor], lr: float, weight_decay: 
 
 def gradient_estimate(p: torch.Tensor, index: int, estimate: Estimate, backend: PerturbationBackend,
                       distribution: str) -> torch.Tensor:
-    """ĝ = (1/n) Σᵢ gᵢ zᵢ for tensor ``index`` of the list, as a fresh float32 tensor."""
+    """ĝ = (1/n) Σᵢ gᵢ zᵢ for tensor ``index`` of the list, fresh, in float32 (float64 for float64 θ)."""
     n = len(estimate.directions)
-    out = torch.zeros(p.shape, device=p.device)
+    out = torch.zeros(p.shape, device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
     for seed, g in estimate.directions:
         out.add_(backend.direction(p, seed, index, distribution), alpha=g / n)
     return out
@@ -110,7 +110,7 @@ class ZOSGDMomentum(ZOSGD):
         return {f"momentum.{i}": m for i, m in self.buffers.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.buffers = {int(k.split(".")[1]): v.float() for k, v in state.items() if k.startswith("momentum.")}
+        self.buffers = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("momentum.")}
 
 
 @dataclass
@@ -197,8 +197,8 @@ class ZOAdam(ZOSGD):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.t = int(state["t"]) if "t" in state else 0
-        self.m = {int(k[2:]): x.float() for k, x in state.items() if k.startswith("m.")}
-        self.v = {int(k[2:]): x.float() for k, x in state.items() if k.startswith("v.")}
+        self.m = {int(k[2:]): x for k, x in state.items() if k.startswith("m.")}
+        self.v = {int(k[2:]): x for k, x in state.items() if k.startswith("v.")}
 
 
 OPTIMIZERS = {"zo-sgd": ZOSGD, "zo-sgd-momentum": ZOSGDMomentum, "zo-sgd-sign": ZOSGDSign,
