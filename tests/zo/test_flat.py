@@ -27,6 +27,8 @@ def test_flatten_keeps_values_and_ties_every_parameter():
     assert all(is_view_of(p, flat) for p in params)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+    (again,) = flatten_(params)     # idempotent: flattening twice keeps the same buffer
+    assert again.data_ptr() == flat.data_ptr() and all(is_view_of(p, flat) for p in params)
     flat.zero_()     # one write to the buffer is a write to every weight of the model
     assert all(p.abs().sum() == 0 for p in model.parameters())
 

@@ -31,6 +31,10 @@ def flatten_(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         groups.setdefault((p.dtype, p.device), []).append(p)
     buffers = []
     for (dtype, device), members in groups.items():
+        existing = _existing_buffer(members)
+        if existing is not None:   # already flat: rebinding again would move every weight
+            buffers.append(existing)
+            continue
         flat = torch.empty(sum(p.numel() for p in members), dtype=dtype, device=device)
         offset = 0
         for p in members:
@@ -47,3 +51,17 @@ def is_view_of(p: torch.Tensor, flat: torch.Tensor) -> bool:
     start, size = flat.data_ptr(), flat.numel() * flat.element_size()
     return (p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
             and start <= p.data_ptr() < start + size)
+
+
+def _existing_buffer(members: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The buffer ``members`` already are consecutive views of, covering all of it, else None."""
+    storage = members[0].untyped_storage()
+    offset = 0
+    for p in members:
+        if (p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != offset
+                or not p.is_contiguous()):
+            return None
+        offset += p.numel()
+    if offset * members[0].element_size() != storage.nbytes():
+        return None
+    return torch.empty(0, dtype=members[0].dtype, device=members[0].device).set_(storage, 0, (offset,))
