@@ -52,13 +52,14 @@ class FixedShapeLoss:
             self._fn = self._compile(compile)
 
     def _loss(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-              targets: torch.Tensor) -> torch.Tensor:
+              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, scores): cross-entropy over the label words' log-probs, and those (B, C) log-probs."""
         kwargs = {"position_ids": positions} if self.scorer._pass_positions else {}
         if self.scorer._can_keep_logits:
             kwargs["logits_to_keep"] = 1
         logits = self.scorer.model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -1]
         scores = logits.float().log_softmax(-1)[:, self.label_ids]     # (B, C)
-        return F.cross_entropy(scores, targets)
+        return F.cross_entropy(scores, targets), scores
 
     def _compile(self, mode: str) -> Callable:
         if mode == "reduce-overhead" and self.device.type != "cuda":
@@ -75,15 +76,28 @@ class FixedShapeLoss:
         index = torch.as_tensor(idx, device=self.device)
         return self.ids[index], self.mask[index], self.positions[index], self.targets[index]
 
-    @torch.no_grad()
-    def __call__(self, idx) -> float:
+    def _run(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self._batch(idx)
         try:
-            return float(self._fn(*batch))
+            return self._fn(*batch)
         except Exception as e:   # noqa: BLE001 - compilation happens lazily on the first call
             if self._fn is self._loss:
                 raise
             warnings.warn(f"compiled loss failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                           "falling back to eager")
             self._fn, self.compiled = self._loss, False
-            return float(self._loss(*batch))
+            return self._loss(*batch)
+
+    @torch.no_grad()
+    def __call__(self, idx) -> float:
+        """The batch loss (what a ZO estimator calls)."""
+        return float(self._run(idx)[0])
+
+    @torch.no_grad()
+    def predict(self, idx) -> list[int]:
+        """Predicted label index per example, from the same (compiled) forward."""
+        return self._run(idx)[1].argmax(-1).tolist()
+
+    def loss_tensor(self, idx) -> torch.Tensor:
+        """The batch loss with autograd, eager (for a backprop baseline on the same objective)."""
+        return self._loss(*self._batch(idx))[0]
