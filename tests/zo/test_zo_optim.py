@@ -282,3 +282,16 @@ def test_every_optimizer_and_estimator_trains_in_every_mode(mode, choice):
         record = zo.step_fn(step_)
     assert math.isfinite(record["loss"])
     assert all(not torch.equal(p, p0) for p, p0 in zip(zo.params, before))
+
+
+def test_bad_optimizer_settings_are_one_line_errors():
+    from zoft.config import load_config
+    from zoft.errors import ZoftError
+    with pytest.raises(ZoftError, match="unknown optimizer 'adam'"):
+        load_config(overrides={"optimizer": "adam"})
+    with pytest.raises(ZoftError, match="fzoo needs n_directions >= 2"):
+        load_config(overrides={"estimator": "fzoo"})
+    with pytest.raises(ZoftError, match="LOZO"):
+        tiny_step(estimator="lozo", flat_params=True)
+    with pytest.raises(ZoftError, match="weight_decay"):
+        tiny_step(flat_params=True, weight_decay=0.1)
