@@ -9,6 +9,10 @@ The direction z drawn over a buffer is not the concatenation of the per-tensor z
 generator stream instead of one per tensor), so a flat run follows a different, equally
 distributed, random path than a per-tensor run with the same seeds.
 
+Memory: the torch backend draws z into a float32 scratch the size of what it perturbs, so a
+flat pass needs 4 bytes per trained parameter of scratch (540 MB for SmolLM2-135M) where the
+per-tensor pass needs the largest tensor's (113 MB, the embedding).
+
 What breaks the tie: anything that rebinds ``.data`` or replaces the Parameter (e.g.
 ``model.to(other_dtype)``, ``load_state_dict(..., assign=True)``); in-place copies (``copy_``,
 plain ``load_state_dict``) keep it. Flatten after peft has injected its adapters.
