@@ -63,6 +63,26 @@ def timed(fn, steps: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def measure_row(model, scorer, enc, cfg, layout: str, mode: str, batch: list[int], steps: int, device: str,
+                seq: int) -> dict:
+    """Forward and MeZO step time for one layout (per-tensor / flat) and one compile mode."""
+    current: dict = {}
+    # the step first: flat_params rebinds the weights, which must happen before a graph captures them
+    zo = build_step(cfg, model, lambda idx: current["loss"](idx), len(enc))
+    objective = current["loss"] = FixedShapeLoss(scorer, enc, width=seq, compile=mode)
+    t0 = time.perf_counter()
+    objective(batch)                                   # compile / capture happens here
+    setup_s = time.perf_counter() - t0
+    forward_ms = timed(lambda i: objective(batch), steps, device)
+    zo.step_fn(0)                                      # warm-up: scratch buffers, graph replays
+    step_ms = timed(lambda i: zo.step_fn(i + 1), steps, device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return {"forward": "compiled" if objective.compiled else ("eager" if mode == "off" else "eager (fallback)"),
+            "perturbation": layout, "tensors_per_pass": len(zo.params), "forward_ms": forward_ms,
+            "step_ms": step_ms, "step_over_forward": step_ms / forward_ms, "setup_s": setup_s,
+            "peak_cuda_mib_so_far": peak}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -90,22 +110,14 @@ def main() -> None:
         cfg = load_config(overrides=dict(method="mezo", steps=10**6, batch_size=args.batch, lr=1e-7, eps=1e-3,
                                          seed=0, flat_params=layout == "flat", progress=False))
         for mode in compile_modes:
-            current: dict = {}
-            # the step first: flat_params rebinds the weights, which must happen before a graph captures them
-            zo = build_step(cfg, model, lambda idx: current["loss"](idx), len(enc))
-            objective = current["loss"] = FixedShapeLoss(scorer, enc, width=args.seq, compile=mode)
-            t0 = time.perf_counter()
-            objective(batch)                                   # compile / capture happens here
-            setup_s = time.perf_counter() - t0
-            forward_ms = timed(lambda i: objective(batch), steps, device)
-            zo.step_fn(0)                                      # warm-up: scratch buffers, graph replays
-            step_ms = timed(lambda i: zo.step_fn(i + 1), steps, device)
-            rows.append({"forward": "compiled" if objective.compiled else ("eager" if mode == "off" else "eager (fallback)"),
-                         "perturbation": layout, "tensors_per_pass": len(zo.params), "forward_ms": forward_ms,
-                         "step_ms": step_ms, "step_over_forward": step_ms / forward_ms, "setup_s": setup_s})
+            try:
+                rows.append(measure_row(model, scorer, enc, cfg, layout, mode, batch, steps, device, args.seq))
+            except Exception as e:   # noqa: BLE001 - one failed row (e.g. out of memory) must not lose the others
+                print(f"  {layout} / {mode} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
             print(f"  measured {layout} / {rows[-1]['forward']}", flush=True)
 
-    base = next(r for r in rows if r["forward"] == "eager" and r["perturbation"] == "per-tensor")
+    base = next((r for r in rows if r["forward"] == "eager" and r["perturbation"] == "per-tensor"), rows[0])
     where = (torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.machine()}, "
              f"{torch.get_num_threads()} threads")
     print(f"\n{'tiny smoke config' if args.smoke else 'SmolLM2-135M architecture'} ({n_params / 1e6:.1f}M params, random "
