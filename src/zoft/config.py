@@ -15,6 +15,8 @@ import yaml
 
 from zoft.errors import ZoftError
 
+ZO_OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-cons", "zo-adam")  # = zoft.zo.OPTIMIZERS
+ZO_ESTIMATORS = ("spsa", "fzoo", "lozo")                                                # = zoft.zo.ESTIMATORS
 METHODS = ("zero-shot", "icl", "lp", "ft", "lp-ft", "mezo", "bert-cls")
 MODES = ("full", "lora", "prefix")
 OBJECTIVES = ("loss", "acc", "f1")
@@ -57,6 +59,18 @@ class Config:
     distribution: str = "gaussian"
     backend: str = "auto"
     objective: str = "loss"
+    # ZO optimizer family and estimators (zoft.zo.OPTIMIZERS / ESTIMATORS; README "ZO optimizers")
+    optimizer: str = "zo-sgd"
+    estimator: str = "spsa"
+    one_sided: bool = False
+    momentum: float = 0.9
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lozo_rank: int = 2
+    lozo_nu: int = 50
+    # small-model speed: trainable tensors as views of one buffer; compiled fixed-shape loss
+    flat_params: bool = False
+    compile: str = "off"
     # adapters (peft)
     lora_r: int = 8
     lora_alpha: int = 16
@@ -84,12 +98,16 @@ class Config:
                              ("dtype", ("fp32", "bf16", "fp16")),
                              ("lr_schedule", ("constant", "linear")),
                              ("distribution", ("gaussian", "rademacher")),
-                             ("parallel", ("none", "data", "direction"))):
+                             ("parallel", ("none", "data", "direction")),
+                             ("optimizer", ZO_OPTIMIZERS), ("estimator", ZO_ESTIMATORS),
+                             ("compile", ("off", "default", "reduce-overhead"))):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
         for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length"):
             if getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.estimator == "fzoo" and self.n_directions < 2:
+            raise ZoftError("config: estimator=fzoo needs n_directions >= 2 (it normalises by the std of the losses)")
         if self.eps <= 0:
             raise ZoftError(f"config: eps must be > 0, got {self.eps}")
         if self.offload and self.weight_decay:

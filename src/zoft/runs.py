@@ -37,12 +37,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if it is a view into a larger storage (flat_params): safetensors refuses shared memory."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_tensors_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], state: dict | None = None) -> None:
     """Write a folder of safetensors files (+ trainer_state.json) atomically: build it, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     for name, tensors in files.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        save_file({k: _owned(v.detach().contiguous().cpu()) for k, v in tensors.items()}, str(tmp / name))
     if state is not None:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     if path.exists():

@@ -1,37 +1,41 @@
-"""MeZO: fine-tuning with forward passes only (Malladi et al., 2023).
+"""MeZO: fine-tuning with forward passes only (Malladi et al., 2023), and its ZO relatives.
 
 Each step: sample a batch and n seeds, estimate the projected gradient of each seed's
-direction with two forward passes (SPSA), then apply θ ← θ − lr·mean(g·z) with z
-regenerated from the seed. Works in full, LoRA and prefix modes, and with a
+direction with forward passes only (SPSA two- or one-sided, FZOO or LOZO: ``estimator=``),
+then let a ZO optimizer (``optimizer=``: ZO-SGD, momentum, sign, conservative, Adam) apply
+it with z regenerated from the seed. Works in full, LoRA and prefix modes, and with a
 non-differentiable objective (minus accuracy or F1 on the batch) in place of the loss.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from zoft import distributed
 from zoft.adapters import named_trainable
+from zoft.errors import ZoftError
 from zoft.methods.common import Setup, evaluate, finish
 from zoft.methods.replay import TrajectoryRecorder
 from zoft.offload import Offloader
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
-from zoft.zo import SPSA, ZOSGD, get_backend, learning_rate
+from zoft.zo import FZOO, LOZO, SPSA, LowRankBackend, build_optimizer, get_backend, learning_rate
+from zoft.zo.flat import flatten_
 from zoft.zo.step import zo_step
-
-
-def zo_components(cfg, backend: str | None = None):
-    """The estimator and optimizer a config names: training, resume and replay all build them here."""
-    estimator = SPSA(eps=cfg.eps, n_directions=cfg.n_directions, distribution=cfg.distribution,
-                     backend=get_backend(backend or cfg.backend, cfg.device))
-    return estimator, ZOSGD(weight_decay=cfg.weight_decay)
 
 
 def make_objective(setup: Setup, scorer, enc, examples):
     """The scalar MeZO minimises on a batch: the LM loss, or minus a metric (no gradient needed)."""
-    objective = setup.cfg.objective
+    cfg, objective = setup.cfg, setup.cfg.objective
     if objective == "loss":
+        if cfg.compile != "off":   # fixed shapes, pre-tokenised on the device, compiled forward
+            from zoft.compile import FixedShapeLoss
+            return FixedShapeLoss(scorer, enc, compile=cfg.compile)
         return lambda idx: scorer.loss(enc, idx).item()
+    if cfg.compile != "off":
+        raise ZoftError("compile applies to objective=loss only")
     metric = "squad_f1" if setup.task.kind == "generation" and objective == "f1" else objective
 
     def negative_metric(idx):
@@ -40,6 +44,91 @@ def make_objective(setup: Setup, scorer, enc, examples):
                  else scorer.generate(enc, idx, max_new_tokens=(setup.task.generation_kwargs or {}).get("max_gen_toks", 32)))
         return -compute_metric(metric, preds, sub)
     return negative_metric
+
+
+def make_estimator(cfg, device, backend: str | None = None):
+    """The estimator a config names, on the config's perturbation backend (or ``backend``)."""
+    backend = get_backend(backend or cfg.backend, device)
+    if cfg.estimator == "fzoo":
+        return FZOO(eps=cfg.eps, n_directions=cfg.n_directions, backend=backend)
+    if cfg.estimator == "lozo":
+        return LOZO(eps=cfg.eps, n_directions=cfg.n_directions, rank=cfg.lozo_rank, nu=cfg.lozo_nu,
+                    seed=cfg.seed, backend=LowRankBackend(cfg.lozo_rank, dense=backend))
+    return SPSA(eps=cfg.eps, n_directions=cfg.n_directions, distribution=cfg.distribution,
+                backend=backend, one_sided=cfg.one_sided)
+
+
+def zo_components(cfg, device=None, backend: str | None = None):
+    """The estimator and optimizer a config names: training, resume and replay all build them here."""
+    estimator = make_estimator(cfg, device or cfg.device, backend)
+    optimizer = build_optimizer(cfg.optimizer, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2))
+    return estimator, optimizer
+
+
+def trained_params(cfg, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """What the backend perturbs: the trained tensors, or (``flat_params``) one flat buffer per dtype.
+
+    Training and replay both take their parameter list from here: z's layout follows it.
+    """
+    if cfg.flat_params and cfg.estimator == "lozo":
+        raise ZoftError("flat_params=true flattens matrices, which LOZO needs; use one or the other")
+    if cfg.flat_params and cfg.weight_decay:
+        raise ZoftError("flat_params=true cannot tell matrices from biases for weight decay; set weight_decay=0")
+    if cfg.offload and (cfg.flat_params or cfg.estimator != "spsa" or cfg.optimizer != "zo-sgd"):
+        raise ZoftError("offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
+                        "flat_params=false")
+    return flatten_(list(named.values())) if cfg.flat_params else list(named.values())
+
+
+@dataclass
+class ZOStep:
+    """One configured ZO training step: ``step_fn(step) -> record`` plus what it trains."""
+
+    step_fn: Callable[[int], dict]
+    params: list[torch.Tensor]     # what the backend perturbs: the tensors, or their flat buffers
+    estimator: object
+    optimizer: object
+    trainable: Trainable
+    recorder: object = None        # a TrajectoryRecorder, if the run keeps its trajectory
+
+
+def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | None = None,
+               offloader: Offloader | None = None) -> ZOStep:
+    """Wire batches, seeds, estimator, optimizer, (flat) parameters and LR schedule into a step function."""
+    named = named_trainable(model)
+    params = trained_params(cfg, named)
+    estimator, optimizer = zo_components(cfg, next(iter(named.values())).device)
+    if offloader is not None:
+        estimator.backend = offloader.backend(estimator.backend, params)
+
+    @torch.no_grad()
+    def step_fn(step: int) -> dict:
+        idx = batch_indices(n_train, cfg.batch_size, cfg.seed, step)
+        seeds = (par.seeds(cfg.seed, step, cfg.n_directions) if par else
+                 [direction_seed(cfg.seed, step, k) for k in range(cfg.n_directions)])
+        loss_fn = par.loss_fn(objective, idx, step) if par else (lambda: objective(idx))
+        tape: list[float] = []   # the objective values in call order: all replay needs of the forwards
+
+        def taped_loss() -> float:
+            tape.append(float(loss_fn()))
+            return tape[-1]
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+        estimate = zo_step(params, taped_loss, seeds, lr, estimator, optimizer, step=step,
+                           exchange=par.exchange(step) if par else None,
+                           check=lambda e: check_finite(step, loss=e.loss,
+                                                        projected_grad=sum(g for _, g in e.directions)))
+        if zo.recorder is not None:
+            zo.recorder.record(estimate, lr, tape)
+        grads = [g for _, g in estimate.directions]
+        return {"loss": estimate.loss, "projected_grad": sum(grads) / len(grads), "lr": lr,
+                "forwards": estimate.forwards, **estimate.extra}
+
+    state = optimizer.state_dict
+    trainable = Trainable(named, get_optimizer_state=lambda: state() or None,
+                          set_optimizer_state=optimizer.load_state_dict)
+    zo = ZOStep(step_fn, params, estimator, optimizer, trainable)
+    return zo
 
 
 def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel | None = None) -> dict:
@@ -52,34 +141,12 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     enc_train, enc_dev = scorer.encode(data.train), scorer.encode(data.dev)
     objective = make_objective(setup, scorer, enc_train, data.train)
 
-    named = named_trainable(model)
-    params = list(named.values())
-    estimator, optimizer = zo_components(cfg)
-    if offloader is not None:
-        estimator.backend = offloader.backend(estimator.backend, params)
+    zo = build_step(cfg, model, objective, len(enc_train), par=par, offloader=offloader)
     writer = par is None or par.is_writer
-    recorder = TrajectoryRecorder(setup, run_dir, named, estimator, optimizer, par) if cfg.trajectory else None
-
-    @torch.no_grad()
-    def step_fn(step: int) -> dict:
-        idx = batch_indices(len(enc_train), cfg.batch_size, cfg.seed, step)
-        seeds = (par.seeds(cfg.seed, step, cfg.n_directions) if par else
-                 [direction_seed(cfg.seed, step, k) for k in range(cfg.n_directions)])
-        loss_fn = par.loss_fn(objective, idx, step) if par else (lambda: objective(idx))
-        tape: list[float] = []   # the objective values in call order: all replay needs of the forwards
-
-        def taped_loss() -> float:
-            tape.append(float(loss_fn()))
-            return tape[-1]
-        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
-        estimate = zo_step(params, taped_loss, seeds, lr, estimator, optimizer,
-                           exchange=par.exchange(step) if par else None,
-                           check=lambda e: check_finite(step, loss=e.loss,
-                                                        projected_grad=sum(g for _, g in e.directions)))
-        if recorder is not None:
-            recorder.record(estimate, lr, tape)
-        grads = [g for _, g in estimate.directions]
-        return {"loss": estimate.loss, "projected_grad": sum(grads) / len(grads), "lr": lr}
+    if cfg.trajectory:
+        zo.recorder = TrajectoryRecorder(setup, run_dir, zo.trainable.tensors, zo.estimator, zo.optimizer, par,
+                                         params=zo.params)
+    recorder = zo.recorder
 
     def dev_fn() -> float:
         if not writer:   # only rank 0 keeps the best weights; the others would evaluate for nothing
@@ -97,13 +164,12 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
         if recorder is not None and writer:
             recorder.save(step, state)
 
-    trainable = Trainable(named)
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
-                       step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
+                       step_fn=zo.step_fn, dev_fn=dev_fn, trainable=zo.trainable, resume=resume,
                        progress=cfg.progress and writer, metric_name=task.metric,
                        on_save=on_save,
                        on_resume=recorder.resume if recorder else None, save_weights=cfg.save_weights)
     settle()
     if not writer:
         return {"rank": par.rank}
-    return finish(setup, run_dir, scorer, trainable, state)
+    return finish(setup, run_dir, scorer, zo.trainable, state)

@@ -32,9 +32,11 @@ def _init_sha(mode: str, named: dict[str, torch.Tensor]) -> str | None:
 class TrajectoryRecorder:
     """Keeps a MeZO run's trajectory: one record per step, saved at each checkpoint."""
 
-    def __init__(self, setup, run_dir, named: dict[str, torch.Tensor], estimator, optimizer, par=None):
+    def __init__(self, setup, run_dir, named: dict[str, torch.Tensor], estimator, optimizer, par=None,
+                 params: list[torch.Tensor] | None = None):
         cfg = setup.cfg
         self.run_dir, self.named, self.estimator, self.optimizer = run_dir, named, estimator, optimizer
+        self.params = params if params is not None else list(named.values())   # what the passes see (flat?)
         self.trajectory: Trajectory | None = Trajectory({
             "format": FORMAT, "version": VERSION,
             "base": {"name": setup.loaded.name, "identity": setup.loaded.identity},
@@ -77,7 +79,7 @@ class TrajectoryRecorder:
         loaded = self.trajectory.header
         check_base(saved.header, loaded["base"]["identity"], loaded["init_sha"], where=str(self.path))
         with tqdm(total=saved.steps, desc="replay", disable=not saved.header["config"].get("progress")) as bar:
-            replay(list(self.named.values()), saved, self.estimator, self.optimizer, progress=lambda t: bar.update(1))
+            replay(self.params, saved, self.estimator, self.optimizer, progress=lambda t: bar.update(1))
         self.trajectory.records = saved.records
         return TrainState(**saved.header["state"])
 
@@ -93,7 +95,7 @@ def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: 
     from zoft.adapters import named_trainable
     from zoft.config import load_config
     from zoft.methods.common import Setup
-    from zoft.methods.mezo import zo_components
+    from zoft.methods.mezo import trained_params, zo_components
     from zoft.models import load_model
 
     traj = Trajectory.load(trajectory_path)
@@ -109,7 +111,7 @@ def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: 
                     header["device_type"], cfg.device)
     estimator, optimizer = zo_components(cfg)
     with tqdm(total=traj.steps, desc="replay", disable=not progress) as bar:
-        replay(list(named.values()), traj, estimator, optimizer, progress=lambda t: bar.update(1))
+        replay(trained_params(cfg, named), traj, estimator, optimizer, progress=lambda t: bar.update(1))
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

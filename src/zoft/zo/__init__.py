@@ -1,9 +1,12 @@
 """Zeroth-order optimisation: perturbation backends, estimators, optimizers, schedules."""
-from zoft.zo.estimator import ESTIMATORS, SPSA, Estimate, spsa
-from zoft.zo.optim import OPTIMIZERS, ZOSGD, decay_mask
+from zoft.zo.estimator import ESTIMATORS, FZOO, LOZO, SPSA, Estimate, LowRankBackend, spsa
+from zoft.zo.optim import (OPTIMIZERS, ZOSGD, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign,
+                           build_optimizer, decay_mask)
 from zoft.zo.perturb import BACKENDS, DISTRIBUTIONS, TorchBackend, get_backend, tensor_seed
 from zoft.zo.schedule import SCHEDULES, learning_rate
 
-__all__ = ["ESTIMATORS", "SPSA", "Estimate", "spsa", "OPTIMIZERS", "ZOSGD", "decay_mask",
+__all__ = ["ESTIMATORS", "SPSA", "FZOO", "LOZO", "LowRankBackend", "Estimate", "spsa",
+           "OPTIMIZERS", "ZOSGD", "ZOSGDMomentum", "ZOSGDSign", "ZOSGDConservative", "ZOAdam",
+           "build_optimizer", "decay_mask",
            "BACKENDS", "DISTRIBUTIONS", "TorchBackend", "get_backend", "tensor_seed",
            "SCHEDULES", "learning_rate"]

@@ -1,31 +1,47 @@
-"""Zeroth-order gradient estimators (SPSA and n-SPSA), the heart of MeZO.
+"""Zeroth-order gradient estimators: SPSA (two- or one-sided, n-SPSA), FZOO and LOZO.
 
 For a direction z ~ N(0, I) (or Rademacher) and a small ε, SPSA estimates the
 directional derivative of the loss L at θ:
 
-    g = (L(θ + εz) − L(θ − εz)) / 2ε  ≈  zᵀ∇L(θ),
+    two-sided:  g = (L(θ + εz) − L(θ − εz)) / 2ε   ≈ zᵀ∇L(θ)   (2 forwards per direction)
+    one-sided:  g = (L(θ + εz) − L(θ)) / ε         ≈ zᵀ∇L(θ)   (1 forward per direction, +1 for L(θ))
 
-and the gradient estimate is g·z. n-SPSA averages n such estimates. Only the scalar
-``g`` and the seed of z are kept: the step is a list of (seed, projected_grad) pairs.
+and the gradient estimate is ĝ = g·z. n-SPSA averages n such estimates. Only the scalar
+``g`` and the seed of z are kept: an :class:`Estimate` is a list of (seed, g) pairs plus the
+few scalars an optimizer or backend needs to replay the step exactly (``extra``).
+
+Every estimator has ``estimate(params, loss_fn, seeds, step=0) -> Estimate`` and the
+attributes ``backend`` and ``distribution`` that the optimizer must use to regenerate z.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from zoft.zo.perturb import PerturbationBackend, TorchBackend
+from zoft.zo.perturb import PerturbationBackend, TorchBackend, _unround_add, tensor_seed
 
 LossFn = Callable[[], float]
 
 
 @dataclass
 class Estimate:
-    """Outcome of one estimator call: the mean of L+ and L−, and one (seed, g) per direction."""
+    """Outcome of one estimator call.
+
+    Attributes:
+        loss: the loss reported for the step (mean of the probed losses, or L(θ) when measured).
+        directions: one (seed, g) per direction; the update is θ ← θ − lr·(1/n)·Σ gᵢ zᵢ.
+        forwards: forward passes this estimate spent (the budget unit of bench/convergence.py).
+        extra: JSON-able scalars needed to replay the update from a record (e.g. the
+            conservative optimizer's choice, LOZO's V seed).
+    """
 
     loss: float
     directions: list[tuple[int, float]] = field(default_factory=list)
+    forwards: int = 0
+    extra: dict[str, float | int] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -44,30 +60,184 @@ def spsa(params: Sequence[torch.Tensor], loss_fn: LossFn, seed: int, eps: float,
     return loss_plus, loss_minus
 
 
+@torch.no_grad()
+def probe(params: Sequence[torch.Tensor], loss_fn: LossFn, seed: int, eps: float,
+          backend: PerturbationBackend, distribution: str = "gaussian") -> float:
+    """One one-sided probe, in place: returns ``L(θ+εz)`` and leaves θ restored."""
+    backend.add_noise_(params, seed, +eps, distribution)              # θ + εz
+    loss = float(loss_fn())
+    backend.add_noise_(params, seed, 0.0, distribution, undo=+eps)    # back to θ
+    return loss
+
+
 @dataclass
 class SPSA:
-    """n-SPSA: ``n_directions`` probes at the same θ, each with its own seed.
+    """n-SPSA (MeZO): ``n_directions`` probes at the same θ, each with its own seed.
 
     Args:
         eps: perturbation scale ε (MeZO default 1e-3).
         n_directions: number of directions n averaged per step (MeZO's n-SPSA).
         distribution: "gaussian" (MeZO) or "rademacher".
         backend: the perturbation backend.
+        one_sided: measure L(θ) once and use (L(θ+εzᵢ) − L(θ))/ε: n+1 forwards instead of 2n,
+            at the price of an O(ε) bias and a noisier g for n = 1.
     """
 
     eps: float = 1e-3
     n_directions: int = 1
     distribution: str = "gaussian"
     backend: PerturbationBackend = field(default_factory=TorchBackend)
+    one_sided: bool = False
 
-    def estimate(self, params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int]) -> Estimate:
+    def estimate(self, params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int],
+                 step: int = 0) -> Estimate:
         assert len(seeds) == self.n_directions, "one seed per direction"
+        if self.one_sided:
+            loss0 = float(loss_fn())
+            directions = [(s, (probe(params, loss_fn, s, self.eps, self.backend, self.distribution) - loss0) / self.eps)
+                          for s in seeds]
+            return Estimate(loss=loss0, directions=directions, forwards=len(seeds) + 1)
         losses, directions = [], []
         for seed in seeds:
             loss_plus, loss_minus = spsa(params, loss_fn, seed, self.eps, self.backend, self.distribution)
             losses += [loss_plus, loss_minus]
             directions.append((seed, (loss_plus - loss_minus) / (2 * self.eps)))
-        return Estimate(loss=sum(losses) / len(losses), directions=directions)
+        return Estimate(loss=sum(losses) / len(losses), directions=directions, forwards=len(losses))
 
 
-ESTIMATORS = {"spsa": SPSA}
+@dataclass
+class FZOO:
+    """FZOO (Dang et al. 2025, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large Language
+    Models towards Adam-Scale Speed", arXiv:2506.09034).
+
+    N one-sided Rademacher probes uᵢ around the same θ, and a step normalised by the spread of
+    the perturbed losses lᵢ = L(θ + εuᵢ):
+
+        θ ← θ − η/(N·σ) · Σᵢ (lᵢ − l₀) uᵢ,    l₀ = L(θ),  σ = std(l₁ … l_N)
+
+    Since lᵢ − l₀ ≈ ε uᵢᵀ∇L and std over uᵢ of uᵢᵀ∇L is ‖∇L‖, ε cancels and the step is a
+    zeroth-order normalised-SGD step of length ≈ η (the paper's Adam-like adaptivity). Here it
+    is an estimate gᵢ = (lᵢ − l₀)/σ that plain ZO-SGD applies as θ ← θ − η·(1/N)·Σ gᵢ uᵢ, so it
+    composes with every optimizer. N+1 forwards per step; no extra memory. The paper batches the
+    N perturbed forwards into one; here they run one after another (same count of forwards).
+    """
+
+    eps: float = 1e-3
+    n_directions: int = 8
+    backend: PerturbationBackend = field(default_factory=TorchBackend)
+    distribution: str = "rademacher"
+
+    def estimate(self, params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int],
+                 step: int = 0) -> Estimate:
+        assert len(seeds) == self.n_directions >= 2, "FZOO needs N >= 2 directions (σ of the losses)"
+        loss0 = float(loss_fn())
+        losses = [probe(params, loss_fn, s, self.eps, self.backend, self.distribution) for s in seeds]
+        sigma = statistics_std(losses)
+        # all probes equal (e.g. an accuracy objective on a small batch): no information, no step
+        directions = [(s, (l - loss0) / sigma if sigma > 0 else 0.0) for s, l in zip(seeds, losses)]
+        return Estimate(loss=loss0, directions=directions, forwards=len(seeds) + 1, extra={"sigma": sigma})
+
+
+def statistics_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (n − 1 in the denominator)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+class LowRankBackend:
+    """LOZO's perturbations: a weight matrix W (m×n) moves along z = U Vᵀ/√r, not a dense z.
+
+    U (m×r) is drawn from the step's seed; V (n×r) from ``v_seed``, which the LOZO estimator
+    changes only every ν steps (lazy sampling). Tensors that are not matrices, or whose smaller
+    side is ≤ r, get a dense Gaussian z as in MeZO. The 1/√r makes E[z_ij²] = 1, so ε and lr
+    are on MeZO's scale; the paper's ĝ = ΔL/(2ε)·UVᵀ/r is the same step with ε rescaled by √r.
+    A pass draws (m+n)·r numbers per matrix instead of m·n and applies them with one addmm.
+    """
+
+    name = "lowrank"
+
+    def __init__(self, rank: int = 2, dense: PerturbationBackend | None = None) -> None:
+        self.rank, self.dense = rank, dense or TorchBackend()
+        self.v_seed = 0
+
+    def _factors(self, param: torch.Tensor, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m, n = param.shape
+        gen = torch.Generator(device=param.device)
+        gen.manual_seed(tensor_seed(seed, index))
+        u = torch.randn(m, self.rank, generator=gen, device=param.device)
+        gen.manual_seed(tensor_seed(self.v_seed, index) ^ 0x5A5A)
+        v = torch.randn(n, self.rank, generator=gen, device=param.device)
+        return u / math.sqrt(self.rank), v
+
+    def _is_lowrank(self, param: torch.Tensor) -> bool:
+        return param.dim() == 2 and min(param.shape) > self.rank
+
+    def direction(self, param: torch.Tensor, seed: int, index: int, distribution: str = "gaussian",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._is_lowrank(param):
+            return self.dense.direction(param, seed, index, distribution, out=out)
+        u, v = self._factors(param, seed, index)
+        return torch.mm(u, v.T, out=out) if out is not None else u @ v.T
+
+    @torch.no_grad()
+    def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
+                   distribution: str = "gaussian", undo: float = 0.0) -> None:
+        for index, p in enumerate(params):
+            if not self._is_lowrank(p):
+                _dense_one(self.dense, p, seed, index, scale, distribution, undo)
+                continue
+            u, v = self._factors(p, seed, index)
+            if p.dtype in (torch.float32, torch.float64):
+                p.addmm_(u.to(p.dtype), v.T.to(p.dtype), alpha=scale - undo)
+            else:   # round once, and invert the earlier rounding exactly (see TorchBackend)
+                z = u @ v.T
+                theta = _unround_add(p, z, undo) if undo else p.float()
+                p.copy_(theta.add_(z, alpha=scale))
+
+
+def _dense_one(backend: PerturbationBackend, p: torch.Tensor, seed: int, index: int, scale: float,
+               distribution: str, undo: float) -> None:
+    """Dense z for one tensor at its index in the full list (so replay matches the whole-list pass)."""
+    z = backend.direction(p, seed, index, distribution)
+    if p.dtype in (torch.float32, torch.float64):
+        p.add_(z.to(p.dtype), alpha=scale - undo)
+    else:
+        theta = _unround_add(p, z, undo) if undo else p.float()
+        p.copy_(theta.add_(z, alpha=scale))
+
+
+@dataclass
+class LOZO:
+    """LOZO (Chen et al. 2024, "Enhancing Zeroth-order Fine-tuning for Language Models with
+    Low-rank Structures", arXiv:2410.07698): two-sided SPSA along low-rank directions.
+
+    Each matrix W moves along z = UVᵀ/√r (see :class:`LowRankBackend`); V is resampled only every
+    ``nu`` steps, so consecutive steps explore the same rank-r column space (lazy sampling):
+
+        g = (L(θ + εz) − L(θ − εz)) / 2ε,    θ ← θ − lr·g·z
+
+    2 forwards per direction, no extra memory. ``v_seed`` is recorded in ``Estimate.extra`` so a
+    replay can set ``backend.v_seed`` before re-applying the update.
+    """
+
+    eps: float = 1e-3
+    n_directions: int = 1
+    rank: int = 2
+    nu: int = 50
+    seed: int = 0
+    backend: LowRankBackend = field(default_factory=LowRankBackend)
+    distribution: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        self.backend.rank = self.rank
+
+    def estimate(self, params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int],
+                 step: int = 0) -> Estimate:
+        # V is a pure function of (run seed, step // ν): resume replays the same lazy schedule
+        self.backend.v_seed = tensor_seed(self.seed, step // self.nu)
+        inner = SPSA(self.eps, len(seeds), self.distribution, self.backend).estimate(params, loss_fn, seeds)
+        inner.extra["v_seed"] = self.backend.v_seed
+        return inner
+
+
+ESTIMATORS = {"spsa": SPSA, "fzoo": FZOO, "lozo": LOZO}

@@ -23,7 +23,7 @@ from zoft.zo.estimator import Estimate, LossFn
 
 @torch.no_grad()
 def zo_step(params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int], lr: float,
-            estimator, optimizer, *, exchange: Callable[[Estimate], Estimate] | None = None,
+            estimator, optimizer, *, step: int = 0, exchange: Callable[[Estimate], Estimate] | None = None,
             check: Callable[[Estimate], None] | None = None) -> Estimate:
     """Probe ``seeds`` with ``estimator`` and apply the update with ``optimizer``, in place.
 
@@ -32,18 +32,20 @@ def zo_step(params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int
         loss_fn: the objective on this step's batch; called in the order the estimator probes.
         seeds: the directions this process probes.
         lr: this step's learning rate.
-        estimator: has ``estimate(params, loss_fn, seeds) -> Estimate``, ``backend``, ``distribution``.
-        optimizer: has ``update(params, estimate, lr, backend, distribution)``.
+        estimator: has ``estimate(params, loss_fn, seeds, step) -> Estimate``, ``backend``, ``distribution``.
+        optimizer: has ``update(params, estimate, lr, backend, distribution, loss_fn)``; some call
+            ``loss_fn`` again (conservative), which the tape records like the probes.
+        step: the step index (LOZO resamples its low-rank factor from it).
         exchange: maps the local estimate to the one applied (direction-parallel gathers every rank's).
         check: called after the probes, before any update; an exception leaves θ as it was.
 
     Returns:
         The estimate that was applied.
     """
-    estimate = estimator.estimate(params, loss_fn, seeds)          # ±εz probes, θ restored
+    estimate = estimator.estimate(params, loss_fn, seeds, step=step)   # ±εz probes, θ restored
     if exchange is not None:
         estimate = exchange(estimate)                               # all ranks' (seed, g) pairs
     if check is not None:
         check(estimate)                                             # NaN guard: nothing applied yet
-    optimizer.update(params, estimate, lr, estimator.backend, estimator.distribution)
+    optimizer.update(params, estimate, lr, estimator.backend, estimator.distribution, loss_fn=loss_fn)
     return estimate

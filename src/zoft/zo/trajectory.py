@@ -186,7 +186,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Trajectory, estimator, op
                                 f"{applied.directions[0]}: the estimator differs from the one that trained")
             return applied
 
-        zo_step(params, tape, probed, record.lr, estimator, optimizer, exchange=exchange)
+        zo_step(params, tape, probed, record.lr, estimator, optimizer, step=t, exchange=exchange)
         tape.check_used()
         if progress is not None:
             progress(t + 1)
