@@ -61,7 +61,7 @@ def test_generation_acc_and_f1():
 
 
 def test_registry_and_errors():
-    assert set(METRICS) == {"acc", "f1", "exact_match", "squad_f1", "qwk"}
+    assert set(METRICS) == {"acc", "f1", "exact_match", "squad_f1", "qwk", "response_acc"}
     with pytest.raises(ZoftError, match="unknown metric 'bleu'"):
         compute_metric("bleu", [], [])
     with pytest.raises(ValueError):
