@@ -65,6 +65,28 @@ def _lane_directions(seed, tensor_index, block, RADEMACHER: tl.constexpr):
 
 
 @triton.jit
+def _widen(p, DTYPE: tl.constexpr):
+    """A parameter value as fp32 (exact)."""
+    if DTYPE == tl.bfloat16:
+        return ((p.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        return p.to(tl.float32)
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """fp32 → DTYPE, round to nearest even. bf16 is rounded with integer arithmetic because the
+    Triton interpreter truncates fp32 → bf16; this way CPU tests and GPU agree bit for bit."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16     # ties to even; carries into the exponent
+        kept = tl.where(x != x, bits >> 16, rounded)              # NaN stays NaN
+        return kept.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _unround(p, x, step, DTYPE: tl.constexpr, BITS: tl.constexpr):
     """θ (fp32) with ``round(θ + step) == p``: the exact inverse of an earlier rounded add.
 
@@ -72,17 +94,17 @@ def _unround(p, x, step, DTYPE: tl.constexpr, BITS: tl.constexpr):
     neighbours (bit pattern ±1); take the first that adds back to ``p``. Where none does
     (a move across a binade merged two values) the guess is kept: an ulp of error remains.
     """
-    guess = (x - step).to(DTYPE)
+    guess = _round(x - step, DTYPE)
     bits = guess.to(BITS, bitcast=True)
     up = (bits + 1).to(DTYPE, bitcast=True)
     down = (bits - 1).to(DTYPE, bitcast=True)
-    hit_guess = (guess.to(tl.float32) + step).to(DTYPE) == p
-    hit_up = (up.to(tl.float32) + step).to(DTYPE) == p
-    hit_down = (down.to(tl.float32) + step).to(DTYPE) == p
+    hit_guess = _round(_widen(guess, DTYPE) + step, DTYPE) == p
+    hit_up = _round(_widen(up, DTYPE) + step, DTYPE) == p
+    hit_down = _round(_widen(down, DTYPE) + step, DTYPE) == p
     best = tl.where(hit_down, down, guess)
     best = tl.where(hit_up, up, best)
     best = tl.where(hit_guess, guess, best)
-    return best.to(tl.float32)
+    return _widen(best, DTYPE)
 
 
 @triton.jit
@@ -91,15 +113,15 @@ def _combine_lane(ptr, offs, n, za, zb, undo_a, coef_a, coef_b,
                   ROUND_MID: tl.constexpr):
     mask = offs < n
     p = tl.load(ptr + offs, mask=mask)
-    x = p.to(tl.float32)
+    x = _widen(p, DTYPE)
     if HAS_UNDO:
         x = _unround(p, x, undo_a * za, DTYPE, BITS)
     x = x + coef_a * za
     if HAS_B:
         if ROUND_MID:
-            x = x.to(DTYPE).to(tl.float32)   # the updated θ is a stored value, as with separate passes
+            x = _widen(_round(x, DTYPE), DTYPE)   # the updated θ is a stored value, as with separate passes
         x = x + coef_b * zb
-    tl.store(ptr + offs, x.to(DTYPE), mask=mask)
+    tl.store(ptr + offs, _round(x, DTYPE), mask=mask)
 
 
 @triton.jit
