@@ -61,7 +61,7 @@ def test_z_is_the_specified_philox_stream(device, distribution):
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 def test_z_statistics_and_independence(device, distribution):
-    backend, n = TritonBackend(), 3 * 4096
+    backend, n = TritonBackend(), 2 * 4096
     z = {(s, i): backend.direction(torch.zeros(n, device=device), s, i, distribution).cpu().double()
          for s in (1, 2) for i in (0, 1)}
     bound = 5 / n ** 0.5      # five standard errors of a mean or a correlation of n values
@@ -96,7 +96,7 @@ def test_multi_tensor_launch_equals_per_tensor_formula(device, dtype):
     """One launch over tensors of mixed sizes (and a second dtype) == p + s·z per tensor,
     with z from single-tensor launches: the table of chunks addresses every element once."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(4096 * 8 + 5,), (3, 7), (1,), (64, 65), (0,), (200,)]
+    shapes = [(4096 * 8 + 5,), (3, 7), (1,), (0,), (200,)]   # the first spans two programs
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     params.insert(2, torch.randn(50, generator=gen).to(device, torch.float32))   # a second dtype group
     before = [p.clone() for p in params]
@@ -153,8 +153,8 @@ def test_round_trip_fp32_within_one_ulp(device, distribution):
     """+εz, then −εz (the MeZO passes) restore θ within 1 ulp, and bit-exactly almost everywhere:
     only where θ ± εz crossed into a coarser binade was a bit of θ rounded away."""
     backend, eps = TritonBackend(), 1e-3
-    p = torch.randn(20000, generator=torch.Generator().manual_seed(3)).to(device)
-    for seed in range(3):
+    p = torch.randn(8192, generator=torch.Generator().manual_seed(3)).to(device)
+    for seed in range(2):
         theta = p.clone()
         backend.combine_([p], then=(seed, eps))                     # θ + εz
         plus = p.clone()
@@ -172,7 +172,7 @@ def test_round_trip_low_precision_is_exact_almost_everywhere(device, dtype):
     """10 lr=0 MeZO steps in bf16/fp16: the exact undo keeps > 97% of weights bit-exact, where a
     naive ±ε round trip (three rounded adds, same z) changes most of them."""
     backend, eps = TritonBackend(), 1e-3
-    p = torch.randn(8192, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    p = torch.randn(4096, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     p0, naive = p.clone(), p.float().clone()
     for seed in range(10):
         backend.combine_([p], then=(seed, eps))
