@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     dst = torch.empty_like(src)
     copy_ms = timed(lambda: dst.copy_(src), max(args.repeats, 5), warmup=2)
     copy_gbs = 2 * copy_bytes / copy_ms / 1e6      # read + write
-    del src, dst
+    src = dst = None   # free before any model is built
 
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, Triton interpreter)"
     meta = {"device": device_name, "torch": torch.__version__, "triton": __import__("triton").__version__,
