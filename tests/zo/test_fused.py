@@ -138,7 +138,8 @@ def test_checkpoints_hold_theta_and_resume_is_exact(tmp_path, device):
 
 def test_triton_trains_tiny_llama_like_torch(device):
     """Loss decrease of ZO-SGD on tiny-llama's LM head over 6 fused steps: the Triton run falls
-    inside the spread of 20 torch-backend runs (different z streams, same distribution)."""
+    inside the spread of 20 torch-backend runs (different z streams, same distribution).
+    Only the head rows of tokens 0..63 train (the targets are all among them): one z-block."""
     ids = torch.randint(5, 60, (8, 12), generator=torch.Generator().manual_seed(0)).to(device)
     model = tiny_random_model("causal", seed=0).model.to(device)
     head = model.lm_head.weight
@@ -154,7 +155,7 @@ def test_triton_trains_tiny_llama_like_torch(device):
     @torch.no_grad()
     def decrease(backend, seed):
         head.copy_(head0)
-        fused = FusedZOSGD([head], backend, 1e-3)
+        fused = FusedZOSGD([head[:64]], backend, 1e-3)   # a contiguous view: updated in place
         for step in range(6):
             fused.step(loss, seed=1000 * seed + step, lr=1e-2, next_seed=1000 * seed + step + 1)
         fused.settle()
@@ -164,6 +165,7 @@ def test_triton_trains_tiny_llama_like_torch(device):
     mean, std = reference.mean().item(), reference.std().item()
     assert mean > 3 * std / 20 ** 0.5                    # the torch runs do train
     triton = decrease(TritonBackend(), 0)
+    print(f"loss decrease: torch {mean:.4f} ± {std:.4f} (20 runs), triton {triton:.4f}")
     assert triton > 0 and abs(triton - mean) < 4 * std
 
 
