@@ -197,6 +197,16 @@ def test_backend_selection_and_bad_input(device, monkeypatch):
         TritonBackend().combine_([torch.zeros(4, dtype=torch.float64, device=device)], then=(1, 0.1))
     with pytest.raises(ZoftError, match="not contiguous"):
         TritonBackend().combine_([torch.zeros(4, 4, device=device).t()], then=(1, 0.1))
+    if device == "cpu":
+        with pytest.raises(ZoftError, match="fast_math needs a CUDA GPU"):
+            TritonBackend(fast_math=True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ZoftError, match="needs CUDA tensors"):
         TritonBackend().combine_([torch.zeros(4)], then=(1, 0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="approximate GPU math: CUDA only")
+def test_fast_math_z_is_close_to_precise_z():
+    p = torch.zeros(3 * 4096, device="cuda")
+    precise, fast = TritonBackend().direction(p, 3, 1), TritonBackend(fast_math=True).direction(p, 3, 1)
+    torch.testing.assert_close(fast, precise, rtol=0, atol=1e-4)

@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from zoft.errors import ZoftError
 from zoft.zo.perturb import DISTRIBUTIONS, Term, plan_launches
@@ -43,7 +44,21 @@ _TL_BITS = {torch.float32: tl.int32, torch.bfloat16: tl.int16, torch.float16: tl
 
 
 @triton.jit
-def _lane_directions(seed, tensor_index, block, RADEMACHER: tl.constexpr):
+def _normal_pair(i1, i2, FAST_MATH: tl.constexpr):
+    """Box-Muller, as ``tl.randn4x`` does it; FAST_MATH swaps in the GPU's approximate
+    log/sin/cos (MUFU), which the interpreter lacks, to keep the pass memory-bound."""
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+    th = 6.283185307179586 * tl.uint_to_uniform_float(i2)
+    if FAST_MATH:
+        r = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+        return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
+def _lane_directions(seed, tensor_index, block, RADEMACHER: tl.constexpr, FAST_MATH: tl.constexpr):
     """The four [ROWS, COLS] lanes of z for one z-block; element (k, r, c) sits at
     offset ``k·ROWS·COLS + r·COLS + c`` of the block."""
     rows = tl.arange(0, 32)[:, None]
@@ -60,7 +75,9 @@ def _lane_directions(seed, tensor_index, block, RADEMACHER: tl.constexpr):
         z3 = 1.0 - 2.0 * ((w3 >> shift) & 1).to(tl.float32)
     else:
         counter = base | (block * 1024 + rows * 32 + cols).to(tl.int64)
-        z0, z1, z2, z3 = tl.randn4x(seed, counter)
+        i0, i1, i2, i3 = tl.randint4x(seed, counter)
+        z0, z1 = _normal_pair(i0, i1, FAST_MATH)
+        z2, z3 = _normal_pair(i2, i3, FAST_MATH)
     return z0, z1, z2, z3
 
 
@@ -129,7 +146,7 @@ def _combine_kernel(addr_ptr, numel_ptr, index_ptr, chunk_slot_ptr, chunk_start_
                     seed_a, undo_a, coef_a, seed_b, coef_b,
                     DTYPE: tl.constexpr, BITS: tl.constexpr, HAS_UNDO: tl.constexpr, HAS_B: tl.constexpr,
                     B_IS_A: tl.constexpr, ROUND_MID: tl.constexpr, RADEMACHER: tl.constexpr,
-                    BLOCKS_PER_PROGRAM: tl.constexpr):
+                    FAST_MATH: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
     """p ← round([round](unround(p, undo_a·z_a) + coef_a·z_a) + coef_b·z_b), per element."""
     pid = tl.program_id(0)
     slot = tl.load(chunk_slot_ptr + pid)
@@ -142,10 +159,10 @@ def _combine_kernel(addr_ptr, numel_ptr, index_ptr, chunk_slot_ptr, chunk_start_
         first = start + i * 4096
         if first < n:
             block = first // 4096
-            a0, a1, a2, a3 = _lane_directions(seed_a, tensor_index, block, RADEMACHER)
+            a0, a1, a2, a3 = _lane_directions(seed_a, tensor_index, block, RADEMACHER, FAST_MATH)
             b0, b1, b2, b3 = a0, a1, a2, a3
             if HAS_B and not B_IS_A:
-                b0, b1, b2, b3 = _lane_directions(seed_b, tensor_index, block, RADEMACHER)
+                b0, b1, b2, b3 = _lane_directions(seed_b, tensor_index, block, RADEMACHER, FAST_MATH)
             _combine_lane(ptr, first + tile, n, a0, b0, undo_a, coef_a, coef_b,
                           DTYPE, BITS, HAS_UNDO, HAS_B, ROUND_MID)
             _combine_lane(ptr, first + 1024 + tile, n, a1, b1, undo_a, coef_a, coef_b,
@@ -205,13 +222,19 @@ class TritonBackend:
     """Fused Triton passes: one launch per dtype over all tensors, z never stored.
 
     Works on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for tests).
+
+    Args:
+        fast_math: Gaussian z through the GPU's approximate log/sin/cos (CUDA only). Changes z
+            in the last bits, so it is part of a run's identity too; off by default until measured.
     """
 
     name = "triton"
-    supports_combine = True
 
-    def __init__(self) -> None:
+    def __init__(self, fast_math: bool = False) -> None:
+        if fast_math and os.environ.get("TRITON_INTERPRET") == "1":
+            raise ZoftError("triton backend: fast_math needs a CUDA GPU (the interpreter has no approximate math)")
         self._groups: dict[tuple, list[_Group]] = {}
+        self.fast_math = fast_math
 
     def _tables(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> list[_Group]:
         # The tables hold only addresses and sizes, which is exactly the key: a tensor freed and
@@ -238,7 +261,8 @@ class TritonBackend:
                 _seed_key(seed_a), float(undo_a), float(coef_a), _seed_key(seed_b), float(coef_b),
                 DTYPE=_TL_DTYPES[g.dtype], BITS=_TL_BITS[g.dtype], HAS_UNDO=bool(undo_a),
                 HAS_B=b is not None, B_IS_A=b is not None and seed_b == seed_a, ROUND_MID=bool(round_mid),
-                RADEMACHER=distribution == "rademacher", BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
+                RADEMACHER=distribution == "rademacher", FAST_MATH=self.fast_math,
+                BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
                 num_warps=4, enable_fp_fusion=False)
 
     @torch.no_grad()
