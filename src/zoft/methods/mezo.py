@@ -23,6 +23,8 @@ from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
 from zoft.zo import FZOO, LOZO, SPSA, LowRankBackend, build_optimizer, get_backend, learning_rate
 from zoft.zo.flat import flatten_
+from zoft.zo.fused import FusedZOSGD
+from zoft.zo.estimator import Estimate
 from zoft.zo.step import zo_step
 
 
@@ -90,7 +92,30 @@ class ZOStep:
     estimator: object
     optimizer: object
     trainable: Trainable
+    fused: FusedZOSGD | None = None   # the 2-pass step, when the configuration allows it
     recorder: object = None        # a TrajectoryRecorder, if the run keeps its trajectory
+
+
+def fused_stepper(cfg, params, estimator, par=None, offloader=None) -> FusedZOSGD | None:
+    """The 2-pass fused step (zo/fused.py) where it computes the same update as zo_step: one
+    two-sided SPSA direction, plain ZO-SGD without weight decay, a backend with ``combine_``, one
+    process, no offload, and ``fused=true`` (the default). Training and replay both decide here."""
+    plain = (cfg.fused and cfg.estimator == "spsa" and not cfg.one_sided and cfg.n_directions == 1 and cfg.optimizer == "zo-sgd"
+             and not cfg.weight_decay)
+    if not plain or par is not None or offloader is not None or not hasattr(estimator.backend, "combine_"):
+        return None
+    return FusedZOSGD(params, estimator.backend, cfg.eps, cfg.distribution)
+
+
+def settles_after(cfg, done: int) -> bool:
+    """Whether ``training.train_loop`` settles the weights after step ``done`` (eval or save)."""
+    save_every = cfg.save_every or cfg.eval_every
+    return done % cfg.eval_every == 0 or done % save_every == 0 or done == cfg.steps
+
+
+def fused_next_seed(cfg, step: int) -> int | None:
+    """The direction the fused step leaves pending after ``step`` (None after the last step)."""
+    return direction_seed(cfg.seed, step + 1) if step + 1 < cfg.steps else None
 
 
 def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | None = None,
@@ -101,6 +126,7 @@ def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | 
     estimator, optimizer = zo_components(cfg, next(iter(named.values())).device)
     if offloader is not None:
         estimator.backend = offloader.backend(estimator.backend, params)
+    fused = fused_stepper(cfg, params, estimator, par, offloader)
 
     @torch.no_grad()
     def step_fn(step: int) -> dict:
@@ -114,6 +140,12 @@ def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | 
             tape.append(float(loss_fn()))
             return tape[-1]
         lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+        if fused is not None:   # 2 weight passes: this step's update fused with the next +εz
+            loss_plus, loss_minus, g = fused.step(taped_loss, seeds[0], lr, fused_next_seed(cfg, step))
+            check_finite(step, loss=(loss_plus + loss_minus) / 2, projected_grad=g)
+            if zo.recorder is not None:
+                zo.recorder.record(Estimate(loss=(loss_plus + loss_minus) / 2, directions=[(seeds[0], g)]), lr, tape)
+            return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, "lr": lr, "forwards": 2}
         estimate = zo_step(params, taped_loss, seeds, lr, estimator, optimizer, step=step,
                            exchange=par.exchange(step) if par else None,
                            check=lambda e: check_finite(step, loss=e.loss,
@@ -126,8 +158,9 @@ def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | 
 
     state = optimizer.state_dict
     trainable = Trainable(named, get_optimizer_state=lambda: state() or None,
-                          set_optimizer_state=optimizer.load_state_dict)
-    zo = ZOStep(step_fn, params, estimator, optimizer, trainable)
+                          set_optimizer_state=optimizer.load_state_dict,
+                          settle=fused.settle if fused is not None else (lambda: None))
+    zo = ZOStep(step_fn, params, estimator, optimizer, trainable, fused)
     return zo
 
 
@@ -145,7 +178,7 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     writer = par is None or par.is_writer
     if cfg.trajectory:
         zo.recorder = TrajectoryRecorder(setup, run_dir, zo.trainable.tensors, zo.estimator, zo.optimizer, par,
-                                         params=zo.params)
+                                         params=zo.params, fused=zo.fused)
     recorder = zo.recorder
 
     def dev_fn() -> float:

@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from zoft.errors import ZoftError
 from zoft.training import TrainState
 from zoft.zo.estimator import Estimate
-from zoft.zo.trajectory import FILENAME, FORMAT, VERSION, Trajectory, check_base, replay, tensors_sha
+from zoft.zo.trajectory import (FILENAME, FORMAT, VERSION, FusedSchedule, Trajectory, check_base, replay,
+                                tensors_sha)
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,9 @@ class TrajectoryRecorder:
     """Keeps a MeZO run's trajectory: one record per step, saved at each checkpoint."""
 
     def __init__(self, setup, run_dir, named: dict[str, torch.Tensor], estimator, optimizer, par=None,
-                 params: list[torch.Tensor] | None = None):
+                 params: list[torch.Tensor] | None = None, fused=None):
         cfg = setup.cfg
+        self.fused = fused_schedule(cfg, fused)
         self.run_dir, self.named, self.estimator, self.optimizer = run_dir, named, estimator, optimizer
         self.params = params if params is not None else list(named.values())   # what the passes see (flat?)
         self.trajectory: Trajectory | None = Trajectory({
@@ -47,6 +50,7 @@ class TrajectoryRecorder:
             "torch": torch.__version__,
             "n_probed": cfg.n_directions,                   # seeds per step this process probed itself
             "parallel": cfg.parallel, "world_size": par.world if par else 1,
+            "fused": fused is not None,                     # 2-pass steps: replay runs the same passes
         })
 
     @property
@@ -79,9 +83,18 @@ class TrajectoryRecorder:
         loaded = self.trajectory.header
         check_base(saved.header, loaded["base"]["identity"], loaded["init_sha"], where=str(self.path))
         with tqdm(total=saved.steps, desc="replay", disable=not saved.header["config"].get("progress")) as bar:
-            replay(self.params, saved, self.estimator, self.optimizer, progress=lambda t: bar.update(1))
+            replay(self.params, saved, self.estimator, self.optimizer, progress=lambda t: bar.update(1),
+                   fused=self.fused)
         self.trajectory.records = saved.records
         return TrainState(**saved.header["state"])
+
+
+def fused_schedule(cfg, fused) -> FusedSchedule | None:
+    """The pass schedule of a fused-step run (None when the run did not use the fused step)."""
+    if fused is None:
+        return None
+    from zoft.methods.mezo import fused_next_seed, settles_after
+    return FusedSchedule(fused, lambda t: fused_next_seed(cfg, t), lambda done: settles_after(cfg, done))
 
 
 def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: str | None = None,
@@ -95,7 +108,7 @@ def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: 
     from zoft.adapters import named_trainable
     from zoft.config import load_config
     from zoft.methods.common import Setup
-    from zoft.methods.mezo import trained_params, zo_components
+    from zoft.methods.mezo import fused_stepper, trained_params, zo_components
     from zoft.models import load_model
 
     traj = Trajectory.load(trajectory_path)
@@ -110,8 +123,14 @@ def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: 
         log.warning("replaying a %s trajectory on %s: close to the trained weights, not bit-identical",
                     header["device_type"], cfg.device)
     estimator, optimizer = zo_components(cfg)
+    params = trained_params(cfg, named)
+    # the header says how the run stepped (a data-parallel run, say, did not fuse)
+    fused = fused_stepper(cfg, params, estimator) if header.get("fused") else None
+    if header.get("fused") and fused is None:
+        raise ZoftError(f"{trajectory_path}: recorded with the fused 2-pass step, which backend "
+                        f"'{estimator.backend.name}' cannot replay")
     with tqdm(total=traj.steps, desc="replay", disable=not progress) as bar:
-        replay(trained_params(cfg, named), traj, estimator, optimizer, progress=lambda t: bar.update(1))
+        replay(params, traj, estimator, optimizer, progress=lambda t: bar.update(1), fused=fused_schedule(cfg, fused))
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import torch
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
+Term = tuple[int, float]   # (seed, coefficient): the term coefficient·z(seed)
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -44,6 +46,20 @@ class PerturbationBackend(Protocol):
         """z for tensor ``index`` as a float32 tensor (into ``out`` if given)."""
         ...
 
+    def combine_(self, params: Sequence[torch.Tensor], terms: Sequence[Term] = (),
+                 distribution: str = "gaussian", undo: Term | None = None, then: Term | None = None) -> None:
+        """The multi-term pass, per element, with ``rnd`` the rounding to the parameter's dtype:
+
+            θ  = unround(p, undo)                      exact inverse of an earlier add of undo
+            θ' = rnd(θ + Σ_(s,c) ∈ terms c·z(s))       the new stored point
+            p ← rnd(θ' + c_then·z(s_then))             a pending perturbation on top of it
+
+        With ``then`` absent, ``p ← θ'``. The sums are done in fp32. This is what fuses the
+        end of one MeZO step with the start of the next (see ``zoft.zo.fused``): because θ'
+        is rounded before ``then`` is added, one fused pass equals the two separate passes.
+        """
+        ...
+
 
 class TorchBackend:
     """Reference backend: one seeded ``torch.Generator`` draw per tensor.
@@ -68,6 +84,7 @@ class TorchBackend:
 
     def direction(self, param: torch.Tensor, seed: int, index: int,
                   distribution: str = "gaussian", out: torch.Tensor | None = None) -> torch.Tensor:
+        """z for tensor ``index``, drawn in float32 (into ``out`` if given)."""
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution '{distribution}'; choose from {DISTRIBUTIONS}")
         gen = torch.Generator(device=param.device)
@@ -87,6 +104,87 @@ class TorchBackend:
             else:
                 theta = _unround_add(p, z, undo) if undo else p.float()
                 p.copy_(theta.add_(z, alpha=scale))   # add in float32, round once
+
+    @torch.no_grad()
+    def combine_(self, params: Sequence[torch.Tensor], terms: Sequence[Term] = (),
+                 distribution: str = "gaussian", undo: Term | None = None, then: Term | None = None) -> None:
+        """See ``PerturbationBackend.combine_``. One z draw per distinct seed and tensor.
+
+        fp32 tensors are updated in place, one ``add_`` per seed (undo included, as in
+        ``add_noise_``: a few ulp per step); bf16/fp16 go through a float32 copy, so their
+        undo is exact and their terms round once.
+        """
+        coeffs = _merge(terms)
+        for index, p in enumerate(params):
+            buf = self._buffer(p)
+            if p.dtype in (torch.float32, torch.float64):
+                if undo is not None:
+                    z = self.direction(p, undo[0], index, distribution, out=buf)
+                    p.add_(z.to(p.dtype), alpha=coeffs.get(undo[0], 0.0) - undo[1])
+                for seed, coeff in coeffs.items():
+                    if undo is None or seed != undo[0]:
+                        p.add_(self.direction(p, seed, index, distribution, out=buf).to(p.dtype), alpha=coeff)
+                if then is not None:
+                    p.add_(self.direction(p, then[0], index, distribution, out=buf).to(p.dtype), alpha=then[1])
+                continue
+            theta = p.float()
+            if undo is not None:
+                z = self.direction(p, undo[0], index, distribution, out=buf)
+                theta = _unround_add(p, z, undo[1]).add_(z, alpha=coeffs.get(undo[0], 0.0))
+            for seed, coeff in coeffs.items():
+                if undo is None or seed != undo[0]:
+                    theta.add_(self.direction(p, seed, index, distribution, out=buf), alpha=coeff)
+            if then is not None:
+                theta = theta.to(p.dtype).float()   # θ' is a stored value
+                theta.add_(self.direction(p, then[0], index, distribution, out=buf), alpha=then[1])
+            p.copy_(theta)
+
+
+def _merge(terms: Sequence[Term]) -> dict[int, float]:
+    """Coefficients summed per seed, in first-seen order."""
+    coeffs: dict[int, float] = {}
+    for seed, coeff in terms:
+        coeffs[seed] = coeffs.get(seed, 0.0) + coeff
+    return coeffs
+
+
+Launch = tuple[tuple[int, float, float], "tuple[int, float, bool] | None"]
+
+
+def plan_launches(terms: Sequence[Term], undo: Term | None, then: Term | None) -> list[Launch]:
+    """Split a ``combine_`` into passes that each regenerate at most two directions.
+
+    A pass is ``(a, b)``: ``a = (seed, undo, coeff)`` is undone then added, ``b = (seed, coeff,
+    round_first)`` is added too, after rounding θ' if ``round_first`` (it is ``then``), or None.
+    Up to two distinct seeds (a MeZO step, fused or not) make one pass, exactly as specified;
+    more seeds (n-SPSA updates) make more passes, each rounding its result.
+    """
+    coeffs = _merge(terms)
+    if undo is not None:
+        a = (undo[0], undo[1], coeffs.pop(undo[0], 0.0))
+    elif coeffs:
+        seed = next(iter(coeffs))
+        a = (seed, 0.0, coeffs.pop(seed))
+    elif then is not None:
+        return [((then[0], 0.0, then[1]), None)]
+    else:
+        return []
+    launches: list[Launch] = []
+    b = None
+    for seed, coeff in coeffs.items():
+        if b is None:
+            b = (seed, coeff, False)
+        else:
+            launches.append((a, b))
+            a, b = (seed, 0.0, coeff), None
+    if then is not None:
+        if b is None:
+            b = (then[0], then[1], True)
+        else:
+            launches.append((a, b))
+            a, b = (then[0], 0.0, then[1]), None
+    launches.append((a, b))
+    return launches
 
 
 def _unround_add(p: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -109,13 +207,27 @@ def _unround_add(p: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor
     return torch.where(exact, guess, best).float()
 
 
-BACKENDS: dict[str, Callable[[], PerturbationBackend]] = {"torch": TorchBackend}
+def _triton_backend() -> PerturbationBackend:
+    try:
+        from zoft.zo.triton_backend import TritonBackend
+    except ImportError as e:
+        from zoft.errors import ZoftError
+        raise ZoftError(f"the triton backend needs triton ({e}); use backend=torch") from None
+    return TritonBackend()
+
+
+def triton_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
+BACKENDS: dict[str, Callable[[], PerturbationBackend]] = {"torch": TorchBackend, "triton": _triton_backend}
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> PerturbationBackend:
-    """Backend by name; "auto" picks the fastest one available for ``device``."""
+    """Backend by name; "auto" picks triton on CUDA when it is installed, else torch."""
     if name == "auto":
-        name = "torch"
+        name = "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
     if name not in BACKENDS:
         from zoft.errors import ZoftError
         raise ZoftError(f"unknown perturbation backend '{name}'; choose from {sorted(BACKENDS)}")

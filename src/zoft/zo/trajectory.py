@@ -30,7 +30,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -165,15 +165,46 @@ def check_base(header: Mapping[str, Any], identity: str, init_sha: str | None, w
                                  f"hash to {init_sha}, the run started from {header['init_sha']}")
 
 
+@dataclass
+class FusedSchedule:
+    """How a run trained with the fused 2-pass step (zo/fused.py) ran its passes: the direction it
+    left pending after each step, and after which steps the training loop settled the weights."""
+
+    stepper: object                               # a zoft.zo.fused.FusedZOSGD over the params
+    next_seed: Callable[[int], int | None]        # step -> the seed left pending after it
+    settles_after: Callable[[int], bool]          # steps done -> whether training settled there
+
+
+def replay_fused(trajectory: Trajectory, schedule: FusedSchedule, steps: int | None = None, progress=None) -> None:
+    """Replay a fused-step trajectory: the same ``combine_`` passes, and a settle wherever training
+    settled, so the weights come back bit for bit. Ends settled (the weights are θ)."""
+    fused = schedule.stepper
+    for t, record in enumerate(trajectory.records[:steps]):
+        tape = _Tape(record.losses, t)
+        _, _, g = fused.step(tape, record.seeds[0], record.lr, schedule.next_seed(t))
+        if g != record.grads[0]:
+            raise ZoftError(f"replay: step {t} recomputes g = {g}, the run recorded {record.grads[0]}: "
+                            "the step differs from the one that trained")
+        tape.check_used()
+        if schedule.settles_after(t + 1):
+            fused.settle()
+        if progress is not None:
+            progress(t + 1)
+    fused.settle()
+
+
 def replay(params: Sequence[torch.Tensor], trajectory: Trajectory, estimator, optimizer,
-           steps: int | None = None, progress=None) -> None:
+           steps: int | None = None, progress=None, fused: FusedSchedule | None = None) -> None:
     """Re-apply the first ``steps`` records to ``params`` in place, through the training step function.
 
     Each step runs :func:`zo_step` with a loss function that reads the recorded tape, so the
     estimator's ±ε passes and the optimizer's update passes are the very ones training ran.
     The recomputed g must equal the recorded one to the bit; otherwise the estimator code has
     changed since the trajectory was written, and replay stops rather than build other weights.
+    A run trained with the fused step replays through :func:`replay_fused` (pass ``fused``).
     """
+    if fused is not None:
+        return replay_fused(trajectory, fused, steps, progress)
     n_probed = trajectory.header.get("n_probed")
     for t, record in enumerate(trajectory.records[:steps]):
         tape = _Tape(record.losses, t)
