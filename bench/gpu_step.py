@@ -207,6 +207,16 @@ def main(argv=None) -> None:
                 except Exception as e:   # an experiment: report it, keep the other columns
                     row["zoft_fast_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
+            # Rademacher z: 128 signs per Philox call instead of Box-Muller's log/sin/cos per pair of
+            # normals, so it shows how close the passes get to memory speed when z is cheap
+            rademacher = FusedZOSGD(params, backend, eps, distribution="rademacher")
+
+            def rademacher_step() -> None:
+                seed = next(counter)
+                rademacher.step(loss, seed, lr, next_seed=seed + 1)
+            row["zoft_rademacher_ms"] = timed(rademacher_step, args.repeats, warmup=2 if cuda else 1)
+            rademacher.settle()
+
             def flip() -> None:      # the −2ε pass: one direction
                 seed = next(counter)
                 backend.combine_(params, undo=(seed, eps), then=(seed, -eps))
@@ -224,7 +234,7 @@ def main(argv=None) -> None:
         except torch.OutOfMemoryError as e:
             row["skipped"] = f"out of GPU memory ({str(e).splitlines()[0][:120]})"
         finally:
-            model = params = fused = backend = None
+            model = params = fused = backend = rademacher = None
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -244,13 +254,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['dtype']}, batch {meta['batch']} x {meta['seq']} tokens, median of {meta['repeats']}; "
              f"device-to-device copy {meta['copy_GBps']:.0f} GB/s", "",
              "| shape | params | forward ms | reference step (× fwd) | zoft step (× fwd) | zoft fast math (× fwd) "
-             "| zoft 4-pass (× fwd) | floor (× fwd) | peak ref / inference | peak zoft / inference | pass / copy BW "
-             "| fused pass / copy BW |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| zoft 4-pass (× fwd) | zoft Rademacher (× fwd) | floor (× fwd) | peak ref / inference "
+             "| peak zoft / inference | pass / copy BW | fused pass / copy BW |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r or "pass_ms" not in r:
             lines.append(f"| {r['shape']} | {r.get('params', '')} | skipped: {r.get('skipped', 'incomplete')} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         f = r["forward_ms"]
 
@@ -261,7 +271,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             return f"{r[key] / r['inference_peak_GB']:.3f}" if r["inference_peak_GB"] else "n/a"
         size = f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e9 else f"{r['params'] / 1e6:.2f}M"
         lines.append(f"| {r['shape']} | {size} | {f:.1f} | {ratio('reference_ms')} | "
-                     f"{ratio('zoft_ms')} | {ratio('zoft_fast_ms')} | {ratio('zoft_unfused_ms')} | {r['floor_ms'] / f:.2f}× | "
+                     f"{ratio('zoft_ms')} | {ratio('zoft_fast_ms')} | {ratio('zoft_unfused_ms')} | "
+                     f"{ratio('zoft_rademacher_ms')} | {r['floor_ms'] / f:.2f}× | "
                      f"{mem('reference_peak_GB')} | {mem('zoft_peak_GB')} | {100 * r['pass_vs_copy']:.0f}% | "
                      f"{100 * r['fused_pass_vs_copy']:.0f}% |")
     return "\n".join(lines) + "\n"

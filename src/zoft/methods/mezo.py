@@ -22,9 +22,9 @@ from zoft.offload import Offloader
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
 from zoft.zo import FZOO, LOZO, SPSA, LowRankBackend, build_optimizer, get_backend, learning_rate
+from zoft.zo.estimator import Estimate
 from zoft.zo.flat import flatten_
 from zoft.zo.fused import FusedZOSGD
-from zoft.zo.estimator import Estimate
 from zoft.zo.step import zo_step
 
 
@@ -100,8 +100,8 @@ def fused_stepper(cfg, params, estimator, par=None, offloader=None) -> FusedZOSG
     """The 2-pass fused step (zo/fused.py) where it computes the same update as zo_step: one
     two-sided SPSA direction, plain ZO-SGD without weight decay, a backend with ``combine_``, one
     process, no offload, and ``fused=true`` (the default). Training and replay both decide here."""
-    plain = (cfg.fused and cfg.estimator == "spsa" and not cfg.one_sided and cfg.n_directions == 1 and cfg.optimizer == "zo-sgd"
-             and not cfg.weight_decay)
+    plain = (cfg.fused and cfg.estimator == "spsa" and not cfg.one_sided and cfg.n_directions == 1
+             and cfg.optimizer == "zo-sgd" and not cfg.weight_decay)
     if not plain or par is not None or offloader is not None or not hasattr(estimator.backend, "combine_"):
         return None
     return FusedZOSGD(params, estimator.backend, cfg.eps, cfg.distribution)
