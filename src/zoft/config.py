@@ -114,6 +114,14 @@ class Config:
         if self.offload and self.weight_decay:
             raise ZoftError("config: offload=true needs weight_decay=0 (decay would scale the CPU copies "
                             "out of order with the passes queued for them)")
+        if self.flat_params and self.estimator == "lozo":
+            raise ZoftError("config: flat_params=true flattens matrices, which LOZO needs; use one or the other")
+        if self.flat_params and self.weight_decay:
+            raise ZoftError("config: flat_params=true cannot tell matrices from biases for weight decay; "
+                            "set weight_decay=0")
+        if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
+            raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
+                            "flat_params=false")
         if not self.save_weights and not (self.method == "mezo" and self.trajectory):
             raise ZoftError("config: save_weights=false needs method=mezo with trajectory=true (resume replays it)")
         return self

@@ -72,14 +72,8 @@ def trained_params(cfg, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """What the backend perturbs: the trained tensors, or (``flat_params``) one flat buffer per dtype.
 
     Training and replay both take their parameter list from here: z's layout follows it.
+    (``Config.validate`` refuses the combinations a flat buffer cannot serve.)
     """
-    if cfg.flat_params and cfg.estimator == "lozo":
-        raise ZoftError("flat_params=true flattens matrices, which LOZO needs; use one or the other")
-    if cfg.flat_params and cfg.weight_decay:
-        raise ZoftError("flat_params=true cannot tell matrices from biases for weight decay; set weight_decay=0")
-    if cfg.offload and (cfg.flat_params or cfg.estimator != "spsa" or cfg.optimizer != "zo-sgd"):
-        raise ZoftError("offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
-                        "flat_params=false")
     return flatten_(list(named.values())) if cfg.flat_params else list(named.values())
 
 
