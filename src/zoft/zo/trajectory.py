@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
 from zoft.errors import ZoftError
+from zoft.runs import atomic_write_bytes
 from zoft.zo.estimator import Estimate
 from zoft.zo.step import zo_step
 
@@ -108,14 +107,7 @@ class Trajectory:
     def save(self, path: str | Path, state: Mapping[str, Any] | None = None) -> Path:
         """Write atomically (temp file in the same folder, fsync, rename): a kill never leaves half a file."""
         path = Path(path)
-        data = self.to_bytes(state)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, self.to_bytes(state))
         return path
 
     @classmethod
