@@ -13,8 +13,9 @@ op waits for its slowest thread): compare with --threads 1 before reading much i
 GPU part: random-weight OPT-shaped models in fp16 built on the GPU (meta device, to_empty, a
 normal(0, 0.02) init), batch 8 x 256 tokens. For each shape: the resident MeZO step (the whole
 model on the GPU) and the offloaded step (decoder layers in pinned CPU memory, streamed by
-zoft.offload), each with its step time (median of 3 after a warm-up) and peak GPU memory
-(torch.cuda.max_memory_allocated). A row that does not fit is reported as skipped with the
+zoft.offload) in its two forms (the default dual forward, where each layer streams once per step,
+and two separate forwards, twice per step), each with its step time (median of 3 after a warm-up),
+peak GPU memory (torch.cuda.max_memory_allocated) and block uploads per step. A row that does not fit is reported as skipped with the
 reason (CUDA OOM, or not enough host RAM for the pinned copy). Shapes run smallest first; the
 largest row that ran is the largest trainable shape in that mode. Results: a printed table
 and DIR/scale.json.
@@ -98,6 +99,11 @@ def dp_table(out: Path, procs: list[int], steps: int, threads: int) -> list[dict
 
 
 # ----------------------------------------------------------------------------- offload, GPU
+# resident: the whole model on the GPU; offload: zoft's default (L+ and L− in one forward, each
+# layer streamed once per step); offload-2stream: two forwards, each layer streamed twice
+MODES = ("resident", "offload", "offload-2stream")
+
+
 def build_opt(shape: str, device, dtype):
     import torch
     from transformers import OPTConfig, OPTForCausalLM
@@ -130,8 +136,14 @@ def time_steps(model, device, batch: int, seq: int, steps: int, offloader=None) 
     if offloader is not None:
         est.backend = offloader.backend(est.backend, params)
 
+    def nll(logits) -> float:
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
+
     def loss() -> float:
-        return model(input_ids=ids, labels=ids).loss.item()
+        return nll(model(input_ids=ids, use_cache=False).logits)
+    if offloader is not None and offloader.halves:   # the dual forward: L+ and L− from one stream
+        stacked = torch.cat([ids, ids])
+        loss.pair = lambda: tuple(nll(h) for h in model(input_ids=stacked, use_cache=False).logits.chunk(2))
 
     if cuda:
         torch.cuda.synchronize()
@@ -163,23 +175,26 @@ def gpu_table(out: Path, shapes: list[str], smoke: bool, budget_s: float) -> lis
         hidden, layers, heads, ffn = OPT_SHAPES[shape]
         n_params = layers * (4 * hidden * hidden + 2 * hidden * ffn) + 50272 * hidden
         row = {"shape": shape, "params_b": n_params / 1e9, "weights_gib": n_params * 2 / 2**30}
-        for mode in ("resident", "offload"):
+        for mode in MODES:
             if time.perf_counter() - start > budget_s:
                 row[mode] = {"skipped": "time budget"}
                 continue
             model = None
             try:
-                if mode == "offload" and not smoke:
+                if mode != "resident" and not smoke:
                     free_host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
                     if free_host < 1.2 * n_params * 2:
                         row[mode] = {"skipped": f"host RAM {free_host / 2**30:.0f} GiB < pinned copy"}
                         continue
                 model = build_opt(shape, device, dtype)
-                offloader = Offloader(model, device) if mode == "offload" else None
+                offloader = Offloader(model, device, dual=mode == "offload") if mode != "resident" else None
                 if device == "cuda":
                     torch.cuda.empty_cache()
+                uploads = offloader.uploads if offloader else 0
                 step_s, peak = time_steps(model, device, batch, seq, steps, offloader)
                 row[mode] = {"step_s": step_s, "peak_gib": peak / 2**30}
+                if offloader:   # block uploads per step (the warm-up and timed steps)
+                    row[mode]["uploads_per_step"] = (offloader.uploads - uploads) / (steps + 1) / layers
             except torch.OutOfMemoryError:
                 row[mode] = {"skipped": "CUDA out of memory"}
             finally:
@@ -192,19 +207,21 @@ def gpu_table(out: Path, shapes: list[str], smoke: bool, budget_s: float) -> lis
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
     print(f"\nMeZO step, OPT shapes (random weights, {str(dtype).split('.')[-1]}), batch {batch} x {seq}, on {name}:\n")
     print("| shape | params (B) | weights (GiB) | resident step (s) | resident peak (GiB) | "
-          "offload step (s) | offload peak (GiB) | offload/resident time | peak ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "offload step (s) | offload peak (GiB) | offload/resident time | peak ratio | "
+          "2-stream offload step (s) | 2-stream peak (GiB) | streams per step (1-stream / 2-stream) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def cell(d, k, fmt):
         return format(d[k], fmt) if k in d else d.get("skipped", "-")
     for r in rows:
-        res, off = r.get("resident", {}), r.get("offload", {})
+        res, off, two = r.get("resident", {}), r.get("offload", {}), r.get("offload-2stream", {})
         time_ratio = f"{off['step_s'] / res['step_s']:.2f}" if "step_s" in res and "step_s" in off else "-"
         peak_ratio = f"{off['peak_gib'] / res['peak_gib']:.3f}" if res.get("peak_gib") and "peak_gib" in off else "-"
         print(f"| {r['shape']} | {r['params_b']:.2f} | {r['weights_gib']:.1f} | {cell(res, 'step_s', '.3f')} | "
               f"{cell(res, 'peak_gib', '.2f')} | {cell(off, 'step_s', '.3f')} | {cell(off, 'peak_gib', '.2f')} | "
-              f"{time_ratio} | {peak_ratio} |")
-    for mode in ("resident", "offload"):
+              f"{time_ratio} | {peak_ratio} | {cell(two, 'step_s', '.3f')} | {cell(two, 'peak_gib', '.2f')} | "
+              f"{cell(off, 'uploads_per_step', '.2f')} / {cell(two, 'uploads_per_step', '.2f')} |")
+    for mode in MODES:
         ran = [r["shape"] for r in rows if "step_s" in r.get(mode, {})]
         print(f"largest shape trained ({mode}): {ran[-1] if ran else 'none'}")
     return rows

@@ -20,6 +20,23 @@ def scorer_for(loaded, task, max_length=64):
 
 
 @pytest.mark.parametrize("task_name", ["sst2", "copa"])
+def test_loss_pair_is_the_loss_of_each_half_of_the_stacked_batch(task_name):
+    """Offload's dual forward reads L+ and L− from one forward over the batch stacked on itself."""
+    loaded = tiny_random_model("causal", seed=0)
+    task = load_task(task_name)
+    examples = task.get_data(n_train=6, n_dev=2, n_eval=2, seed=0).train
+    scorer = scorer_for(loaded, task)
+    enc, idx = scorer.encode(examples), list(range(6))
+    with torch.no_grad():
+        first, second = scorer.loss_pair(enc, idx)
+        single = scorer.loss(enc, idx)
+        other = scorer.loss(enc, idx[:3])
+    assert first.item() == pytest.approx(single.item(), abs=1e-6)
+    assert second.item() == pytest.approx(single.item(), abs=1e-6)
+    assert abs(other.item() - single.item()) > 1e-4   # a different batch would be told apart
+
+
+@pytest.mark.parametrize("task_name", ["sst2", "copa"])
 def test_zo_estimate_matches_autograd_on_tiny_lm_float64(task_name):
     loaded = tiny_random_model("causal", seed=0)
     loaded.model.double()

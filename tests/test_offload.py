@@ -101,3 +101,59 @@ def test_device_map_placement_trains_like_the_plain_model(tmp_path):
     b = load_file(str(tmp_path / "auto" / "checkpoint-4" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def tied_llama():
+    """A tiny Llama whose head is its input embedding: one tensor used at both ends of the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True)).eval()
+
+
+def train_llama(offload: bool, dual: bool = True, steps: int = 4):
+    model = tied_llama()
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(1))
+    params = list(dict.fromkeys(model.parameters()))
+    estimator, optimizer = SPSA(eps=1e-2, backend=TorchBackend()), ZOSGD()
+    offloader = Offloader(model, "cpu", dual=dual) if offload else None
+    if offloader:
+        estimator.backend = offloader.backend(estimator.backend, params)
+
+    def nll(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    def loss() -> float:
+        return nll(model(input_ids=ids, use_cache=False).logits)
+    loss.pair = lambda: tuple(nll(h) for h in model(input_ids=torch.cat([ids, ids]), use_cache=False).logits.chunk(2))
+    records = [zo_step(params, loss, [step], 1e-2, estimator, optimizer).directions for step in range(steps)]
+    uploads = offloader.uploads if offloader else 0
+    if offloader:
+        offloader.settle()
+    return model, records, uploads
+
+
+@pytest.mark.parametrize("dual", [True, False])
+def test_dual_forward_streams_each_block_once_per_step_and_changes_no_bit(dual):
+    """One forward over the stacked batch serves L+ and L−: each of the 3 blocks is uploaded once per
+    step (plus the prefetch of the next step's first), where two forwards upload it twice. Every
+    module computes its two halves apart and the tied embedding/head uses a θ−εz copy for the
+    second half, so losses, g and the weights equal the resident step's to the bit."""
+    ref, ref_records, _ = train_llama(offload=False)
+    off, off_records, uploads = train_llama(offload=True, dual=dual)
+    assert off_records == ref_records
+    assert off.lm_head.weight is off.model.embed_tokens.weight        # still tied
+    for (name, a), b in zip(ref.named_parameters(), off.parameters()):
+        assert torch.equal(a, b), name
+    assert uploads == (4 * 3 + 1 if dual else 2 * 4 * 3 + 1)
+
+
+def test_offload_with_prefix_streams_twice_and_trains_like_the_resident_run(tmp_path):
+    """Prefix tuning hands the layers a KV cache the dual forward cannot split: it falls back."""
+    for offload in (False, True):
+        api.train({**SMALL, "mode": "prefix", "offload": offload, "fused": False, "output_dir": str(tmp_path / str(offload))},
+                  loaded=tiny_random_model("causal", seed=0))
+    a = load_file(str(tmp_path / "False" / "checkpoint-4" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "True" / "checkpoint-4" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

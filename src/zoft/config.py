@@ -88,6 +88,7 @@ class Config:
     parallel: str = "none"           # none | data (shard the batch) | direction (one seed per rank); under torchrun
     dist_timeout: float = 1800.0     # seconds a rank waits for the others before failing
     offload: bool = False            # stream decoder layers from (pinned) CPU memory to the GPU, ZO2-style
+    offload_dual: bool = True        # offload: L+ and L− in one forward, so each layer streams once per step
     fused: bool = True               # plain MeZO in 2 weight passes per step (zo/fused.py) where it applies
     device_map: str | None = None    # auto | balanced: split the layers over several GPUs (accelerate)
     # output

@@ -130,6 +130,7 @@ class CandidateScorer:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         if keep is not None and self._can_keep_logits:
             kwargs["logits_to_keep"] = keep
+        kwargs.setdefault("use_cache", False)   # scoring never decodes on; offload's dual forward needs no cache
         out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
         return out if keep is None else (out, out.logits[:, -keep:])
 
@@ -192,6 +193,17 @@ class CandidateScorer:
             return F.cross_entropy(scores, targets)
         scores, lengths = self.candidate_logprobs(enc, idx, only_target=True)
         return -(scores / lengths).mean()
+
+    def loss_pair(self, enc: Encoded, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`loss` of the two halves of one forward over ``idx`` stacked on itself: for a
+        model whose layers use different weights for each half (offload's dual forward)."""
+        targets, n = enc.targets[idx].to(self.device), len(idx)
+        if self.kind == "classification":
+            scores, _ = self.candidate_logprobs(enc, idx + idx)
+            return F.cross_entropy(scores[:n], targets), F.cross_entropy(scores[n:], targets)
+        scores, lengths = self.candidate_logprobs(enc, idx + idx, only_target=True)
+        per_token = scores / lengths
+        return -per_token[:n].mean(), -per_token[n:].mean()
 
     @torch.no_grad()
     def predict(self, enc: Encoded, idx: list[int]) -> list[int]:

@@ -35,7 +35,11 @@ def make_objective(setup: Setup, scorer, enc, examples):
         if cfg.compile != "off":   # fixed shapes, pre-tokenised on the device, compiled forward
             from zoft.compile import FixedShapeLoss
             return FixedShapeLoss(scorer, enc, compile=cfg.compile)
-        return lambda idx: scorer.loss(enc, idx).item()
+        def loss(idx: list[int]) -> float:
+            return scorer.loss(enc, idx).item()
+        # both SPSA losses from one forward over the batch stacked on itself (offload's dual forward)
+        loss.pair = lambda idx: tuple(x.item() for x in scorer.loss_pair(enc, idx))
+        return loss
     if cfg.compile != "off":
         raise ZoftError("compile applies to objective=loss only")
     metric = "squad_f1" if setup.task.kind == "generation" and objective == "f1" else objective
@@ -133,6 +137,12 @@ def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | 
         def taped_loss() -> float:
             tape.append(float(loss_fn()))
             return tape[-1]
+        if offloader is not None and hasattr(objective, "pair"):
+            def taped_pair() -> tuple[float, float]:   # L+ and L− of one dual forward, taped in probe order
+                pair = tuple(float(x) for x in objective.pair(idx))
+                tape.extend(pair)
+                return pair
+            taped_loss.pair = taped_pair
         lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
         if fused is not None:   # 2 weight passes: this step's update fused with the next +εz
             loss_plus, loss_minus, g = fused.step(taped_loss, seeds[0], lr, fused_next_seed(cfg, step))
@@ -163,7 +173,10 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     cfg, task, data = setup.cfg, setup.task, setup.data
     model = setup.with_mode()
     model.eval()   # no dropout: L+ and L− must see the same function
-    offloader = Offloader(model, cfg.device) if cfg.offload else None   # blocks stream from CPU memory
+    # blocks stream from CPU memory; prefix tuning feeds its KV cache to the layers, which the
+    # dual forward cannot split, so there L+ and L− stream the weights separately
+    offloader = (Offloader(model, cfg.device, dual=cfg.offload_dual and cfg.mode != "prefix")
+                 if cfg.offload else None)
     scorer = setup.scorer(model)
     enc_train, enc_dev = scorer.encode(data.train), scorer.encode(data.dev)
     objective = make_objective(setup, scorer, enc_train, data.train)

@@ -51,7 +51,13 @@ def spsa(params: Sequence[torch.Tensor], loss_fn: LossFn, seed: int, eps: float,
 
     The parameters are back at θ afterwards: exactly in bf16/fp16 (the backend inverts its own
     rounding, see ``undo``), within a few ulp per step in fp32.
+
+    A backend with ``dual_probe`` (CPU offload) and a loss with ``pair()`` (both losses from one
+    forward over the batch stacked on itself) make the same passes inside that one forward.
     """
+    dual, pair = getattr(backend, "dual_probe", None), getattr(loss_fn, "pair", None)
+    if dual is not None and pair is not None:   # offload: both forwards in one stream of the weights
+        return dual(params, pair, seed, eps, distribution)
     backend.add_noise_(params, seed, +eps, distribution)              # θ + εz
     loss_plus = float(loss_fn())
     backend.add_noise_(params, seed, -eps, distribution, undo=+eps)   # θ − εz
