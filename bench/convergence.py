@@ -11,8 +11,8 @@ forward passes (``--budget``, default 1000 per run: 500 MeZO steps), evaluating 
 FT (AdamW backprop, counted as 3 forwards per step) and zero-shot rows sit beside them.
 
 The step is zoft's own (``zoft.methods.mezo.build_step``: the estimator/optimizer registries, flat
-buffer, LR schedule) on zoft's fixed-shape loss (``zoft.compile.FixedShapeLoss``, compiled with
-CUDA graphs on a GPU), so the overhead per step is the library's. Data sampling follows
+buffer, LR schedule) on zoft's fixed-shape loss (``zoft.compile.FixedShapeLoss``, captured as a
+CUDA graph on a GPU), so the overhead per step is the library's. Data sampling follows
 ``zoft.methods.common.prepare`` (n_train / n_dev from the training split, n_eval from validation).
 
 Resumable: each finished run is appended to OUT/runs.jsonl as it ends and skipped on a rerun;
@@ -220,7 +220,8 @@ def main() -> None:
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--compile", default="reduce-overhead", choices=["off", "default", "reduce-overhead"])
+    p.add_argument("--compile", default="cuda-graph", choices=["off", "default", "reduce-overhead", "cuda-graph"],
+                   help="how the fixed-shape loss runs (cuda-graph: captured in seconds; eager on a CPU)")
     p.add_argument("--time-limit", type=float, default=400, help="seconds; no new run starts after this")
     p.add_argument("--smoke", action="store_true", help="tiny-llama on CPU, tiny budget: the same code path")
     args = p.parse_args()

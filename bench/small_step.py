@@ -1,4 +1,4 @@
-"""Small-model MeZO step time: eager vs compiled forward × per-tensor vs flat-buffer perturbation.
+"""Small-model MeZO step time: eager vs CUDA-graph vs compiled forward × per-tensor vs flat-buffer perturbation.
 
     python bench/small_step.py --out OUT [--device cuda] [--steps 30]     # SmolLM2-135M architecture
     python bench/small_step.py --out OUT --smoke                          # tiny config on CPU, seconds
@@ -9,7 +9,10 @@ trained weights. bf16 on CUDA, fp32 on CPU; a batch of B=16 rows of T=64 tokens 
 classification at the last position (zoft's fixed-shape loss, ``zoft.compile.FixedShapeLoss``).
 Each MeZO step is zoft's own step (``zoft.methods.mezo.build_step``): ZO-SGD, two-sided SPSA,
 4 perturbation passes + 2 forwards. All rows run in one process, side by side; the ratio column
-divides by one forward of the same kind (eager or compiled). Writes OUT/small_step.json.
+divides by one forward of the same kind (eager, CUDA graph or compiled). On CUDA the modes are
+eager, ``cuda-graph`` (the eager forward captured, no compiler) and ``reduce-overhead``
+(inductor, minutes to compile), in that order, so a time limit cuts the slowest row first.
+Writes OUT/small_step.json.
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def measure_row(model, scorer, enc, cfg, layout: str, mode: str, batch: list[int
     zo.step_fn(0)                                      # warm-up: scratch buffers, graph replays
     step_ms = timed(lambda i: zo.step_fn(i + 1), steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return {"forward": "compiled" if objective.compiled else ("eager" if mode == "off" else "eager (fallback)"),
+    kind = {"cuda-graph": "CUDA graph"}.get(mode, "compiled")
+    return {"forward": kind if objective.compiled else ("eager" if mode == "off" else "eager (fallback)"),
             "perturbation": layout, "tensors_per_pass": len(zo.params), "forward_ms": forward_ms,
             "step_ms": step_ms, "step_over_forward": step_ms / forward_ms, "setup_s": setup_s,
             "peak_cuda_mib_so_far": peak}
@@ -90,6 +94,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30 GPU, 3 CPU)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--modes", default="off,cuda-graph,reduce-overhead",
+                        help="forward modes, in order (compile= values; inductor's reduce-overhead takes minutes)")
     parser.add_argument("--no-compile", action="store_true", help="eager rows only (CPU inductor compiles slowly)")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: same code path in seconds")
     args = parser.parse_args()
@@ -102,7 +108,8 @@ def main() -> None:
     scorer = CandidateScorer(model, tokenizer, "classification", max_length=args.seq)
     enc = fixed_batch_data(arch["vocab_size"], 4 * args.batch, args.seq)
     batch = list(range(args.batch))
-    compile_modes = ["off"] if args.no_compile else ["off", "reduce-overhead"]
+    compile_modes = ["off"] if args.no_compile else [m for m in args.modes.split(",")
+                                                     if device == "cuda" or m != "cuda-graph"]
     n_params = sum(p.numel() for p in model.parameters())
 
     rows = []

@@ -65,3 +65,37 @@ def test_fixed_shape_refuses_multi_token_candidates(sst2):
     enc.label_ids = None
     with pytest.raises(ZoftError, match="single-token"):
         FixedShapeLoss(scorer, enc)
+
+
+def test_cuda_graph_mode_on_a_cpu_runs_eager_with_one_warning(sst2):
+    scorer, enc = sst2
+    with pytest.warns(UserWarning, match="cuda-graph needs a CUDA device"):
+        fixed = FixedShapeLoss(scorer, enc, compile="cuda-graph")
+    assert not fixed.compiled
+    assert fixed([0, 1, 2]) == pytest.approx(scorer.loss(enc, [0, 1, 2]).item(), abs=1e-5)
+
+
+def test_compile_is_refused_where_weights_move():
+    from zoft.config import load_config
+    for moving in (dict(offload=True), dict(device_map="auto")):
+        with pytest.raises(ZoftError, match="compile needs the weights at fixed addresses"):
+            load_config(overrides=dict(compile="cuda-graph", **moving))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_follow_in_place_weight_changes_on_gpu(sst2):
+    """The captured forward reads the weights by address: after in-place perturbations of the
+    flat buffer (what a MeZO step does) the replayed loss still equals the eager loss."""
+    from zoft.zo import TorchBackend
+    from zoft.zo.flat import flatten_
+    scorer, enc = sst2
+    scorer.model.to("cuda")
+    flat = flatten_([p for p in scorer.model.parameters()])
+    eager = FixedShapeLoss(scorer, enc)
+    graphed = FixedShapeLoss(scorer, enc, compile="cuda-graph")
+    backend = TorchBackend()
+    for step in range(3):
+        for idx in ([0, 1, 2, 3], [4, 5, 6, 7]):
+            assert graphed(idx) == pytest.approx(eager(idx), abs=1e-5)
+        backend.add_noise_(flat, seed=step, scale=1e-2)
+    assert graphed.compiled and len(graphed._graphs) == 1

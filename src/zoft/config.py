@@ -102,7 +102,7 @@ class Config:
                              ("distribution", ("gaussian", "rademacher")),
                              ("parallel", ("none", "data", "direction")),
                              ("optimizer", ZO_OPTIMIZERS), ("estimator", ZO_ESTIMATORS),
-                             ("compile", ("off", "default", "reduce-overhead"))):
+                             ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
         for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length"):
@@ -120,6 +120,9 @@ class Config:
         if self.flat_params and self.weight_decay:
             raise ZoftError("config: flat_params=true cannot tell matrices from biases for weight decay; "
                             "set weight_decay=0")
+        if (self.offload or self.device_map) and self.compile != "off":
+            raise ZoftError("config: compile needs the weights at fixed addresses on one device; "
+                            "offload and device_map move them: set compile=off")
         if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
             raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
                             "flat_params=false")
