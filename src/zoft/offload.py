@@ -124,7 +124,6 @@ class Offloader:
         self.views: dict[int, list[torch.Tensor] | None] = {}
         self.inner = None
         self.uploads = 0                        # block transfers to the device (tests and benchmarks)
-        self.dual_enabled = dual
         self.dual: _Dual | None = None
         for i, block in enumerate(self.blocks):
             block.register_forward_pre_hook(lambda m, args, i=i: self._enter(i))
