@@ -109,3 +109,41 @@ def test_score_file_writes_each_aspect_and_reports_bad_rows(multilabel_run, tmp_
             assert row[a] == levels[-1]
         assert row["score"] == ",".join(levels) and row["error"] == ""
     assert rows[1]["score"] == "" and rows[1]["error"] == "empty text"
+
+
+def test_serve_answers_every_aspect_as_zoft_score_does(multilabel_run, tmp_path, monkeypatch):
+    """zoft serve on the multi-label run: the reply is the aspects' levels joined by commas (the chat
+    export's format), with one logprobs entry per aspect whose probabilities equal the
+    p_<aspect>_<level> columns zoft score writes for the same text."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from starlette.testclient import TestClient
+
+    from zoft.scoring.data import Response, system_prompt, user_prompt
+    from zoft.scoring.serve import level_probabilities, serve
+
+    out, _ = multilabel_run
+    text = "Metal conducts heat into the ice."
+    src = tmp_path / "one.csv"
+    src.write_text(f"id,text\nn1,{text}\n")
+    score_file(out, src, tmp_path / "scored.csv", batch_size=4)
+    with open(tmp_path / "scored.csv", newline="") as f:
+        expected = next(csv.DictReader(f))
+    item = next(iter(load_task(str(TASK)).items.values()))
+    messages = [{"role": "system", "content": system_prompt(item)},
+                {"role": "user", "content": user_prompt(item, Response("n1", text, None))}]
+    seen = {}
+
+    def fake_run(app, host, port, log_level):
+        with TestClient(app) as client:
+            seen["reply"] = client.post("/v1/chat/completions", json={
+                "model": "ml", "messages": messages, "logprobs": True}).json()
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    serve(out)
+    choice = seen["reply"]["choices"][0]
+    assert choice["message"]["content"] == expected["score"]
+    entries = choice["logprobs"]["content"]
+    assert [e["token"] for e in entries] == [expected[a] for a in ASPECTS]
+    for aspect, entry in zip(ASPECTS, entries):
+        probs = level_probabilities(entry["top_logprobs"])
+        for level in "01":
+            assert probs[level] == pytest.approx(float(expected[f"p_{aspect}_{level}"]), abs=1e-5)

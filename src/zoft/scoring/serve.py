@@ -22,6 +22,12 @@ log-probabilities normalised over the levels (``exp`` of them sums to 1). Sampli
 parameters (``temperature``, ``top_p``, ``max_tokens``, ``seed``, ...) are accepted and
 ignored: scoring is deterministic. ``stream: true`` and ``n > 1`` are rejected with 400.
 
+Multi-label tasks (several rubric aspects) answer as their chat export trains: the aspects'
+levels in order, joined by commas (``"1,0,1"``). Each aspect is scored on its own prompt (the
+training prompt with its ``Aspect:`` line, from the task's ``contexts_from_chat``), and
+``logprobs.content`` holds one entry per aspect, in order, each with its levels'
+``top_logprobs`` (the commas are not listed: they are not scored).
+
 Needs the ``serve`` extra: ``pip install 'zoft[serve]'`` (fastapi and uvicorn).
 """
 # No "from __future__ import annotations": FastAPI must see the real Request class in the
@@ -132,7 +138,8 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
     Args:
         scorer: scores the levels after a context.
         levels: the score labels, lowest first (the candidates; the reply is one of them).
-        build_context: chat messages -> the scorer's context; may raise :class:`RequestError`.
+        build_context: chat messages -> the scorer's context, or a list of contexts (one per
+            rubric aspect: the reply joins their levels with commas); may raise :class:`RequestError`.
         model_name: the id ``/v1/models`` lists and replies carry.
 
     Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``.
@@ -201,28 +208,34 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
             raise RequestError("the request body is not valid JSON") from None
         body = _check_request(body)
         try:
-            context = build_context(body["messages"])
+            contexts = build_context(body["messages"])
         except RequestError:
             raise
         except (ValueError, KeyError, TypeError, ZoftError) as e:   # a task's own check of the messages
             raise RequestError(f"cannot build the prompt from the messages: {e}", "messages") from None
-        if not isinstance(context, str) or not context.strip():
+        contexts = [contexts] if isinstance(contexts, str) else list(contexts)
+        if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
             raise RequestError("the messages give an empty prompt", "messages")
-        logprobs, prompt_tokens, level_tokens = await run_in_threadpool(score, context)
-        best = max(range(len(levels)), key=logprobs.__getitem__)
+        scored = [await run_in_threadpool(score, c) for c in contexts]   # one per aspect (or one)
+        best = [max(range(len(levels)), key=logprobs.__getitem__) for logprobs, _, _ in scored]
+        content = ",".join(levels[b] for b in best)
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
-                                  "message": {"role": "assistant", "content": levels[best], "refusal": None}}
+                                  "message": {"role": "assistant", "content": content, "refusal": None}}
         if body.get("logprobs"):
             k = body.get("top_logprobs")
-            order = sorted(range(len(levels)), key=lambda j: -logprobs[j])
-            order = order if k is None else order[:k]
-            top = [_logprob_entry(levels[j], logprobs[j]) for j in order]
-            choice["logprobs"] = {"content": [{**_logprob_entry(levels[best], logprobs[best]), "top_logprobs": top}],
-                                  "refusal": None}
+            entries = []
+            for (logprobs, _, _), b in zip(scored, best):
+                order = sorted(range(len(levels)), key=lambda j: -logprobs[j])
+                order = order if k is None else order[:k]
+                top = [_logprob_entry(levels[j], logprobs[j]) for j in order]
+                entries.append({**_logprob_entry(levels[b], logprobs[b]), "top_logprobs": top})
+            choice["logprobs"] = {"content": entries, "refusal": None}
+        prompt_tokens = sum(n for _, n, _ in scored)
+        completion_tokens = sum(tokens[b] for (_, _, tokens), b in zip(scored, best))
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "system_fingerprint": None,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": level_tokens[best],
-                          "total_tokens": prompt_tokens + level_tokens[best]}}
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
 
     return app
 
@@ -238,7 +251,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
     """Loads a finished run (best, else last weights) and serves it until interrupted.
 
     The levels are the task's label words (else the choices of its first example); the
-    context comes from the task's ``context_from_chat(messages)`` if it has one, else
+    context comes from the task's ``contexts_from_chat(messages)`` for a multi-label task (one
+    per aspect), else its ``context_from_chat(messages)`` if it has one, else
     :func:`default_context`. ``model_name`` defaults to the run folder's name.
     """
     try:
@@ -255,7 +269,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
         levels = list(first.choices) if first is not None else []
     if not levels:
         raise ZoftError(f"{run_dir}: the run's task has no score levels (label words) to serve")
-    build_context = getattr(task, "context_from_chat", None) or default_context
+    build_context = (getattr(task, "contexts_from_chat", None) if getattr(task, "aspects", None) else None) \
+        or getattr(task, "context_from_chat", None) or default_context
     name = model_name or Path(run_dir).resolve().name
     app = create_app(scorer, levels, build_context, name)
     print(f"zoft serve: model '{name}', levels {levels}, at http://{host}:{port}/v1", flush=True)

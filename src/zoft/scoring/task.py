@@ -298,11 +298,21 @@ class ScoringTask:
         The item is the one whose ``system_prompt`` is the request's system message (the only
         item, if the task has one); the response is the user message's text after
         ``"Response:\n"``. ``zoft serve`` scores this, so a served model sees exactly the
-        prompt it was trained on.
+        prompt it was trained on. A multi-label task has one prompt per aspect:
+        :meth:`contexts_from_chat`.
 
         Raises:
             ValueError: no user message, or a system message that matches no item.
         """
+        item, text = self._chat_item_and_text(messages)
+        return self.context(item, text)
+
+    def contexts_from_chat(self, messages: list[dict]) -> list[str]:
+        """The training prompts for a chat request: one per rubric aspect (multi-label), else one."""
+        item, text = self._chat_item_and_text(messages)
+        return [self.context(item, text, aspect) for aspect in self.aspects] or [self.context(item, text)]
+
+    def _chat_item_and_text(self, messages: list[dict]) -> tuple[ScoringItem, str]:
         system = "\n\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "system")
         users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
         if not users:
@@ -312,8 +322,7 @@ class ScoringTask:
             matches = list(self.items.values())
         if not matches:
             raise ValueError("the system message matches no item of this scorer (send the exported system prompt)")
-        text = users[-1].split("Response:\n", 1)[-1]
-        return self.context(matches[0], text)
+        return matches[0], users[-1].split("Response:\n", 1)[-1]
 
     def example(self, response: Response, item: ScoringItem | None = None) -> Example:
         """A response as an :class:`Example`; unscored responses get ``target`` None.
