@@ -10,9 +10,10 @@ and a cheap normal init; one shape at a time, memory freed in between), all in o
   median of ``--repeats`` after warm-up);
 * reference step: MeZO as the reference code does it (``torch.manual_seed`` + one
   ``torch.normal`` per tensor, ``p.data = p.data + scale·z``, 4 passes: +ε, −2ε, +ε, update);
-* zoft step: ``FusedZOSGD`` on the Triton backend, 2 passes per step (update fused with the
-  next +εz); the same with ``fast_math`` (approximate log/sin/cos in Box-Muller; an experiment,
-  its failure is reported, not fatal); and zoft unfused: the same kernels as 4 separate passes;
+* zoft step: ``FusedZOSGD`` on the precise Triton backend (``backend=triton``), 2 passes per
+  step (update fused with the next +εz); the same with ``fast_math`` (``backend=triton-fast``,
+  approximate log/sin/cos in Box-Muller: what ``backend=auto`` uses on CUDA; a failure is
+  reported, not fatal); and zoft unfused: the precise kernels as 4 separate passes;
 * each step over the forward time, and the floor 2 forwards + one read+write of the weights at
   copy bandwidth;
 * peak memory of each step over the inference peak (``max_memory_allocated``);
