@@ -43,6 +43,7 @@ from zoft.zo.flat import flatten_
 METHODS = {
     "mezo":          dict(optimizer="zo-sgd", lr=3e-5),
     "mezo-1sided":   dict(optimizer="zo-sgd", one_sided=True, lr=3e-5),
+    "mezo-rademacher": dict(optimizer="zo-sgd", distribution="rademacher", lr=3e-5),   # cheap z on a GPU
     "zo-momentum":   dict(optimizer="zo-sgd-momentum", momentum=0.9, lr=3e-6),
     "zo-sign":       dict(optimizer="zo-sgd-sign", lr=1e-5),
     "zo-cons":       dict(optimizer="zo-sgd-cons", lr=1e-4),
