@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-
 from typing import Callable, Protocol, Sequence
 
 import torch
