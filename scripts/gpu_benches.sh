@@ -28,7 +28,10 @@ part scale ${T_SCALE:-300} python bench/scale.py --gpu --out "$work/scale" \
   --shapes ${SCALE_SHAPES:-1.3b,6.7b,13b,30b} --budget-s ${SCALE_BUDGET:-240}
 part small_step ${T_SMALL:-300} python bench/small_step.py --out "$work/small_step"
 if [ -n "$gguf" ]; then
+  # SST-2, seed 0, 10k forwards (5k MeZO steps: the reference point) per method first;
+  # the time limit stops new runs, and a rerun with the same OUT resumes (more seeds, RTE)
   part convergence ${T_CONV:-480} python bench/convergence.py --model "$gguf" --out "$work/convergence" \
+    --tasks ${CONV_TASKS:-sst2} --seeds ${CONV_SEEDS:-0} --budget ${CONV_BUDGET:-10000} --eval-every 1000 \
     --time-limit ${CONV_TIME_LIMIT:-420}
 fi
 if [ -n "$minilm" ]; then
