@@ -205,12 +205,22 @@ def _build_groups(params: Sequence[torch.Tensor], indices: Sequence[int]) -> lis
             starts += range(0, n_chunks * chunk, chunk)
         groups.append(_Group(
             dtype=dtype,
-            addr=torch.tensor([p.data_ptr() for p, _ in members], dtype=torch.int64, device=device),
-            numel=torch.tensor([p.numel() for p, _ in members], dtype=torch.int64, device=device),
-            index=torch.tensor([i for _, i in members], dtype=torch.int32, device=device),
-            chunk_slot=torch.tensor(slots, dtype=torch.int32, device=device),
-            chunk_start=torch.tensor(starts, dtype=torch.int64, device=device)))
+            addr=_to_device([p.data_ptr() for p, _ in members], torch.int64, device),
+            numel=_to_device([p.numel() for p, _ in members], torch.int64, device),
+            index=_to_device([i for _, i in members], torch.int32, device),
+            chunk_slot=_to_device(slots, torch.int32, device),
+            chunk_start=_to_device(starts, torch.int64, device)))
     return groups
+
+
+def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small table on ``device`` without a host-device sync: offload rebuilds tables for every
+    block it uploads (new addresses), and a blocking copy there would stall the transfer pipeline.
+    (Pinned staging memory is kept alive by PyTorch's host allocator until the copy is done.)"""
+    table = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def _seed_key(seed: int) -> int:
