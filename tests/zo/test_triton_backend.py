@@ -190,7 +190,11 @@ def test_round_trip_low_precision_is_exact_almost_everywhere(device, dtype):
 
 def test_backend_selection_and_bad_input(device, monkeypatch):
     assert get_backend("auto", "cpu").name == "torch"
-    assert get_backend("auto", "cuda").name == "triton"
+    if not torch.cuda.is_available():   # fast math cannot build here: auto says so, takes precise triton
+        from zoft.zo.perturb import _fast_math_runs
+        _fast_math_runs.cache_clear()
+        with pytest.warns(UserWarning, match="fast math unavailable"):
+            assert get_backend("auto", "cuda").name == "triton"
     assert get_backend("triton").name == "triton"
     with pytest.raises(ZoftError, match="unknown perturbation backend"):
         get_backend("cuda")
@@ -204,6 +208,9 @@ def test_backend_selection_and_bad_input(device, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ZoftError, match="needs CUDA tensors"):
         TritonBackend().combine_([torch.zeros(4)], then=(1, 0.1))
+    # offload passes lists with empty CPU placeholders for tensors of other blocks: nothing to check
+    from zoft.zo.triton_backend import _check_device
+    _check_device([torch.empty(0)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="approximate GPU math: CUDA only")

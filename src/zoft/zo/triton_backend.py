@@ -296,7 +296,7 @@ class TritonBackend:
 
 def _check_device(params: Sequence[torch.Tensor]) -> None:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    for p in params:
-        if p.device.type != "cuda" and not (interpreted and p.device.type == "cpu"):
+    for p in params:   # empty placeholders (offload's views of one block) hold nothing to launch on
+        if p.numel() and p.device.type != "cuda" and not (interpreted and p.device.type == "cpu"):
             raise ZoftError(f"triton backend needs CUDA tensors (got {p.device}); "
                             "use backend=torch, or TRITON_INTERPRET=1 for CPU tests")
