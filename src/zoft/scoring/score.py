@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 
 from zoft.errors import DataError, ZoftError
+from zoft.runs import atomic_write_text
 from zoft.scoring.data import Response
 from zoft.tasks.readers import read_text
 
@@ -190,17 +189,9 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    """Writes a CSV atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes a CSV atomically (runs.atomic_write_text: a temporary file, then a rename)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
