@@ -15,10 +15,10 @@ normal(0, 0.02) init), batch 8 x 256 tokens. For each shape: the resident MeZO s
 model on the GPU) and the offloaded step (decoder layers in pinned CPU memory, streamed by
 zoft.offload) in its two forms (the default dual forward, where each layer streams once per step,
 and two separate forwards, twice per step), each with its step time (median of 3 after a warm-up),
-peak GPU memory (torch.cuda.max_memory_allocated) and block uploads per step. A row that does not fit is reported as skipped with the
-reason (CUDA OOM, or not enough host RAM for the pinned copy). Shapes run smallest first; the
-largest row that ran is the largest trainable shape in that mode. Results: a printed table
-and DIR/scale.json.
+peak GPU memory (torch.cuda.max_memory_allocated) and block uploads per step. A row that does
+not fit is reported as skipped with the reason (CUDA OOM, or not enough host RAM for the pinned
+copy). Shapes run smallest first; the largest row that ran is the largest trainable shape in
+that mode. Results: a printed table and DIR/scale.json.
 """
 from __future__ import annotations
 
