@@ -129,7 +129,8 @@ class Bench:
             overrides = {**self.cfg.to_dict(), **METHODS[method], "seed": seed, "flat_params": method != "lozo",
                          **args.lr.get(method, {})}
             # LOZO perturbs matrices by their shapes: it gets the per-tensor views of the same buffer
-            zo = build_step(load_config(overrides={**overrides, "steps": 10**9}), self.model, objective, len(train_ids))
+            cfg = load_config(overrides={**overrides, "steps": 10**9})
+            zo = build_step(cfg, self.model, objective, len(train_ids))
             step_fn, per_step = zo.step_fn, None
         forwards, train_s, step, curve = 0, 0.0, 0, []
         best_dev, best_state, reached = -1.0, None, None
@@ -156,7 +157,8 @@ class Bench:
                 for b, s in zip(self.flat, best_state):
                     b.copy_(s)
         val = self.evaluate(self.val)
-        return {"task": task, "method": method, "seed": seed, "budget": budget, "steps": step, "forwards": forwards,
+        return {"task": task, "method": method, "seed": seed, "lr": cfg.lr, "budget": budget, "steps": step,
+                "forwards": forwards,
                 "train_s": round(train_s, 2), "ms_per_step": round(1e3 * train_s / max(step, 1), 2),
                 "best_dev": best_dev, "val_at_best_dev": val, "target": target,
                 "forwards_to_target": reached[0] if reached else None,
@@ -169,7 +171,19 @@ class Bench:
                 "forwards_to_target": None, "seconds_to_target": None}
 
 
-def summarise(rows: list[dict], methods: list[str]) -> str:
+def first_reach(row: dict, target: float) -> tuple[int, float] | None:
+    """(forwards, training seconds) at the first dev eval at or above ``target``, from the row's curve.
+
+    Recomputed rather than read from the row, so a summary can use another target than the run did.
+    """
+    curve = row.get("curve") or [(0, 0.0, row["best_dev"], None)]     # zero-shot: one eval, no training
+    for forwards, train_s, dev, _loss in curve:
+        if dev >= target:
+            return forwards, train_s
+    return None
+
+
+def summarise(rows: list[dict], methods: list[str], targets: dict[str, float]) -> str:
     """Markdown table: mean ± sd over seeds per task × method."""
     def cell(values, fmt="{:.1f}", scale=1.0):
         values = [v * scale for v in values if v is not None]
@@ -177,18 +191,19 @@ def summarise(rows: list[dict], methods: list[str]) -> str:
             return "–"
         text = fmt.format(statistics.mean(values))
         return text + (f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else "")
-    lines = ["| task | method | seeds | best dev % | val % @ best dev | reached target | forwards to target "
-             "| s to target | ms/step |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | lr | seeds | best dev % | val % @ best dev | reached target | forwards to target "
+             "| s to target | ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in rows):
         for method in ["zero-shot", *methods]:
             rs = [r for r in rows if r["task"] == task and r["method"] == method]
             if not rs:
                 continue
-            hit = [r for r in rs if r["forwards_to_target"] is not None]
-            lines.append(f"| {task} | {method} | {len(rs)} | {cell([r['best_dev'] for r in rs], scale=100)} | "
+            reach = [first_reach(r, targets[task]) for r in rs]
+            hit = [x for x in reach if x is not None]
+            lrs = sorted({r["lr"] for r in rs if r.get("lr") is not None})   # rows from before lr was logged: blank
+            lines.append(f"| {task} | {method} | {', '.join(f'{lr:g}' for lr in lrs)} | {len(rs)} | {cell([r['best_dev'] for r in rs], scale=100)} | "
                          f"{cell([r['val_at_best_dev'] for r in rs], scale=100)} | {len(hit)}/{len(rs)} | "
-                         f"{cell([r['forwards_to_target'] for r in hit], '{:.0f}')} | "
-                         f"{cell([r['seconds_to_target'] for r in hit])} | "
+                         f"{cell([x[0] for x in hit], '{:.0f}')} | {cell([x[1] for x in hit])} | "
                          f"{cell([r.get('ms_per_step') for r in rs if r['method'] != 'zero-shot'], '{:.1f}')} |")
     return "\n".join(lines)
 
@@ -268,11 +283,12 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(f"[{task}] {method} seed {seed}: best dev {row['best_dev']:.3f}, val {row['val_at_best_dev']:.3f}, "
               f"{row['forwards']} forwards, {row['train_s']}s, to target: {row['forwards_to_target']}", flush=True)
-    table = summarise(rows, methods)
+    targets = {**TARGETS, **args.target}
+    table = summarise(rows, methods, targets)
     header = (f"model {args.model}, {args.dtype}, device {args.device}"
               f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}; budget {args.budget} "
               f"forwards per run; dev every {args.eval_every} forwards; n_train {args.n_train}, n_dev {args.n_dev}, "
-              f"n_eval {args.n_eval}; targets {({**TARGETS, **args.target})}; FT counted as 3 forwards per step\n")
+              f"n_eval {args.n_eval}; targets {targets}; FT counted as 3 forwards per step\n")
     print("\n" + header + "\n" + table)
     (out / "summary.md").write_text(header + "\n" + table + "\n")
     (out / "summary.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
