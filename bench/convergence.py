@@ -17,7 +17,9 @@ CUDA graph on a GPU), so the overhead per step is the library's. Data sampling f
 
 Resumable: each finished run is appended to OUT/runs.jsonl as it ends and skipped on a rerun;
 ``--time-limit`` stops starting new runs (seed 0 of every method runs first), and the summary
-table (OUT/summary.md, OUT/summary.json) is rebuilt from whatever rows exist.
+table (OUT/summary.md, OUT/summary.json) is rebuilt from whatever rows exist. Time to target is
+recomputed from each run's logged dev curve, so rerunning with the same OUT and another
+``--target`` re-summarises without training (short CPU runs rarely reach the GPU targets).
 """
 from __future__ import annotations
 
@@ -201,7 +203,8 @@ def summarise(rows: list[dict], methods: list[str], targets: dict[str, float]) -
             reach = [first_reach(r, targets[task]) for r in rs]
             hit = [x for x in reach if x is not None]
             lrs = sorted({r["lr"] for r in rs if r.get("lr") is not None})   # rows from before lr was logged: blank
-            lines.append(f"| {task} | {method} | {', '.join(f'{lr:g}' for lr in lrs)} | {len(rs)} | {cell([r['best_dev'] for r in rs], scale=100)} | "
+            lines.append(f"| {task} | {method} | {', '.join(f'{lr:g}' for lr in lrs)} | {len(rs)} | "
+                         f"{cell([r['best_dev'] for r in rs], scale=100)} | "
                          f"{cell([r['val_at_best_dev'] for r in rs], scale=100)} | {len(hit)}/{len(rs)} | "
                          f"{cell([x[0] for x in hit], '{:.0f}')} | {cell([x[1] for x in hit])} | "
                          f"{cell([r.get('ms_per_step') for r in rs if r['method'] != 'zero-shot'], '{:.1f}')} |")
