@@ -135,7 +135,7 @@ class Bench:
             zo = build_step(cfg, self.model, objective, len(train_ids))
             step_fn, per_step = zo.step_fn, None
         forwards, train_s, step, curve = 0, 0.0, 0, []
-        best_dev, best_state, reached = -1.0, None, None
+        best_dev, best_state = -1.0, None
         next_eval = args.eval_every
         while forwards < budget:
             t = time.perf_counter()
@@ -152,13 +152,12 @@ class Bench:
                 curve.append((forwards, round(train_s, 3), dev, record["loss"]))
                 if dev > best_dev:
                     best_dev, best_state = dev, [b.clone() for b in self.flat]
-                if reached is None and dev >= target:
-                    reached = (forwards, train_s)
         if best_state is not None:
             with torch.no_grad():
                 for b, s in zip(self.flat, best_state):
                     b.copy_(s)
         val = self.evaluate(self.val)
+        reached = first_reach({"curve": curve}, target)
         return {"task": task, "method": method, "seed": seed, "lr": cfg.lr, "budget": budget, "steps": step,
                 "forwards": forwards,
                 "train_s": round(train_s, 2), "ms_per_step": round(1e3 * train_s / max(step, 1), 2),
