@@ -33,7 +33,9 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
     """
     if resume is not None:
         run_dir = RunDir(resume)
-        cfg = load_config(overrides={**run_dir.read_config(), **overrides})
+        # a run directory is data people send each other: remote code runs only on the caller's own word
+        saved = {**run_dir.read_config(), "trust_remote_code": False, "overwrite_output_dir": False}
+        cfg = load_config(overrides={**saved, **overrides})
     else:
         cfg = _as_config(config, overrides)
         run_dir = RunDir(cfg.resolved_output_dir())
@@ -44,9 +46,15 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
         par = distributed.from_config(cfg)
         cfg.output_dir = par.broadcast_text(cfg.output_dir)
         run_dir = RunDir(cfg.output_dir) if par.is_writer else distributed.ReadOnlyRunDir(cfg.output_dir)
+    writes = not par or par.is_writer
+    if writes and resume is None:    # before the model loads: a bad output_dir should not cost minutes
+        run_dir.check_usable(overwrite=cfg.overwrite_output_dir)
     setup = prepare(cfg, loaded)     # bad data or a bad model fails here, before anything is written
-    if resume is None:
+    if writes and resume is None:
+        run_dir.clear()              # the earlier run's entries (check_usable refused unless overwrite)
         run_dir.write_config(cfg.to_dict())
+    elif writes:
+        run_dir.sweep()              # temps of writes a kill cut short
     parallel = {"par": par} if par else {}
     result = get_method(cfg.method)(setup, run_dir, resume=resume is not None, **parallel)
     result["run_dir"] = str(run_dir.path)
@@ -54,7 +62,11 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
 
 
 def evaluate(model: str | Path = "smollm2-135m", task: str = "sst2", **overrides) -> dict:
-    """Evaluate a model (a name, a path, or a zoft run directory) on a task's eval split."""
+    """Evaluate a model (a name, a path, or a zoft run directory) on a task's eval split.
+
+    ``trust_remote_code=True`` must be passed here to run a model folder's own Python; a run
+    directory's config.yaml cannot turn it on.
+    """
     path = Path(str(model))
     if (path / "config.yaml").is_file():   # a zoft run: rebuild its model and load its best weights
         from zoft.methods.common import evaluate as evaluate_split

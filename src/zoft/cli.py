@@ -37,7 +37,8 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from zoft import api
-    result = api.evaluate(args.model, task=args.task, **_overrides(args.overrides))
+    options = _overrides(args.overrides) | ({"trust_remote_code": True} if args.trust_remote_code else {})
+    result = api.evaluate(args.model, task=args.task, **options)
     print(json.dumps(result, indent=1))
 
 
@@ -46,6 +47,7 @@ def cmd_compare(args) -> None:
     from zoft.config import load_config
     from zoft.models import load_model
     from zoft.report import write_comparison
+    from zoft.runs import RunDir
     options = _overrides(args.overrides)
     # "key=v" applies to every method; "mezo.key=v" to all MeZO runs; "mezo:lora.key=v" to one spec.
     shared = {k: v for k, v in options.items() if "." not in k}
@@ -56,6 +58,9 @@ def cmd_compare(args) -> None:
     unused = {k for k in scoped if k.rsplit(".", 1)[0] not in specs + [s.partition(":")[0] for s in specs]}
     if unused:
         raise ZoftError(f"option '{sorted(unused)[0]}' names no method in --methods {args.methods}")
+    # an earlier comparison's method folders would outlive this one's and mix into its report
+    RunDir(out).check_usable(overwrite=base.overwrite_output_dir, resumable=False)
+    RunDir(out).clear()
     results = []
     for spec in specs:
         method, _, mode = spec.partition(":")
@@ -105,13 +110,18 @@ def cmd_serve(args) -> None:
 
 def cmd_replay(args) -> None:
     from zoft.methods.replay import rebuild
-    out = rebuild(args.base, args.trajectory, args.output, device=args.device)
+    out = rebuild(args.base, args.trajectory, args.output, device=args.device,
+                  trust_remote_code=args.trust_remote_code)
     print(f"rebuilt weights: {out}")
 
 
 def cmd_demo(args) -> None:
     from zoft.demo import main as demo
     demo(_overrides(args.overrides))
+
+
+TRUST_HELP = ("run the Python code a model folder ships (transformers' trust_remote_code); "
+              "a run directory's own config can never turn this on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="builtin name, model path, or run directory")
     p.add_argument("--task", default=None, help="task name or YAML (default: the run's task, else sst2)")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("compare", help="several methods on one task: a markdown table and a plot")
     p.add_argument("config", nargs="?", help="base YAML config")
@@ -156,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trajectory", help="trajectory.safetensors (or the run directory holding it)")
     p.add_argument("--output", required=True, help="folder for the rebuilt weights (safetensors)")
     p.add_argument("--device", default=None, help="default: the device type the run trained on")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(fn=cmd_replay)
     p = sub.add_parser("demo", help="zero-shot vs MeZO on SST-2 with SmolLM2-135M, sized for a 2-core CPU")
     p.add_argument("overrides", nargs="*")

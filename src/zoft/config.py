@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class Config:
     device_map: str | None = None    # auto | balanced: split the layers over several GPUs (accelerate)
     # output
     output_dir: str | None = None
+    overwrite_output_dir: bool = False   # replace an earlier run in output_dir (else a fresh run there is refused)
     progress: bool = True
 
     def validate(self) -> "Config":
@@ -105,13 +107,28 @@ class Config:
                              ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
-        for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length"):
+        for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length",
+                    "n_train", "n_dev", "n_eval", "lora_r", "num_virtual_tokens", "lozo_rank", "lozo_nu"):
             if getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        for key in ("save_every", "k_per_class"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ZoftError(f"config: {key} must be >= 1 (or empty for the default), got {getattr(self, key)}")
+        for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ZoftError(f"config: {key} must be >= 0, got {getattr(self, key)}")
+        # NaN passes every comparison, so each float is checked for finiteness before its range
+        for key in ("lr", "eps", "lp_c", "dist_timeout"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value <= 0:
+                raise ZoftError(f"config: {key} must be a finite number > 0, got {value}")
+        for key in ("weight_decay", "momentum", "adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0 or (key != "weight_decay" and value >= 1):
+                bound = "finite and >= 0" if key == "weight_decay" else "in [0, 1)"
+                raise ZoftError(f"config: {key} must be {bound}, got {value}")
         if self.estimator == "fzoo" and self.n_directions < 2:
             raise ZoftError("config: estimator=fzoo needs n_directions >= 2 (it normalises by the std of the losses)")
-        if self.eps <= 0:
-            raise ZoftError(f"config: eps must be > 0, got {self.eps}")
         if self.offload and self.weight_decay:
             raise ZoftError("config: offload=true needs weight_decay=0 (decay would scale the CPU copies "
                             "out of order with the passes queued for them)")

@@ -12,6 +12,8 @@ Layout (HF-style)::
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -21,24 +23,47 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from zoft import faults
 from zoft.errors import ZoftError
+
+
+class WriteError(ZoftError):
+    """A file of a run could not be written (disk full, read-only, ...); what was there is intact."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn an OS-level write failure into one line that names the file."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write: {e.strerror or e}") from None
+    except SafetensorError as e:   # safetensors reports I/O errors (ENOSPC included) as its own type
+        raise WriteError(f"{path}: cannot write: {str(e).split(': ', 1)[-1]}") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder, fsync, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = Path(path)
+    with _writing(path):
+        faults.write_point(path, "before")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data[:len(data) // 2])
+                faults.write_point(path, "middle")
+                f.write(data[len(data) // 2:])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        faults.write_point(path, "after")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -51,21 +76,61 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_tensors_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], state: dict | None = None) -> None:
-    """Write a folder of safetensors files (+ trainer_state.json) atomically: build it, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    for name, tensors in files.items():
-        save_file({k: _owned(v.detach().contiguous().cpu()) for k, v in tensors.items()}, str(tmp / name))
-    if state is not None:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    """Write a folder of safetensors files (+ trainer_state.json) atomically: build it, then rename.
+
+    Replacing an existing folder takes two renames (a folder cannot be renamed over a non-empty
+    one): the old one goes to ``.NAME.old`` first. A kill between the two leaves ``.NAME.old``,
+    which :meth:`RunDir.sweep` moves back.
+    """
+    with _writing(path):
+        faults.write_point(path, "before")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            for i, (name, tensors) in enumerate(files.items()):
+                save_file({k: _owned(v.detach().contiguous().cpu()) for k, v in tensors.items()}, str(tmp / name))
+                if i == 0:
+                    faults.write_point(path, "middle")
+            if state is not None:
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                faults.write_point(path, "swap")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        faults.write_point(path, "after")
+
+
+# What a run (or a comparison of runs) writes into its folder; an overwrite removes these and
+# nothing else, so a user's own files next to them survive.
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "eval.json", "curve.png", "trajectory.safetensors", "best",
+               "checkpoint-*", "probe_head.safetensors", "events.out.tfevents.*", "comparison.*", "report")
+OVERWRITE_MARKER = ".zoft-overwrite-in-progress"
+
+
+def _is_run_entry(entry: Path) -> bool:
+    name = entry.name
+    if name.startswith("."):   # a temp of a killed write: .NAME.XXXXXX or .NAME.old
+        return any(fnmatch.fnmatch(name[1:], f"{pattern}.*") for pattern in RUN_ENTRIES) or name == OVERWRITE_MARKER
+    if any(fnmatch.fnmatch(name, pattern) for pattern in RUN_ENTRIES):
+        return True
+    return entry.is_dir() and (entry / "config.yaml").is_file()   # a method's run inside a comparison
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ZoftError(f"{path}: missing (deleted, or the run never saved weights)") from None
+    except (SafetensorError, OSError) as e:
+        raise ZoftError(f"{path}: unreadable, truncated or corrupt ({e})") from None
 
 
 class RunDir:
@@ -73,6 +138,65 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    # -- opening: fresh, overwritten or resumed
+    def entries(self) -> list[Path]:
+        """What zoft wrote here (runs, comparisons, their temps); a user's other files are not listed."""
+        if not self.path.is_dir():
+            return []
+        return sorted(e for e in self.path.iterdir() if _is_run_entry(e))
+
+    def check_usable(self, overwrite: bool = False, resumable: bool = True) -> None:
+        """Fail with one line, before any work, if a fresh run cannot start here.
+
+        A folder that holds an earlier run is refused unless ``overwrite``: mixing two runs'
+        checkpoints and metrics in one folder loses data (rotation keeps the higher step number).
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise ZoftError(f"{self.path}: exists and is not a directory; choose another output_dir")
+        if (self.path / OVERWRITE_MARKER).exists() and not overwrite:
+            raise ZoftError(f"{self.path}: an earlier overwrite of this run directory was interrupted; "
+                            f"start over with overwrite_output_dir=true")
+        if not overwrite and any(not e.name.startswith(".") for e in self.entries()):
+            resume = f"continue it with --resume {self.path}, or " if resumable else ""
+            raise ZoftError(f"{self.path}: holds an earlier run; {resume}replace it with overwrite_output_dir=true "
+                            f"(or choose another output_dir)")
+        with _writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            # a probe file, so that a read-only or full folder fails now and not after hours of training
+            with tempfile.TemporaryFile(dir=self.path, prefix=".zoft-probe."):
+                pass
+
+    def clear(self) -> None:
+        """Remove an earlier run's entries; a kill half-way leaves the marker, which refuses to resume."""
+        entries = self.entries()
+        if not entries:
+            return
+        atomic_write_text(self.path / OVERWRITE_MARKER, "an overwrite of this run directory is in progress\n")
+        with _writing(self.path):
+            for entry in entries:
+                if entry.name == OVERWRITE_MARKER:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            (self.path / OVERWRITE_MARKER).unlink()
+
+    def sweep(self) -> None:
+        """On resume: put back a folder a kill left half-replaced, and delete the temps of killed writes."""
+        if (self.path / OVERWRITE_MARKER).exists():
+            raise ZoftError(f"{self.path}: an overwrite of this run directory was interrupted, so it cannot be "
+                            f"resumed; start over with overwrite_output_dir=true")
+        for entry in self.entries():
+            if not entry.name.startswith("."):
+                continue
+            if entry.name.endswith(".old") and not (self.path / entry.name[1:-4]).exists():
+                os.replace(entry, self.path / entry.name[1:-4])   # killed between save_tensors_dir's renames
+            elif entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     # -- config and results
     def write_config(self, config: dict[str, Any]) -> None:
@@ -82,7 +206,13 @@ class RunDir:
         path = self.path / "config.yaml"
         if not path.is_file():
             raise ZoftError(f"{self.path}: not a zoft run directory (no config.yaml)")
-        return yaml.safe_load(path.read_text())
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ZoftError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise ZoftError(f"{path}: a run's config is a mapping of key: value, got {type(config).__name__}")
+        return config
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(obj, indent=1))
@@ -93,9 +223,11 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def log(self, record: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # appended, not rewritten: a kill can cut the last line, which read_metrics drops
+        with _writing(self.metrics_path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -133,10 +265,20 @@ class RunDir:
         save_tensors_dir(self.path / "best", {"trainable.safetensors": trainable}, state)
 
     def load_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
-        trainable = load_file(str(path / "trainable.safetensors"))
-        state = json.loads((path / "trainer_state.json").read_text())
+        """Weights, trainer state and optimizer state of ``checkpoint-N/`` or ``best/``; a missing,
+        truncated or corrupt file is one line naming it."""
         opt_path = path / "optimizer.safetensors"
-        optimizer = load_file(str(opt_path)) if opt_path.exists() else {}
+        trainable = _load_tensors(path / "trainable.safetensors")
+        state_path = path / "trainer_state.json"
+        try:
+            state = json.loads(state_path.read_text())
+        except FileNotFoundError:
+            raise ZoftError(f"{state_path}: missing (the checkpoint is incomplete)") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ZoftError(f"{state_path}: corrupt ({e})") from None
+        if not isinstance(state, dict):
+            raise ZoftError(f"{state_path}: corrupt (not a JSON object)")
+        optimizer = _load_tensors(opt_path) if opt_path.exists() else {}
         return trainable, state, optimizer
 
     # -- plot
@@ -157,8 +299,9 @@ class RunDir:
         ax[1].set(xlabel="step", ylabel=f"dev {metric_name}", title="dev metric")
         fig.tight_layout()
         out = self.path / "curve.png"
-        tmp = self.path / ".curve.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        tmp = self.path / ".curve.png.tmp"   # named like the other temps, so sweep() finds it
+        with _writing(out):
+            fig.savefig(tmp, dpi=100, format="png")
+            os.replace(tmp, out)
         plt.close(fig)
-        os.replace(tmp, out)
         return out

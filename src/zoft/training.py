@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from zoft import faults
 from zoft.errors import ZoftError
-from zoft.runs import RunDir
+from zoft.runs import RunDir, WriteError
 
 
 class DivergedError(ZoftError):
@@ -28,6 +29,7 @@ class DivergedError(ZoftError):
 
 
 def check_finite(step: int, **values: float) -> None:
+    """Raise DivergedError if a value is NaN or inf; ``step`` counts from 1, as metrics.jsonl does."""
     for name, value in values.items():
         if not math.isfinite(value):
             raise DivergedError(f"step {step}: {name} is {value}; training stopped before applying this step")
@@ -105,11 +107,15 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
     if resume:
         loaded = None
         if run.checkpoints():
-            tensors, saved, optimizer = run.load_checkpoint(run.checkpoints()[-1])
+            last = run.checkpoints()[-1]
+            tensors, saved, optimizer = run.load_checkpoint(last)
             trainable.load(tensors)
             if optimizer and trainable.set_optimizer_state:
                 trainable.set_optimizer_state(optimizer)
-            loaded = TrainState(**saved)
+            try:
+                loaded = TrainState(**saved)
+            except TypeError:
+                raise ZoftError(f"{last / 'trainer_state.json'}: corrupt (unexpected fields)") from None
         if on_resume is not None:
             loaded = on_resume(loaded)
         state = loaded or TrainState()   # killed before the first checkpoint: start over
@@ -125,30 +131,39 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
 
     start_time = time.perf_counter() - state.elapsed
     bar = tqdm(total=steps, initial=state.step, disable=not progress, dynamic_ncols=True, desc="train")
+    def kept() -> str:
+        last = run.checkpoints()
+        return f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
+
     for step in range(state.step, steps):
+        done = step + 1   # steps count from 1 in metrics.jsonl, checkpoint-N and every message
         try:
-            record = step_fn(step)
-        except DivergedError as e:
+            try:
+                record = step_fn(step)
+            except RuntimeError as e:
+                if "without overflow" not in str(e):   # a real bug keeps its traceback
+                    raise
+                raise DivergedError(f"step {done}: the update overflows the weights' number format "
+                                    f"(learning rate too large?); training stopped") from None
+            faults.step_done(done)
+            record = {"step": done, **record, "elapsed": round(time.perf_counter() - start_time, 3)}
+            if done % eval_every == 0 or done % save_every == 0 or done == steps:
+                trainable.settle()   # eval and checkpoints must see θ, not a pending perturbation
+            if done % eval_every == 0 or done == steps:
+                record["dev"] = dev = dev_fn()
+                if state.best_metric is None or dev > state.best_metric:
+                    state.best_metric, state.best_step = dev, done
+                    run.save_best(trainable.tensors, {"step": done, "dev": dev})
+            run.log(record)
+            state.elapsed = time.perf_counter() - start_time
+            bar.set_postfix({"loss": f"{record['loss']:.4f}",
+                             f"best dev {metric_name}": f"{state.best_metric or 0:.3f}"}, refresh=False)
+            bar.update(1)
+            if done % save_every == 0 or done == steps:
+                save(done)
+        except (DivergedError, WriteError) as e:
             bar.close()
-            last = run.checkpoints()
-            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
-            raise DivergedError(f"{e}; {kept}") from None
-        record = {"step": step + 1, **record, "elapsed": round(time.perf_counter() - start_time, 3)}
-        done = step + 1
-        if done % eval_every == 0 or done % save_every == 0 or done == steps:
-            trainable.settle()   # eval and checkpoints must see θ, not a pending perturbation
-        if done % eval_every == 0 or done == steps:
-            record["dev"] = dev = dev_fn()
-            if state.best_metric is None or dev > state.best_metric:
-                state.best_metric, state.best_step = dev, done
-                run.save_best(trainable.tensors, {"step": done, "dev": dev})
-        run.log(record)
-        state.elapsed = time.perf_counter() - start_time
-        bar.set_postfix({"loss": f"{record['loss']:.4f}", f"best dev {metric_name}": f"{state.best_metric or 0:.3f}"},
-                       refresh=False)
-        bar.update(1)
-        if done % save_every == 0 or done == steps:
-            save(done)
+            raise type(e)(f"{e}; {kept()}") from None
     bar.close()
     state.step = steps
     return state

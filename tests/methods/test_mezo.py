@@ -1,9 +1,4 @@
-"""MeZO recipe end to end on tiny random models: modes, objectives, resume, divergence."""
-import os
-import signal
-import subprocess
-import sys
-import time
+"""MeZO recipe end to end on tiny random models: modes, objectives, divergence (kills and resume: test_crash.py)."""
 
 import pytest
 import torch
@@ -77,46 +72,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         calls["n"] += 1
         return real_loss(self, enc, idx) * (float("nan") if calls["n"] > 8 else 1.0)   # step 5 goes NaN
     monkeypatch.setattr(CandidateScorer, "loss", flaky_loss)
-    with pytest.raises(DivergedError, match=r"step 4: loss is nan.*last good checkpoint: .*checkpoint-3"):
+    # steps count from 1 here as in metrics.jsonl and checkpoint-N: the 9th and 10th losses are step 5's
+    with pytest.raises(DivergedError, match=r"step 5: loss is nan.*last good checkpoint: .*checkpoint-3"):
         run_mezo(tmp_path, loaded, steps=10, eval_every=3)
     weights = load_file(str(tmp_path / "run" / "checkpoint-3" / "trainable.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())   # the NaN step was not applied
-
-
-def _zoft(*args, **popen):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "zoft", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
-
-
-@pytest.mark.parametrize("method,mode", [("mezo", "full"), ("mezo", "lora")])
-def test_resume_after_kill_is_bit_identical(tmp_path, method, mode):
-    opts = [f"{k}={v}" for k, v in SMALL.items()] + [
-        f"method={method}", f"mode={mode}", "model=tiny-llama", "steps=30", "eval_every=10", "save_every=2",
-        "lr=1e-3"]
-    full = _zoft("train", *opts, f"output_dir={tmp_path / 'full'}")
-    assert full.wait(timeout=300) == 0, full.stdout.read()
-
-    killed_dir = tmp_path / "killed"
-    proc = _zoft("train", *opts, f"output_dir={killed_dir}")
-    deadline = time.time() + 120
-    while not any(killed_dir.glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)   # land the kill somewhere in the middle of later steps or a checkpoint write
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    step = int(RunDir(killed_dir).checkpoints()[-1].name.split("-")[1])
-    assert step < 30, "the run finished before the kill; make it longer"
-
-    resumed = _zoft("train", "--resume", str(killed_dir))
-    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
-    a = load_file(str(tmp_path / "full" / "checkpoint-30" / "trainable.safetensors"))
-    b = load_file(str(killed_dir / "checkpoint-30" / "trainable.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in RunDir(killed_dir).read_metrics()]
-    assert steps == list(range(1, 31))     # no step logged twice or lost
 
 
 def test_unknown_method_and_option_are_clear_errors(tmp_path):

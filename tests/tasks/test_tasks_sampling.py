@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 
+from zoft.errors import DataError
 from zoft.tasks import Example, load_task
 from zoft.tasks.sampling import sample_task_data
 from zoft.tasks.task import data_dir
@@ -46,7 +47,8 @@ def test_k_per_class_gives_exactly_k(name, k):
 def test_same_split_holds_out_eval():
     pool = make(100)
     data = sample_task_data(pool, pool, same_split=True, n_train=50, n_dev=30, n_eval=40, seed=0)
-    assert (len(data.train), len(data.dev), len(data.eval)) == (50, 10, 40)
+    # 60 rows left for 50 + 30 asked: split in the asked proportion, 5:3
+    assert (len(data.train), len(data.dev), len(data.eval)) == (38, 22, 40)
     all_refs = refs(data.train) + refs(data.dev) + refs(data.eval)
     assert len(set(all_refs)) == len(all_refs) == 100
 
@@ -56,8 +58,18 @@ def test_small_splits_take_what_there_is(caplog):
     with caplog.at_level(logging.WARNING):
         data = sample_task_data(train, val, same_split=False, n_train=8, n_dev=8, n_eval=100, seed=0,
                                 name="tiny")
-    assert (len(data.train), len(data.dev), len(data.eval)) == (8, 2, 5)
-    assert "tiny" in caplog.text and "2 dev" in caplog.text
+    assert (len(data.train), len(data.dev), len(data.eval)) == (5, 5, 5)
+    assert "tiny" in caplog.text and "5 train, 5 dev" in caplog.text
+
+
+def test_a_large_n_train_never_leaves_dev_empty(caplog):
+    """The defaults (1000 train + 500 dev) on a 32-row split used to give 32 train and 0 dev rows."""
+    with caplog.at_level(logging.WARNING):
+        data = sample_task_data(make(32), make(8), same_split=False, n_train=1000, n_dev=500, n_eval=1000, seed=0)
+    assert (len(data.train), len(data.dev)) == (21, 11)
+    assert "using 21 train, 11 dev" in caplog.text
+    with pytest.raises(DataError, match="1 usable row"):
+        sample_task_data(make(1), make(8), same_split=False, n_train=10, n_dev=5, n_eval=8, seed=0)
 
 
 def test_k_per_class_short_class_warns(caplog):

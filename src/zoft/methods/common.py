@@ -93,8 +93,11 @@ def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, t
                                                         for ex in examples]}
 
 
-def load_run(run_path, task: str | None = None, **overrides):
+def load_run(run_path, task: str | None = None, trust_remote_code: bool = False, **overrides):
     """Rebuild a finished run's model with its best (else last) trained weights.
+
+    ``trust_remote_code`` comes from the caller only: a run directory is data people send each
+    other, and its config.yaml must never be able to run the Python of the model folder it names.
 
     Returns ``(setup, scorer)`` ready to evaluate or score new inputs.
     """
@@ -107,7 +110,7 @@ def load_run(run_path, task: str | None = None, **overrides):
     from zoft.training import Trainable
 
     run_dir = RunDir(Path(run_path))
-    values = {**run_dir.read_config(), **overrides}
+    values = {**run_dir.read_config(), **overrides, "trust_remote_code": trust_remote_code}
     if task:
         values["task"] = task
     cfg = load_config(overrides=values)

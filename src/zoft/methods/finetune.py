@@ -130,7 +130,7 @@ def adamw_step(step: int, cfg, model, optimizer, params: list[torch.Tensor], los
     for p in frozen:   # no gradient: AdamW skips the tensor entirely (no moment, no decay)
         p.grad = None
     norm = grad_norm(params)
-    check_finite(step, loss=loss.item(), grad_norm=norm)   # before the step: weights stay good
+    check_finite(step + 1, loss=loss.item(), grad_norm=norm)   # before the step: weights stay good
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)   # free the gradients before dev eval
     return {"loss": loss.item(), "grad_norm": norm, "lr": lr}

@@ -146,14 +146,14 @@ def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | 
         lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
         if fused is not None:   # 2 weight passes: this step's update fused with the next +εz
             loss_plus, loss_minus, g = fused.step(taped_loss, seeds[0], lr, fused_next_seed(cfg, step))
-            check_finite(step, loss=(loss_plus + loss_minus) / 2, projected_grad=g)
+            check_finite(step + 1, loss=(loss_plus + loss_minus) / 2, projected_grad=g)
             if zo.recorder is not None:
                 zo.recorder.record(Estimate(loss=(loss_plus + loss_minus) / 2, directions=[(seeds[0], g)]), lr, tape)
             return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, "lr": lr, "forwards": 2}
         estimate = zo_step(params, taped_loss, seeds, lr, estimator, optimizer, step=step,
                            exchange=par.exchange(step) if par else None,
-                           check=lambda e: check_finite(step, loss=e.loss,
-                                                        projected_grad=sum(g for _, g in e.directions)))
+                           check=lambda e: check_finite(step + 1, loss=e.loss,
+                                                            projected_grad=sum(g for _, g in e.directions)))
         if zo.recorder is not None:
             zo.recorder.record(estimate, lr, tape)
         grads = [g for _, g in estimate.directions]

@@ -98,12 +98,13 @@ def fused_schedule(cfg, fused) -> FusedSchedule | None:
 
 
 def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: str | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, trust_remote_code: bool = False) -> Path:
     """``zoft replay``: the fine-tuned weights of a MeZO run from its base model and trajectory.
 
     Writes ``output/trainable.safetensors`` (the trained tensors by name, as in a checkpoint)
     and the model in Hugging Face format (full: ``save_pretrained`` + tokenizer; LoRA/prefix: the
-    peft adapter), atomically.
+    peft adapter), atomically. ``trust_remote_code`` is the caller's alone: the trajectory's
+    recorded config cannot turn it on.
     """
     from zoft.adapters import named_trainable
     from zoft.config import load_config
@@ -113,7 +114,8 @@ def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: 
 
     traj = Trajectory.load(trajectory_path)
     header = traj.header
-    overrides = {"backend": header["backend"], "parallel": "none"} | ({"device": device} if device else {})
+    overrides = {"backend": header["backend"], "parallel": "none", "trust_remote_code": trust_remote_code} \
+        | ({"device": device} if device else {})
     cfg = load_config(overrides={**header["config"], **overrides})
     loaded = load_model(base, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     model = Setup(cfg, None, None, loaded).with_mode()
