@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from zoft.lm import CandidateScorer  # noqa: E402
 from zoft.models import tiny_random_model  # noqa: E402
 from zoft.scoring.data import Response, ScoringItem, system_prompt, to_example, user_prompt  # noqa: E402
-from zoft.scoring.serve import create_app, default_context, level_probabilities, serve  # noqa: E402
+from zoft.scoring.serve import RequestError, create_app, default_context, level_probabilities, serve  # noqa: E402
 from zoft.tasks.example import Example  # noqa: E402
 
 LEVELS = ["0", "1", "2"]
@@ -170,3 +171,68 @@ def test_serve_uses_the_run(monkeypatch, scorer):
     assert seen["where"] == ("127.0.0.1", 9999) and seen["messages"] == MESSAGES
     assert seen["reply"]["choices"][0]["message"]["content"] in LEVELS
     assert seen["reply"]["model"] == "my-run" and seen["models"]["data"][0]["id"] == "my-run"
+
+
+def assert_openai_error(r, status: int, kind: str = "invalid_request_error") -> dict:
+    """An OpenAI-style error body, with a short message that names no Python exception."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == kind
+    assert len(error["message"]) < 200 and not re.search(r"Error|Exception|Traceback|\.py", error["message"])
+    return error
+
+
+# ---------------------------------------------------------------- a scoring task's own prompt builder
+
+MULTI = ScoringItem("m1", "Explain the result.", "Claim, evidence, reasoning: 1 each.", [], ["0", "1"],
+                    aspects=["claim", "evidence"])
+
+
+def task_messages(item, content):
+    return [{"role": "system", "content": system_prompt(item)}, {"role": "user", "content": content}]
+
+
+def as_parts(messages):
+    return [{**m, "content": [{"type": "text", "text": m["content"][:7]}, {"type": "text", "text": m["content"][7:]}]}
+            for m in messages]
+
+
+def test_task_context_from_chat_joins_parts():
+    from zoft.scoring.task import ScoringTask
+    task = ScoringTask("t", [ITEM], [], [])
+    messages = task_messages(ITEM, user_prompt(ITEM, RESPONSE))
+    assert task.context_from_chat(as_parts(messages)) == task.context_from_chat(messages) == \
+        task.context(ITEM, RESPONSE.text)
+    multi = ScoringTask("m", [MULTI], [], [])
+    messages = task_messages(MULTI, user_prompt(MULTI, RESPONSE))
+    assert multi.contexts_from_chat(as_parts(messages)) == multi.contexts_from_chat(messages) == \
+        [multi.context(MULTI, RESPONSE.text, a) for a in MULTI.aspects]
+
+
+@pytest.mark.parametrize("content", ["", "  ", "Response:\n", "Item:\nWhy?\n\nResponse:\n \n", [],
+                                     [{"type": "text", "text": " "}], None])
+def test_task_context_from_chat_rejects_empty_responses(content):
+    from zoft.scoring.task import ScoringTask
+    task = ScoringTask("t", [ITEM], [], [])
+    with pytest.raises(RequestError, match="empty"):
+        task.context_from_chat(task_messages(ITEM, content))
+    with pytest.raises(ValueError):   # what context_from_chat documents
+        ScoringTask("m", [MULTI], [], []).contexts_from_chat(task_messages(MULTI, content))
+
+
+def test_served_task_parts_and_empty_content(scorer):
+    from starlette.testclient import TestClient
+
+    from zoft.scoring.task import ScoringTask
+    task = ScoringTask("t", [ITEM], [], [])
+    messages = task_messages(ITEM, user_prompt(ITEM, RESPONSE))
+    with TestClient(create_app(scorer, LEVELS, task.context_from_chat, MODEL)) as tc:
+        plain, split = (tc.post("/v1/chat/completions", json={"messages": m, "logprobs": True}).json()
+                        for m in (messages, as_parts(messages)))
+        assert split["choices"] == plain["choices"] and split["usage"] == plain["usage"]
+        expected = direct_logprobs(scorer, task.context(ITEM, RESPONSE.text))
+        top = {e["token"]: e["logprob"] for e in plain["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+        assert all(math.isclose(top[level], lp, rel_tol=1e-5, abs_tol=1e-7) for level, lp in zip(LEVELS, expected))
+        for content in ("Response:\n  ", [{"type": "text", "text": "Response:\n"}], [], None):
+            r = tc.post("/v1/chat/completions", json={"messages": task_messages(ITEM, content)})
+            assert "empty" in assert_openai_error(r, 400)["message"]

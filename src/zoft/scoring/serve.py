@@ -15,6 +15,11 @@ How chat messages become the scorer's context (the prompt the model was fine-tun
   :func:`~zoft.scoring.data.to_example` (``system + "\\n\\n" + user + "\\n\\nScore:"``).
   Earlier user and assistant turns are ignored.
 
+Content may be a string or a list of text parts (``[{"type": "text", "text": ...}]``, as the
+``openai`` client can send): the parts are joined as text on every path
+(:func:`zoft.scoring.chat.message_text`). An empty or whitespace-only response to score is
+rejected, as ``zoft score`` rejects empty text.
+
 Instead of generating, the server scores every level as a candidate continuation (as
 evaluation does) and answers with the best one; with ``logprobs: true`` the reply's
 ``choices[0].logprobs.content[0].top_logprobs`` lists the levels with their
@@ -44,35 +49,10 @@ from typing import Any
 import torch
 
 from zoft.errors import ZoftError
+from zoft.scoring.chat import RequestError, message_text, require_text
 from zoft.tasks.example import Example
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-class RequestError(Exception):
-    """A bad request: answered with HTTP 400 and an OpenAI-style error body."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message, self.param = message, param
-
-
-def message_text(message: dict, where: str) -> str:
-    """A message's content as text: a string, or the text parts of a content list joined."""
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                                   f"{where}.content[{j}]")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError("content must be a string or a list of text parts", f"{where}.content")
 
 
 def default_context(messages: list[dict]) -> str:
@@ -88,9 +68,7 @@ def default_context(messages: list[dict]) -> str:
         raise RequestError("messages must include a user message (the item and the response to score)",
                            "messages")
     i, last = users[-1]
-    user = message_text(last, f"messages[{i}]")
-    if not user.strip():
-        raise RequestError("the user message is empty", f"messages[{i}].content")
+    user = require_text(message_text(last, f"messages[{i}]"), "the user message", f"messages[{i}].content")
     return "\n\n".join([s for s in system if s.strip()] + [user]) + "\n\nScore:"
 
 
