@@ -104,8 +104,10 @@ def cmd_score(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from zoft.scoring.serve import serve
-    serve(args.model, host=args.host, port=args.port)
+    import os
+    from zoft.scoring.serve import MAX_BODY_BYTES, serve
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ZOFT_API_KEY"),
+          max_body_bytes=MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes)
 
 
 def cmd_replay(args) -> None:
@@ -161,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained zoft run on a scoring task")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request (default: $ZOFT_API_KEY, "
+                   "which other users cannot see in ps; else none)")
+    p.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                   help="refuse larger request bodies with 413 (default 1 MiB)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("replay", help="rebuild a MeZO run's weights from its base model and trajectory")
     p.add_argument("base", help="the base model (builtin name or path) the run started from")

@@ -15,6 +15,11 @@ How chat messages become the scorer's context (the prompt the model was fine-tun
   :func:`~zoft.scoring.data.to_example` (``system + "\\n\\n" + user + "\\n\\nScore:"``).
   Earlier user and assistant turns are ignored.
 
+Content may be a string or a list of text parts (``[{"type": "text", "text": ...}]``, as the
+``openai`` client can send): the parts are joined as text on every path
+(:func:`zoft.scoring.chat.message_text`). An empty or whitespace-only response to score is
+rejected, as ``zoft score`` rejects empty text.
+
 Instead of generating, the server scores every level as a candidate continuation (as
 evaluation does) and answers with the best one; with ``logprobs: true`` the reply's
 ``choices[0].logprobs.content[0].top_logprobs`` lists the levels with their
@@ -28,12 +33,31 @@ training prompt with its ``Aspect:`` line, from the task's ``contexts_from_chat`
 ``logprobs.content`` holds one entry per aspect, in order, each with its levels'
 ``top_logprobs`` (the commas are not listed: they are not scored).
 
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and a short
+message that never carries internal exception text:
+
+* 400 ``invalid_request_error``: a malformed request of any kind: a body that is not UTF-8 or
+  not JSON, nested too deeply, with a lone surrogate escape (``"\\ud800"``: not text), not an
+  object, or with bad or empty messages. The keep-alive connection stays usable.
+* 401 ``invalid_api_key``: with ``api_key`` set (``--api-key``, else ``$ZOFT_API_KEY``), on every
+  route, ``/v1/models`` included, without ``Authorization: Bearer <key>``.
+* 413: a body over ``max_body_bytes`` (``--max-body-bytes``, default 1 MiB), refused from its
+  ``Content-Length`` or, without one, as soon as it grows past the limit.
+* 500 ``server_error``: ``"internal server error"``; the traceback goes to the server's log.
+
+The server binds to 127.0.0.1 unless told otherwise; another host without a key prints a warning.
+
 Needs the ``serve`` extra: ``pip install 'zoft[serve]'`` (fastapi and uvicorn).
 """
 # No "from __future__ import annotations": FastAPI must see the real Request class in the
 # route signature below, and fastapi is imported lazily (it is an optional extra).
 
+import hmac
+import ipaddress
+import json
+import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -44,35 +68,14 @@ from typing import Any
 import torch
 
 from zoft.errors import ZoftError
+from zoft.scoring.chat import RequestError, message_text, require_text
 from zoft.tasks.example import Example
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-class RequestError(Exception):
-    """A bad request: answered with HTTP 400 and an OpenAI-style error body."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message, self.param = message, param
-
-
-def message_text(message: dict, where: str) -> str:
-    """A message's content as text: a string, or the text parts of a content list joined."""
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                                   f"{where}.content[{j}]")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError("content must be a string or a list of text parts", f"{where}.content")
+MAX_BODY_BYTES = 1 << 20   # 1 MiB: a scoring prompt is a few KiB
+INVALID_KEY = ("Incorrect API key provided. Send the key this server was started with "
+               "(--api-key or ZOFT_API_KEY) as 'Authorization: Bearer <key>'.")
+log = logging.getLogger(__name__)
 
 
 def default_context(messages: list[dict]) -> str:
@@ -88,10 +91,43 @@ def default_context(messages: list[dict]) -> str:
         raise RequestError("messages must include a user message (the item and the response to score)",
                            "messages")
     i, last = users[-1]
-    user = message_text(last, f"messages[{i}]")
-    if not user.strip():
-        raise RequestError("the user message is empty", f"messages[{i}].content")
+    user = require_text(message_text(last, f"messages[{i}]"), "the user message", f"messages[{i}].content")
     return "\n\n".join([s for s in system if s.strip()] + [user]) + "\n\nScore:"
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request's raw body, refused (413) past ``limit`` bytes before more is read into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the request body is larger than this server's limit of {limit} bytes", status=413)
+    body = bytearray()
+    async for chunk in request.stream():   # no Content-Length (chunked): count as it arrives
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(f"the request body is larger than this server's limit of {limit} bytes",
+                               status=413)
+    return bytes(body)
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON from raw bytes, strictly: every way it can be malformed is a :class:`RequestError`."""
+    try:
+        # Strict UTF-8 (json.loads on bytes would let encoded surrogates through); deep nesting
+        # is a RecursionError and an integer of over 4300 digits a ValueError, not a JSONDecodeError.
+        body = json.loads(raw.decode("utf-8"))
+        # A "\ud800" escape decodes to a lone surrogate, which is no text: it would crash the
+        # tokenizer (or the reply's encoding) later. Re-encoding finds one anywhere in the body.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("the request body is not valid UTF-8") from None
+    except UnicodeEncodeError:
+        raise RequestError("the request body has a lone surrogate escape (\\ud800-\\udfff): not valid text") \
+            from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    except ValueError:
+        raise RequestError("the request body is not valid JSON") from None
+    return body
 
 
 def _check_request(body: Any) -> dict:
@@ -122,17 +158,44 @@ def _check_request(body: Any) -> dict:
     return body
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None):
+def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+           headers: dict | None = None):
     from fastapi.responses import JSONResponse
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def _internal_error():
+    # The traceback goes to the server's log; the client learns nothing about the internals.
+    log.exception("zoft serve: internal error")
+    return _error(500, "internal server error", "server_error")
+
+
+class _RequireKey:
+    """ASGI middleware: every HTTP request, on any path, needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, token = given.partition(b" ")
+            # compare_digest: the time taken does not tell how much of a guess was right.
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
+                # As OpenAI answers a missing or wrong key; the 401 body never echoes a key.
+                response = _error(401, INVALID_KEY, "invalid_request_error", code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _logprob_entry(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
-def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], str], model_name: str):
+def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], str], model_name: str,
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI app serving ``scorer`` (a :class:`zoft.lm.CandidateScorer`) over ``levels``.
 
     Args:
@@ -141,6 +204,9 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         build_context: chat messages -> the scorer's context, or a list of contexts (one per
             rubric aspect: the reply joins their levels with commas); may raise :class:`RequestError`.
         model_name: the id ``/v1/models`` lists and replies carry.
+        api_key: if set (non-empty), every request needs ``Authorization: Bearer <api_key>``
+            (else 401, ``code: "invalid_api_key"``).
+        max_body_bytes: larger request bodies are refused with 413.
 
     Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``.
     """
@@ -152,10 +218,14 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         raise ZoftError("zoft serve needs fastapi and uvicorn: pip install 'zoft[serve]'") from None
     if len(levels) < 2 or len(set(levels)) != len(levels):
         raise ZoftError(f"serving needs at least two distinct score levels, got {levels}")
+    if max_body_bytes < 1:
+        raise ZoftError(f"max_body_bytes must be positive, got {max_body_bytes}")
     levels = list(levels)
     lock = threading.Lock()   # one forward pass at a time: the model is shared
     created = int(time.time())
     app = FastAPI(title="zoft scorer", docs_url=None, redoc_url=None)
+    if api_key:
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     def score(context: str) -> tuple[list[float], int, list[int]]:
         """Log-probs normalised over the levels, the prompt's token count, each level's tokens."""
@@ -175,7 +245,7 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
 
     @app.exception_handler(RequestError)
     async def bad_request(request, exc: RequestError):
-        return _error(400, exc.message, "invalid_request_error", exc.param)
+        return _error(exc.status, exc.message, "invalid_request_error", exc.param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -183,8 +253,8 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         return _error(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(Exception)
-    async def server_error(request, exc: Exception):
-        return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+    async def server_error(request, exc: Exception):   # a last resort: chat_completions catches its own
+        return _internal_error()
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "zoft"}
@@ -202,17 +272,26 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        # Errors are answered here, not raised: Starlette re-raises an exception that reaches its
+        # catch-all handler, and uvicorn then drops the keep-alive connection.
         try:
-            body = await request.json()
-        except ValueError:
-            raise RequestError("the request body is not valid JSON") from None
-        body = _check_request(body)
+            return await complete(request)
+        except RequestError as e:
+            return await bad_request(request, e)
+        except Exception:
+            return _internal_error()
+
+    async def complete(request) -> dict:
+        body = _check_request(parse_json(await read_body(request, max_body_bytes)))
         try:
             contexts = build_context(body["messages"])
         except RequestError:
             raise
-        except (ValueError, KeyError, TypeError, ZoftError) as e:   # a task's own check of the messages
+        except ZoftError as e:   # zoft's own errors are written for users
             raise RequestError(f"cannot build the prompt from the messages: {e}", "messages") from None
+        except (ValueError, KeyError, TypeError) as e:   # a task's check, or it tripped on odd messages:
+            log.warning("zoft serve: cannot build the prompt: %r", e)   # the text may be internal
+            raise RequestError("cannot build the prompt from the messages", "messages") from None
         contexts = [contexts] if isinstance(contexts, str) else list(contexts)
         if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
             raise RequestError("the messages give an empty prompt", "messages")
@@ -246,14 +325,23 @@ def level_probabilities(top_logprobs) -> dict[str, float]:
     return {get(e, "token"): math.exp(get(e, "logprob")) for e in top_logprobs}
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name: it may resolve to anything
+        return False
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Loads a finished run (best, else last weights) and serves it until interrupted.
 
     The levels are the task's label words (else the choices of its first example); the
     context comes from the task's ``contexts_from_chat(messages)`` for a multi-label task (one
     per aspect), else its ``context_from_chat(messages)`` if it has one, else
-    :func:`default_context`. ``model_name`` defaults to the run folder's name.
+    :func:`default_context`. ``model_name`` defaults to the run folder's name. ``api_key`` and
+    ``max_body_bytes`` are :func:`create_app`'s; serving a non-loopback ``host`` without a key
+    prints a warning to stderr (anyone who can reach the port can use the model).
     """
     try:
         import uvicorn
@@ -272,6 +360,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
     build_context = (getattr(task, "contexts_from_chat", None) if getattr(task, "aspects", None) else None) \
         or getattr(task, "context_from_chat", None) or default_context
     name = model_name or Path(run_dir).resolve().name
-    app = create_app(scorer, levels, build_context, name)
-    print(f"zoft serve: model '{name}', levels {levels}, at http://{host}:{port}/v1", flush=True)
+    app = create_app(scorer, levels, build_context, name, api_key=api_key, max_body_bytes=max_body_bytes)
+    print(f"zoft serve: model '{name}', levels {levels}, at http://{host}:{port}/v1, "
+          f"{'API key required' if api_key else 'no API key'}", flush=True)
+    if not api_key and not _is_loopback(host):
+        print(f"zoft serve: warning: serving on {host} without an API key: anyone who can reach port {port} "
+              "can use the model (set --api-key or ZOFT_API_KEY)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from zoft.errors import DataError, ZoftError
+from zoft.scoring.chat import RequestError, message_text, require_text
 from zoft.scoring.data import (ScoringItem, Response, format_score, read_asap, read_semeval, system_prompt,
                                read_table)
 from zoft.tasks.example import Example, TaskData
@@ -301,8 +302,11 @@ class ScoringTask:
         prompt it was trained on. A multi-label task has one prompt per aspect:
         :meth:`contexts_from_chat`.
 
+        Content may be a string or a list of text parts (joined as text).
+
         Raises:
-            ValueError: no user message, or a system message that matches no item.
+            ValueError: (a :class:`~zoft.scoring.chat.RequestError`) no user message, an empty
+                response, content that is not text, or a system message that matches no item.
         """
         item, text = self._chat_item_and_text(messages)
         return self.context(item, text)
@@ -313,16 +317,22 @@ class ScoringTask:
         return [self.context(item, text, aspect) for aspect in self.aspects] or [self.context(item, text)]
 
     def _chat_item_and_text(self, messages: list[dict]) -> tuple[ScoringItem, str]:
-        system = "\n\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "system")
-        users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+        # message_text: content sent as text parts reads as its text, never as a Python repr.
+        system = "\n\n".join(message_text(m, f"messages[{i}]") for i, m in enumerate(messages)
+                             if m.get("role") == "system")
+        users = [(i, message_text(m, f"messages[{i}]")) for i, m in enumerate(messages) if m.get("role") == "user"]
         if not users:
-            raise ValueError("no user message")
+            raise RequestError("no user message", "messages")
         matches = [item for item in self.items.values() if system_prompt(item) == system]
         if not matches and len(self.items) == 1:
             matches = list(self.items.values())
         if not matches:
-            raise ValueError("the system message matches no item of this scorer (send the exported system prompt)")
-        return matches[0], users[-1].split("Response:\n", 1)[-1]
+            raise RequestError("the system message matches no item of this scorer (send the exported system "
+                               "prompt)", "messages")
+        i, user = users[-1]
+        # An empty response is refused here as zoft score refuses empty text.
+        return matches[0], require_text(user.split("Response:\n", 1)[-1], "the response to score",
+                                        f"messages[{i}].content")
 
     def example(self, response: Response, item: ScoringItem | None = None) -> Example:
         """A response as an :class:`Example`; unscored responses get ``target`` None.
