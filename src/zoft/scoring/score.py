@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from zoft.errors import DataError, ZoftError
+from zoft.errors import DataError, ZoftError, excerpt
 from zoft.runs import atomic_write_text
 from zoft.scoring.data import Response
-from zoft.tasks.readers import read_text
+from zoft.tasks.readers import read_csv_records
 
 INPUT_COLUMNS = ("id", "text")
 ITEM_COLUMN = "item_id"
@@ -48,19 +48,18 @@ def output_columns(levels: list[str], aspects: list[str] | None = None) -> list[
 
 def _read_input(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and the ``(row number, values)`` of each non-blank data row."""
+    if path.is_dir():
+        raise DataError("is a folder, not a CSV file", str(path))
     if not path.is_file():
         raise DataError("input file not found", str(path))
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
-    try:
-        header = next(reader, None)
-        rows = [(i, values) for i, values in enumerate(reader, start=1) if values]
-    except csv.Error as e:
-        raise DataError(f"malformed CSV: {e}", str(path), reader.line_num) from None
+    # refuses binary files and unclosed quotes; rows with the wrong field count are kept (per-row errors)
+    header, rows = read_csv_records(path)
     if not header:
         raise DataError("file is empty (no header)", str(path))
     missing = [c for c in INPUT_COLUMNS if c not in header]
     if missing:
-        raise DataError(f"missing column (has: {', '.join(header)})", str(path), field=missing[0])
+        has = excerpt(", ".join(header))   # the header may be anything: a wrong file, a swallowed row
+        raise DataError(f"missing column (has: {has})", str(path), field=missing[0])
     dup = next((c for c in header if header.count(c) > 1), None)
     if dup is not None:
         raise DataError("column appears twice in the header", str(path), field=dup)
@@ -87,8 +86,8 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
 
     Raises:
         ZoftError: the run's task is not a scoring task, or batch_size < 1.
-        DataError: the input is missing, is not a CSV, lacks ``id``/``text`` columns,
-            or already has a column this function writes.
+        DataError: the input is missing, is not a text CSV, has an unclosed quote, lacks
+            ``id``/``text`` columns, or already has a column this function writes.
     """
     from zoft.lm import batches
     from zoft.methods.common import load_run
@@ -130,7 +129,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         elif error is None and not text.strip():
             error = "empty text"
         elif error is None and rid in seen:
-            error = f"duplicate id '{rid}' (first at row {seen[rid]})"
+            error = f"duplicate id '{excerpt(rid)}' (first at row {seen[rid]})"
         item = None
         if error is None:
             if item_key:
@@ -138,7 +137,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
                 if item is None:
                     known = sorted(task.items)
                     shown = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
-                    error = f"unknown item_id '{item_key}' (task '{task.name}' has: {shown})"
+                    error = f"unknown item_id '{excerpt(item_key)}' (task '{task.name}' has: {shown})"
             elif len(task.items) == 1:
                 item = next(iter(task.items.values()))
             else:
