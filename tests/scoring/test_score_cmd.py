@@ -1,6 +1,7 @@
 """score_file: a trained scoring run scores a CSV of new responses; bad rows are reported, not fatal."""
 import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,43 @@ def test_windows_1252_input_still_reads(asap_run, tmp_path):
     src.write_bytes("id,text\n1,24\xb0 and \x95 more vinegar\n".encode("latin-1"))   # cp1252 degree, bullet
     assert score_file(asap_run, src, tmp_path / "out.csv")["scored"] == 1
     assert read_csv(tmp_path / "out.csv")[0]["text"] == "24\u00b0 and \u2022 more vinegar"
+
+
+def test_bad_output_path_fails_before_the_model_loads(tmp_path, capsys):
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], [("1", "vinegar")])
+    no_run = tmp_path / "no-such-run"            # loading it would fail: the output check comes first
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert zoft_score(capsys, no_run, src, folder) == (
+        2, f"zoft: error: {folder}: output is a folder; give a file name, e.g. {folder / 'scored.csv'}\n")
+    under_file = src / "sub" / "scored.csv"
+    assert zoft_score(capsys, no_run, src, under_file) == (
+        2, f"zoft: error: {under_file}: cannot create the output's folder: {src} is a file\n")
+    assert sorted(os.listdir(tmp_path)) == ["in.csv", "results"] and not os.listdir(folder)
+
+
+def test_unwritable_output_folder_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], [("1", "vinegar")])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # chmod would not stop root (tests may run as root), so deny the permission check itself
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    out = locked / "new" / "scored.csv"
+    assert zoft_score(capsys, tmp_path / "no-such-run", src, out) == (
+        2, f"zoft: error: {out}: cannot write the output: no write permission in {locked}\n")
+    assert not os.listdir(locked)
+
+
+def test_write_failure_is_one_line_and_leaves_no_file(asap_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import zoft.scoring.score as score
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(score, "atomic_write_text", full_disk)
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], [("1", "vinegar")])
+    out = tmp_path / "out.csv"
+    assert zoft_score(capsys, asap_run, src, out) == (
+        2, f"zoft: error: {out}: cannot write the output: No space left on device\n")
+    assert not out.exists()

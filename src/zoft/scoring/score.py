@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,24 @@ def _read_input(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
+def _check_output(path: Path) -> None:
+    """Fails early, before the model loads, if the scored CSV could not be written to ``path``.
+
+    Looks at the path only (creates nothing): an existing folder, a parent that is a file, or a
+    nearest existing folder we may not write in. Writing can still fail later (a full disk);
+    score_file turns that into one line too.
+    """
+    if path.is_dir():
+        raise ZoftError(f"{path}: output is a folder; give a file name, e.g. {path / 'scored.csv'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:   # the folders to create, up to one that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ZoftError(f"{path}: cannot create the output's folder: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ZoftError(f"{path}: cannot write the output: no write permission in {parent}")
+
+
 def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path,
                batch_size: int = 16) -> dict[str, Any]:
     """Scores every response of a CSV with a trained scoring run and writes a scored CSV.
@@ -85,7 +104,8 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         ``errors`` (the first few ``"row N: reason"``).
 
     Raises:
-        ZoftError: the run's task is not a scoring task, or batch_size < 1.
+        ZoftError: the run's task is not a scoring task, batch_size < 1, or the output
+            cannot be written (a folder, a parent that is a file, no permission, a full disk).
         DataError: the input is missing, is not a text CSV, has an unclosed quote, lacks
             ``id``/``text`` columns, or already has a column this function writes.
     """
@@ -96,7 +116,8 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
     if batch_size < 1:
         raise ZoftError(f"batch_size must be >= 1, got {batch_size}")
     input_path, output_path = Path(input_path), Path(output_path)
-    header, rows = _read_input(input_path)   # a bad file fails before the model loads
+    header, rows = _read_input(input_path)   # a bad file or output path fails before the model loads
+    _check_output(output_path)
     setup, scorer = load_run(run_dir)
     task = setup.task
     if not isinstance(task, ScoringTask):
@@ -177,7 +198,10 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
             counts[best] += 1
             extra = [best, *(bests if task.aspects else []), *(f"{q:.6f}" for d in dists for q in d), ""]
         out_rows.append([record.get(c, "") for c in header] + extra)
-    _write_csv(output_path, header + added, out_rows)
+    try:
+        _write_csv(output_path, header + added, out_rows)
+    except OSError as e:   # e.g. a full disk; atomic_write_text has removed its temporary file
+        raise ZoftError(f"{output_path}: cannot write the output: {e.strerror or e}") from None
 
     failed = [f"row {row}: {e}" for row, e in zip(row_numbers, errors) if e]
     return {"run_dir": str(run_dir), "task": task.name, "input": str(input_path), "output": str(output_path),
