@@ -216,7 +216,8 @@ def test_binary_input_is_one_short_line(asap_run, tmp_path, capsys):
         2, f"zoft: error: {png}: not a UTF-8 text file (byte 0x89 at offset 0)\n")
     nul = tmp_path / "nul.csv"                   # valid UTF-8, but a NUL byte: not text either
     nul.write_bytes(b"id,text\n1,caf\xc3\xa9\x00\n")
-    assert zoft_score(capsys, asap_run, nul, out) == (2, f"zoft: error: {nul}: not a text file (NUL byte at offset 15)\n")
+    assert zoft_score(capsys, asap_run, nul, out) == (
+        2, f"zoft: error: {nul}: not a text file (NUL byte at offset 15)\n")
     utf16 = tmp_path / "utf16.csv"
     utf16.write_bytes("id,text\n1,vinegar\n".encode("utf-16"))
     assert zoft_score(capsys, asap_run, utf16, out) == (2, f"zoft: error: {utf16}: UTF-16 text; save it as UTF-8\n")
