@@ -6,6 +6,13 @@ the CLI can print it as is, without a traceback.
 from __future__ import annotations
 
 
+def excerpt(value: object, limit: int = 40) -> str:
+    """``value`` as it may appear inside a one-line message: control characters and line
+    breaks escaped, cut to about ``limit`` characters (a bad file must not flood the terminal)."""
+    text = repr(str(value))[1:-1]   # escapes \n, \r, \x00 ...; keeps printable non-ASCII
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ZoftError(Exception):
     """A user-facing error: bad config, bad data, bad model path, diverged training."""
 
@@ -21,5 +28,5 @@ class DataError(ZoftError):
                  field: str | None = None):
         self.path, self.row, self.field, self.message = path, row, field, message
         where = ":".join(str(x) for x in (path, row) if x is not None)
-        what = f"field '{field}': " if field else ""
+        what = f"field '{excerpt(field)}': " if field else ""   # field names come from the file
         super().__init__(f"{where}: {what}{message}" if where else f"{what}{message}")

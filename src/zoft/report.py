@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
+from collections import Counter
 from pathlib import Path
 
+from zoft.errors import ZoftError
 from zoft.runs import RunDir, atomic_write_text
 
 
@@ -78,10 +82,41 @@ def human_ceiling(task_name: str) -> float | None:
         return None
 
 
+def slug(text: object, limit: int = 60) -> str:
+    """A file-name-safe form of a task name, method label or run name.
+
+    Task names and labels come from eval.json files and configs (a task can be a YAML path),
+    so they may hold ``/`` or ``..``: lowercase ``[a-z0-9._-]`` only, no leading or trailing
+    dot or dash (hidden files, ``..``, option-like names), never empty.
+    """
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()   # é -> e
+    name = re.sub(r"[^a-z0-9._-]+", "-", ascii_text.lower())
+    name = re.sub(r"[.-]*-[.-]*", "-", name)   # "x/../y" -> "x-y", not "x-..-y"
+    name = name[:limit].strip(".-")
+    return name or "x"
+
+
+def _report_file(out_dir: Path, stem: str, suffix: str, used: set[str]) -> Path:
+    """``out_dir/<stem><suffix>``, with ``-2``, ``-3``... added if an earlier figure of this report
+    has that name (two runs must never share, and so overwrite, one image)."""
+    name, n = stem + suffix, 2
+    while name in used:
+        name, n = f"{stem}-{n}{suffix}", n + 1
+    used.add(name)
+    # slug() already rules this out; checked anyway because a name that escapes overwrites user files
+    if Path(name).name != name or name in (".", ".."):
+        raise ZoftError(f"{out_dir}: refusing to write '{name}' outside the report folder")
+    return out_dir / name
+
+
 def write_report(results: list[dict], out_dir: Path, title: str = "zoft report") -> Path:
     """One markdown page (and an HTML copy) per experiment: a table per task (item set), the dev
-    curves, a confusion matrix per run where predictions were saved, and the human ceiling."""
+    curves, a confusion matrix per run where predictions were saved, and the human ceiling.
+
+    Figure names are slugs of the task and method label (see :func:`slug`), always inside
+    ``out_dir``; runs sharing a label are told apart by their run folder's name."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
     lines = [f"# {title}", ""]
     for task in dict.fromkeys(r["task"] for r in results):
         rows = [r for r in results if r["task"] == task]
@@ -89,16 +124,21 @@ def write_report(results: list[dict], out_dir: Path, title: str = "zoft report")
         ceiling = human_ceiling(task)
         if ceiling is not None:
             lines += [f"Human agreement (QWK, rater 1 vs rater 2, train rows): **{ceiling:.3f}**", ""]
-        plot = plot_dev_curves(rows, out_dir / f"{task}-dev.png", rows[0]["metric"])
+        plot = plot_dev_curves(rows, _report_file(out_dir, f"{slug(task)}-dev", ".png", used), rows[0]["metric"])
         lines += [f"![dev curves]({plot.name})", ""]
+        shared = Counter(label(r) for r in rows)
         for r in rows:
             outputs = r.get("eval_outputs") or {}
             if outputs and all(isinstance(t, int) for t in outputs.get("targets", [])):
                 from zoft.scoring.metrics import confusion_matrix_png
-                name = f"{task}-{label(r).replace(' ', '_').replace('(', '').replace(')', '')}-confusion.png"
+                caption, stem = label(r), f"{slug(task)}-{slug(label(r))}"
+                if shared[caption] > 1 and r.get("run_dir"):   # e.g. two seeds of one method
+                    run_name = Path(r["run_dir"]).name
+                    caption, stem = f"{caption} ({run_name})", f"{stem}-{slug(run_name)}"
+                path = _report_file(out_dir, stem, "-confusion.png", used)
                 labels = sorted(set(outputs["targets"]) | set(outputs["predictions"]))
-                confusion_matrix_png(outputs["targets"], outputs["predictions"], labels, out_dir / name)
-                lines += [f"{label(r)}: ![confusion]({name})", ""]
+                confusion_matrix_png(outputs["targets"], outputs["predictions"], labels, path, title=caption)
+                lines += [f"{caption}: ![confusion]({path.name})", ""]
     text = "\n".join(lines)
     atomic_write_text(out_dir / "report.md", text)
     atomic_write_text(out_dir / "report.html", markdown_to_html(lines, title))

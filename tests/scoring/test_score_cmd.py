@@ -1,6 +1,7 @@
 """score_file: a trained scoring run scores a CSV of new responses; bad rows are reported, not fatal."""
 import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,113 @@ def test_zoft_score_cli_scores_the_batch_and_reports_bad_rows(asap_run, tmp_path
     rows = read_csv(out)
     assert [r["id"] for r in rows] == [r[0] for r in INPUT]
     assert [bool(r["error"]) for r in rows] == [False, True, True, False, True, False]
+
+
+# ---------------------------------------------------------------- bad files: one line, exit 2, nothing written
+
+def zoft_score(capsys, run, src, out):
+    """Runs `zoft score`; returns (exit code, stderr). Every file-level error is exactly one line."""
+    from zoft.cli import main
+    code = main(["score", "--model", str(run), "--input", str(src), "--output", str(out)])
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("zoft: error: "), err
+    return code, err
+
+
+def test_unclosed_quote_is_an_error_naming_the_row_where_it_opened(asap_run, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    src = tmp_path / "in.csv"
+    # row 2 opens a quote that never closes: csv.reader would merge rows 2-4 into one text
+    src.write_text('id,text\n1,vinegar\n2,"never closed\n3,rinse\n4,more\n', encoding="utf-8")
+    assert zoft_score(capsys, asap_run, src, out) == (
+        2, f"zoft: error: {src}:2: unclosed quote: the quoted field opened on line 3 runs to the end of the file\n")
+    # no final line break; and a closed multi-line field before it: row 3 starts on line 5
+    src.write_text('id,text\n1,"two\nlines"\n2,ok\n3,"never closed\n4,x', encoding="utf-8")
+    assert zoft_score(capsys, asap_run, src, out) == (
+        2, f"zoft: error: {src}:3: unclosed quote: the quoted field opened on line 5 runs to the end of the file\n")
+    src.write_text('id,"text\n1,a\n2,b\n', encoding="utf-8")
+    assert zoft_score(capsys, asap_run, src, out)[1] == (
+        f"zoft: error: {src}: unclosed quote in the header: the quoted field opened on line 1 runs to the end "
+        "of the file\n")
+    assert not out.exists()
+
+
+def test_closed_quotes_spanning_lines_still_score(asap_run, tmp_path):
+    rows = [("1", 'a 5" nail'),                     # a quote inside a field csv.writer leaves unquoted
+            ("2", 'she said "rinse",\nthen\r\nwaited'),
+            ("3", 'ends with a quote"'),
+            ("4", "the last row\nspans lines")]    # the last record is where an unclosed quote would show
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], rows)
+    summary = score_file(asap_run, src, tmp_path / "out.csv")
+    assert (summary["rows"], summary["scored"]) == (4, 4)
+    assert [(r["id"], r["text"]) for r in read_csv(tmp_path / "out.csv")] == rows
+
+
+def test_binary_input_is_one_short_line(asap_run, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    png = tmp_path / "scores.bin"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    assert zoft_score(capsys, asap_run, png, out) == (
+        2, f"zoft: error: {png}: not a UTF-8 text file (byte 0x89 at offset 0)\n")
+    nul = tmp_path / "nul.csv"                   # valid UTF-8, but a NUL byte: not text either
+    nul.write_bytes(b"id,text\n1,caf\xc3\xa9\x00\n")
+    assert zoft_score(capsys, asap_run, nul, out) == (
+        2, f"zoft: error: {nul}: not a text file (NUL byte at offset 15)\n")
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("id,text\n1,vinegar\n".encode("utf-16"))
+    assert zoft_score(capsys, asap_run, utf16, out) == (2, f"zoft: error: {utf16}: UTF-16 text; save it as UTF-8\n")
+    # a text file that is not the expected CSV: its header is echoed, but cut short
+    wrong = tmp_path / "essay.csv"
+    wrong.write_text("x" * 5000 + "\n", encoding="utf-8")
+    code, err = zoft_score(capsys, asap_run, wrong, out)
+    assert code == 2 and err.startswith(f"zoft: error: {wrong}: field 'id': missing column (has: xxx")
+    assert len(err) < len(str(wrong)) + 120
+    assert not out.exists()
+
+
+def test_windows_1252_input_still_reads(asap_run, tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_bytes("id,text\n1,24\xb0 and \x95 more vinegar\n".encode("latin-1"))   # cp1252 degree, bullet
+    assert score_file(asap_run, src, tmp_path / "out.csv")["scored"] == 1
+    assert read_csv(tmp_path / "out.csv")[0]["text"] == "24\u00b0 and \u2022 more vinegar"
+
+
+def test_bad_output_path_fails_before_the_model_loads(tmp_path, capsys):
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], [("1", "vinegar")])
+    no_run = tmp_path / "no-such-run"            # loading it would fail: the output check comes first
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert zoft_score(capsys, no_run, src, folder) == (
+        2, f"zoft: error: {folder}: output is a folder; give a file name, e.g. {folder / 'scored.csv'}\n")
+    under_file = src / "sub" / "scored.csv"
+    assert zoft_score(capsys, no_run, src, under_file) == (
+        2, f"zoft: error: {under_file}: cannot create the output's folder: {src} is a file\n")
+    assert sorted(os.listdir(tmp_path)) == ["in.csv", "results"] and not os.listdir(folder)
+
+
+def test_unwritable_output_folder_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], [("1", "vinegar")])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # chmod would not stop root (tests may run as root), so deny the permission check itself
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    out = locked / "new" / "scored.csv"
+    assert zoft_score(capsys, tmp_path / "no-such-run", src, out) == (
+        2, f"zoft: error: {out}: cannot write the output: no write permission in {locked}\n")
+    assert not os.listdir(locked)
+
+
+def test_write_failure_is_one_line_and_leaves_no_file(asap_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import zoft.scoring.score as score
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(score, "atomic_write_text", full_disk)
+    src = write_csv(tmp_path / "in.csv", ["id", "text"], [("1", "vinegar")])
+    out = tmp_path / "out.csv"
+    assert zoft_score(capsys, asap_run, src, out) == (
+        2, f"zoft: error: {out}: cannot write the output: No space left on device\n")
+    assert not out.exists()

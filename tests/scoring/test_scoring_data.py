@@ -74,6 +74,13 @@ def test_asap_item_file_decodes_latin1_and_line_ends():
         read_asap_item(DATA / "asap-sas" / "items" / "set10.txt", 2)
 
 
+def test_asap_item_file_that_is_binary(tmp_path):
+    (tmp_path / "set01.txt").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\x00" + bytes(range(256)))
+    with pytest.raises(DataError) as e:
+        read_asap_item(tmp_path / "set01.txt", 1)
+    assert one_line(e) == f"{tmp_path / 'set01.txt'}: not a UTF-8 text file (byte 0xe2 at offset 10)"
+
+
 def asap_copy(tmp_path, set_id=1, csv_text=None, rubric_range="0-3"):
     """A tiny ASAP folder: the real item file's header with a chosen range, and a CSV."""
     (tmp_path / "items").mkdir()

@@ -132,6 +132,31 @@ def test_latin1_fallback(tmp_path):
     assert read_rows(tmp_path / "l.csv") == [(1, {"text": "café", "label": "1"})]
 
 
+def test_binary_files_are_one_short_line(tmp_path):
+    """Every reader goes through read_text: a binary file is refused, not decoded as Latin-1."""
+    xlsx = b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\xb5U0#\xf4" + bytes(range(256)) * 4
+    for name in ("sheet.csv", "sheet.jsonl"):
+        (tmp_path / name).write_bytes(xlsx)
+        with pytest.raises(DataError) as e:
+            read_rows(tmp_path / name)
+        assert message(e) == f"{tmp_path / name}: not a UTF-8 text file (byte 0xb5 at offset 14)"
+    (tmp_path / "nul.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n\x00\n")
+    with pytest.raises(DataError) as e:
+        read_rows(tmp_path / "nul.jsonl")
+    assert message(e) == f"{tmp_path / 'nul.jsonl'}: not a text file (NUL byte at offset {len(json.dumps(GOOD)) + 1})"
+
+
+def test_csv_unclosed_quote_names_the_row(tmp_path):
+    (tmp_path / "q.csv").write_text('text,label\nfine,1\n"never closed,0\nnext,1\n')
+    with pytest.raises(DataError) as e:
+        read_rows(tmp_path / "q.csv")
+    assert message(e) == (f"{tmp_path / 'q.csv'}:2: unclosed quote: the quoted field opened on line 3 "
+                          "runs to the end of the file")
+    (tmp_path / "ok.csv").write_text('text,label\n"two\nlines, ""quoted""",1\n5" nail,0\n')
+    assert read_rows(tmp_path / "ok.csv") == [(1, {"text": 'two\nlines, "quoted"', "label": "1"}),
+                                              (2, {"text": '5" nail', "label": "0"})]
+
+
 def test_unreachable_dataset_path(tmp_path, monkeypatch):
     import sys
 

@@ -20,7 +20,7 @@ import yaml
 
 from zoft.errors import DataError
 from zoft.tasks.example import Example
-from zoft.tasks.readers import Row, read_rows
+from zoft.tasks.readers import Row, read_rows, read_text
 from zoft.tasks.task import data_dir as default_data_dir
 
 Score = int | list[int]
@@ -163,14 +163,8 @@ def read_text_file(path: Path) -> str:
     """
     if not path.is_file():
         raise DataError("file not found", str(path))
-    data = path.read_bytes()
-    for encoding in ("utf-8-sig", "cp1252", "latin-1"):
-        try:
-            text = data.decode(encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    # the same decoding, and refusal of binary files, as the task readers
+    return read_text(path).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _as_int(value: Any, path: str, row: int | None, name: str) -> int:

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zoft.errors import DataError, ZoftError
+from zoft.errors import DataError, ZoftError, excerpt
 from zoft.runs import atomic_write_text
 from zoft.scoring.data import Response
-from zoft.tasks.readers import read_text
+from zoft.tasks.readers import read_csv_records
 
 INPUT_COLUMNS = ("id", "text")
 ITEM_COLUMN = "item_id"
@@ -48,23 +49,40 @@ def output_columns(levels: list[str], aspects: list[str] | None = None) -> list[
 
 def _read_input(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and the ``(row number, values)`` of each non-blank data row."""
+    if path.is_dir():
+        raise DataError("is a folder, not a CSV file", str(path))
     if not path.is_file():
         raise DataError("input file not found", str(path))
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
-    try:
-        header = next(reader, None)
-        rows = [(i, values) for i, values in enumerate(reader, start=1) if values]
-    except csv.Error as e:
-        raise DataError(f"malformed CSV: {e}", str(path), reader.line_num) from None
+    # refuses binary files and unclosed quotes; rows with the wrong field count are kept (per-row errors)
+    header, rows = read_csv_records(path)
     if not header:
         raise DataError("file is empty (no header)", str(path))
     missing = [c for c in INPUT_COLUMNS if c not in header]
     if missing:
-        raise DataError(f"missing column (has: {', '.join(header)})", str(path), field=missing[0])
+        has = excerpt(", ".join(header))   # the header may be anything: a wrong file, a swallowed row
+        raise DataError(f"missing column (has: {has})", str(path), field=missing[0])
     dup = next((c for c in header if header.count(c) > 1), None)
     if dup is not None:
         raise DataError("column appears twice in the header", str(path), field=dup)
     return header, rows
+
+
+def _check_output(path: Path) -> None:
+    """Fails early, before the model loads, if the scored CSV could not be written to ``path``.
+
+    Looks at the path only (creates nothing): an existing folder, a parent that is a file, or a
+    nearest existing folder we may not write in. Writing can still fail later (a full disk);
+    score_file turns that into one line too.
+    """
+    if path.is_dir():
+        raise ZoftError(f"{path}: output is a folder; give a file name, e.g. {path / 'scored.csv'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:   # the folders to create, up to one that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ZoftError(f"{path}: cannot create the output's folder: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ZoftError(f"{path}: cannot write the output: no write permission in {parent}")
 
 
 def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path,
@@ -86,9 +104,10 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         ``errors`` (the first few ``"row N: reason"``).
 
     Raises:
-        ZoftError: the run's task is not a scoring task, or batch_size < 1.
-        DataError: the input is missing, is not a CSV, lacks ``id``/``text`` columns,
-            or already has a column this function writes.
+        ZoftError: the run's task is not a scoring task, batch_size < 1, or the output
+            cannot be written (a folder, a parent that is a file, no permission, a full disk).
+        DataError: the input is missing, is not a text CSV, has an unclosed quote, lacks
+            ``id``/``text`` columns, or already has a column this function writes.
     """
     from zoft.lm import batches
     from zoft.methods.common import load_run
@@ -97,7 +116,8 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
     if batch_size < 1:
         raise ZoftError(f"batch_size must be >= 1, got {batch_size}")
     input_path, output_path = Path(input_path), Path(output_path)
-    header, rows = _read_input(input_path)   # a bad file fails before the model loads
+    header, rows = _read_input(input_path)   # a bad file or output path fails before the model loads
+    _check_output(output_path)
     setup, scorer = load_run(run_dir)
     task = setup.task
     if not isinstance(task, ScoringTask):
@@ -130,7 +150,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         elif error is None and not text.strip():
             error = "empty text"
         elif error is None and rid in seen:
-            error = f"duplicate id '{rid}' (first at row {seen[rid]})"
+            error = f"duplicate id '{excerpt(rid)}' (first at row {seen[rid]})"
         item = None
         if error is None:
             if item_key:
@@ -138,7 +158,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
                 if item is None:
                     known = sorted(task.items)
                     shown = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
-                    error = f"unknown item_id '{item_key}' (task '{task.name}' has: {shown})"
+                    error = f"unknown item_id '{excerpt(item_key)}' (task '{task.name}' has: {shown})"
             elif len(task.items) == 1:
                 item = next(iter(task.items.values()))
             else:
@@ -178,7 +198,10 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
             counts[best] += 1
             extra = [best, *(bests if task.aspects else []), *(f"{q:.6f}" for d in dists for q in d), ""]
         out_rows.append([record.get(c, "") for c in header] + extra)
-    _write_csv(output_path, header + added, out_rows)
+    try:
+        _write_csv(output_path, header + added, out_rows)
+    except OSError as e:   # e.g. a full disk; atomic_write_text has removed its temporary file
+        raise ZoftError(f"{output_path}: cannot write the output: {e.strerror or e}") from None
 
     failed = [f"row {row}: {e}" for row, e in zip(row_numbers, errors) if e]
     return {"run_dir": str(run_dir), "task": task.name, "input": str(input_path), "output": str(output_path),
