@@ -1,6 +1,8 @@
 """The command line: compare writes a table and a plot; bad input is one line on stderr, exit 2."""
 import json
 
+import pytest
+
 from zoft.cli import main
 
 
@@ -56,3 +58,78 @@ def test_eval_of_a_run_reproduces_its_final_metrics(tmp_path, capsys):
     out = capsys.readouterr().out
     evaluated = json.loads(out[out.index("{"):])
     assert evaluated["eval"] == json.loads((run / "eval.json").read_text())["eval"]
+
+
+SMALL = ["model=tiny-llama", "task=sst2", "n_train=16", "n_dev=8", "n_eval=8", "max_length=48", "progress=false",
+         "steps=2", "eval_every=2"]
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("zoft: error: "), err
+    return err.strip()
+
+
+def test_bad_options_are_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "run"
+    for option, needle in (("lr=-1", "lr must be a finite number > 0, got -1.0"),
+                           ("lr=nan", "lr must be a finite number > 0, got nan"),
+                           ("lr=.inf", "lr must be a finite number > 0, got inf"),
+                           ("eps=nan", "eps must be a finite number > 0"),
+                           ("save_every=0", "save_every must be >= 1"),
+                           ("n_train=0", "n_train must be >= 1, got 0"),
+                           ("n_dev=0", "n_dev must be >= 1, got 0"),
+                           ("weight_decay=-0.1", "weight_decay must be finite and >= 0")):
+        assert needle in one_line_error(capsys, ["train", *SMALL, option, f"output_dir={out}"])
+        assert not out.exists()
+
+
+def test_unusable_output_dirs_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = one_line_error(capsys, ["train", *SMALL, f"output_dir={afile}"])
+    assert err == f"zoft: error: {afile}: exists and is not a directory; choose another output_dir"
+    err = one_line_error(capsys, ["train", *SMALL, f"output_dir={afile}/run"])
+    assert err == f"zoft: error: {afile}/run: cannot create the run directory: {afile} is not a directory"
+    assert afile.read_text() == "x"
+
+    import tempfile   # a read-only folder (simulated: the tests run as root, whom chmod does not stop)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr("zoft.models.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    err = one_line_error(capsys, ["train", *SMALL, f"output_dir={tmp_path / 'ro' / 'run'}"])
+    assert err == f"zoft: error: {tmp_path / 'ro' / 'run'}: cannot write: Permission denied"
+
+
+def test_an_overflowing_update_is_one_line(tmp_path, capsys):
+    err = one_line_error(capsys, ["train", *SMALL, "method=ft", "lr=3e38", f"output_dir={tmp_path / 'ft'}"])
+    assert "step 1: the update overflows" in err or "step 1: loss is nan" in err
+    err = one_line_error(capsys, ["train", *SMALL, "method=mezo", "lr=3e38", f"output_dir={tmp_path / 'mezo'}"])
+    assert "step 2: loss is nan" in err or "overflows" in err
+
+
+def test_the_defaults_on_a_small_training_split_give_a_working_run(tmp_path, caplog):
+    """32 training rows under the default n_train=1000, n_dev=500: a warning and dev rows, not 0 dev and a crash."""
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(32)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(
+        "task: small\ndataset_path: .\ndata_files: {train: train.jsonl, validation: train.jsonl}\n"
+        "training_split: train\nvalidation_split: validation\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{text}}'\ndoc_to_choice: ['no', 'yes']\ndoc_to_target: label\n")
+    out = tmp_path / "run"
+    for method in ("zero-shot", "mezo"):
+        assert main(["train", f"task={tmp_path / 'task.yaml'}", "model=tiny-llama", f"method={method}", "steps=2",
+                     "eval_every=2", "progress=false", f"output_dir={out / method}"]) == 0
+        result = json.loads((out / method / "eval.json").read_text())
+        assert "acc" in result["eval"]
+    assert (result["n_train"], result["n_dev"]) == (21, 11)
+    assert "using 21 train, 11 dev" in caplog.text
+
+
+def test_a_corrupt_report_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "eval.json").write_text('{"method": "mezo", ')
+    err = one_line_error(capsys, ["report", str(tmp_path)])
+    assert err.startswith(f"zoft: error: {tmp_path / 'eval.json'}: corrupt")

@@ -46,7 +46,7 @@ def cmd_compare(args) -> None:
     from zoft import api
     from zoft.config import load_config
     from zoft.models import load_model
-    from zoft.report import write_comparison
+    from zoft.report import slug, write_comparison
     from zoft.runs import RunDir
     options = _overrides(args.overrides)
     # "key=v" applies to every method; "mezo.key=v" to all MeZO runs; "mezo:lora.key=v" to one spec.
@@ -64,7 +64,7 @@ def cmd_compare(args) -> None:
     results = []
     for spec in specs:
         method, _, mode = spec.partition(":")
-        overrides = {"method": method, "mode": mode or "full", "output_dir": str(out / spec.replace(":", "-"))}
+        overrides = {"method": method, "mode": mode or "full", "output_dir": str(out / slug(spec.replace(":", "-")))}
         for scope in (method, spec):   # the more specific scope wins
             overrides |= {k.rsplit(".", 1)[1]: v for k, v in scoped.items() if k.rsplit(".", 1)[0] == scope}
         # each method starts from a fresh copy of the base weights: trained methods change them in place
@@ -77,14 +77,27 @@ def cmd_compare(args) -> None:
     print(f"table: {table}\nplot: {plot}")
 
 
+def _read_json(path: Path, kind: type):
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ZoftError(f"{path}: corrupt ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(value, kind):
+        raise ZoftError(f"{path}: corrupt (expected a JSON {'list' if kind is list else 'object'})")
+    return value
+
+
 def cmd_report(args) -> None:
     from zoft.report import write_report
     results = []
     for path in map(Path, args.runs):
         if (path / "comparison.json").is_file():
-            results += json.loads((path / "comparison.json").read_text())
+            found = _read_json(path / "comparison.json", list)
+            if not all(isinstance(r, dict) for r in found):
+                raise ZoftError(f"{path / 'comparison.json'}: corrupt (expected a list of results)")
+            results += found
         elif (path / "eval.json").is_file():
-            results.append(json.loads((path / "eval.json").read_text()) | {"run_dir": str(path)})
+            results.append(_read_json(path / "eval.json", dict) | {"run_dir": str(path)})
         else:
             raise ZoftError(f"{path}: neither a run (eval.json) nor a comparison (comparison.json)")
     out = Path(args.output_dir or (Path(args.runs[0]) / "report"))
@@ -94,7 +107,8 @@ def cmd_report(args) -> None:
 
 def cmd_score(args) -> None:
     from zoft.scoring.score import score_file
-    summary = score_file(args.model, args.input, args.output, batch_size=args.batch_size)
+    summary = score_file(args.model, args.input, args.output, batch_size=args.batch_size,
+                         trust_remote_code=args.trust_remote_code)
     print(f"scored {summary['scored']} of {summary['rows']} rows -> {summary['output']}; "
           f"score counts {summary['score_counts']}")
     for error in summary["errors"]:
@@ -107,7 +121,8 @@ def cmd_serve(args) -> None:
     import os
     from zoft.scoring.serve import MAX_BODY_BYTES, serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ZOFT_API_KEY"),
-          max_body_bytes=MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes)
+          max_body_bytes=MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes,
+          trust_remote_code=args.trust_remote_code)
 
 
 def cmd_replay(args) -> None:
@@ -158,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(fn=cmd_score)
     p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions endpoint for a trained scorer")
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained zoft run on a scoring task")
@@ -168,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "which other users cannot see in ps; else none)")
     p.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
                    help="refuse larger request bodies with 413 (default 1 MiB)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("replay", help="rebuild a MeZO run's weights from its base model and trajectory")
     p.add_argument("base", help="the base model (builtin name or path) the run started from")

@@ -161,10 +161,13 @@ class RunDir:
             resume = f"continue it with --resume {self.path}, or " if resumable else ""
             raise ZoftError(f"{self.path}: holds an earlier run; {resume}replace it with overwrite_output_dir=true "
                             f"(or choose another output_dir)")
+        # Probe the folder (or the nearest one that exists) with a nameless temp file, so that a
+        # read-only or unreachable place fails now, not after the model has loaded; nothing is created.
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists() or p == p.parent)
+        if not existing.is_dir():
+            raise ZoftError(f"{self.path}: cannot create the run directory: {existing} is not a directory")
         with _writing(self.path):
-            self.path.mkdir(parents=True, exist_ok=True)
-            # a probe file, so that a read-only or full folder fails now and not after hours of training
-            with tempfile.TemporaryFile(dir=self.path, prefix=".zoft-probe."):
+            with tempfile.TemporaryFile(dir=existing, prefix=".zoft-probe."):
                 pass
 
     def clear(self) -> None:

@@ -86,7 +86,7 @@ def _check_output(path: Path) -> None:
 
 
 def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path,
-               batch_size: int = 16) -> dict[str, Any]:
+               batch_size: int = 16, trust_remote_code: bool = False) -> dict[str, Any]:
     """Scores every response of a CSV with a trained scoring run and writes a scored CSV.
 
     Args:
@@ -97,6 +97,8 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         output_path: Where to write the scored CSV (see the module docstring); its
             folder is created if needed.
         batch_size: Responses per forward pass.
+        trust_remote_code: Run the Python a model folder ships; the caller's choice alone
+            (the run's config.yaml cannot turn it on).
 
     Returns:
         A summary: ``run_dir``, ``task``, ``input``, ``output``, ``levels``, ``rows``,
@@ -118,7 +120,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
     input_path, output_path = Path(input_path), Path(output_path)
     header, rows = _read_input(input_path)   # a bad file or output path fails before the model loads
     _check_output(output_path)
-    setup, scorer = load_run(run_dir)
+    setup, scorer = load_run(run_dir, trust_remote_code=trust_remote_code)
     task = setup.task
     if not isinstance(task, ScoringTask):
         raise ZoftError(f"{run_dir}: task '{task.name}' is not a scoring task (use asap-<N> or scientsbank)")

@@ -333,7 +333,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info", api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+          log_level: str = "info", api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+          trust_remote_code: bool = False) -> None:
     """Loads a finished run (best, else last weights) and serves it until interrupted.
 
     The levels are the task's label words (else the choices of its first example); the
@@ -342,6 +343,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
     :func:`default_context`. ``model_name`` defaults to the run folder's name. ``api_key`` and
     ``max_body_bytes`` are :func:`create_app`'s; serving a non-loopback ``host`` without a key
     prints a warning to stderr (anyone who can reach the port can use the model).
+    ``trust_remote_code`` is the caller's alone: the run's config.yaml cannot turn it on.
     """
     try:
         import uvicorn
@@ -349,7 +351,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
         raise ZoftError("zoft serve needs fastapi and uvicorn: pip install 'zoft[serve]'") from None
     from zoft.methods.common import load_run
 
-    setup, scorer = load_run(run_dir)
+    setup, scorer = load_run(run_dir, trust_remote_code=trust_remote_code)
     task = setup.task
     levels = list(getattr(task, "label_words", None) or [])
     if not levels:
