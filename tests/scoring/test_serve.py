@@ -164,7 +164,7 @@ def test_serve_uses_the_run(monkeypatch, scorer):
             return "custom prompt Score:"
 
     setup = types.SimpleNamespace(task=FakeTask(), data=None)
-    monkeypatch.setattr("zoft.methods.common.load_run", lambda run_dir: (setup, scorer))
+    monkeypatch.setattr("zoft.methods.common.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
 
     def fake_run(app, host, port, log_level):
         from starlette.testclient import TestClient
@@ -406,7 +406,7 @@ def test_create_app_checks_the_limit(scorer):
 def fake_run(monkeypatch, scorer):
     """serve() on a fake run; uvicorn.run replaced by a TestClient that lists the models without a key."""
     setup = types.SimpleNamespace(task=types.SimpleNamespace(label_words=LEVELS), data=None)
-    monkeypatch.setattr("zoft.methods.common.load_run", lambda run_dir: (setup, scorer))
+    monkeypatch.setattr("zoft.methods.common.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
     seen = {}
 
     def run(app, host, port, log_level):
@@ -443,7 +443,7 @@ def test_cli_serve_key_and_limit(monkeypatch):
     monkeypatch.delenv("ZOFT_API_KEY", raising=False)
     assert cli.main(["serve", "--model", "RUN"]) == 0
     assert calls[-1] == (("RUN",), {"host": "127.0.0.1", "port": 8000, "api_key": None,
-                                    "max_body_bytes": MAX_BODY_BYTES})
+                                    "max_body_bytes": MAX_BODY_BYTES, "trust_remote_code": False})
     monkeypatch.setenv("ZOFT_API_KEY", "from-env")
     assert cli.main(["serve", "--model", "RUN", "--max-body-bytes", "10"]) == 0
     assert calls[-1][1]["api_key"] == "from-env" and calls[-1][1]["max_body_bytes"] == 10
