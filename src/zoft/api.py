@@ -34,8 +34,9 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
     if resume is not None:
         run_dir = RunDir(resume)
         # a run directory is data people send each other: remote code runs only on the caller's own word
-        saved = {**run_dir.read_config(), "trust_remote_code": False, "overwrite_output_dir": False}
-        cfg = load_config(overrides={**saved, **overrides})
+        run_dir.read_config()   # one-line errors for a missing, broken or non-mapping config.yaml
+        cfg = load_config(run_dir.path / "config.yaml",
+                          {"trust_remote_code": False, "overwrite_output_dir": False, **overrides})
     else:
         cfg = _as_config(config, overrides)
         run_dir = RunDir(cfg.resolved_output_dir())
@@ -75,4 +76,4 @@ def evaluate(model: str | Path = "smollm2-135m", task: str = "sst2", **overrides
         enc = scorer.encode(setup.data.eval)
         return {"model": str(path), "task": setup.task.name,
                 "eval": evaluate_split(scorer, enc, setup.data.eval, setup.task, setup.cfg.eval_batch_size)}
-    return train(method="zero-shot", model=str(model), task=task, **overrides)
+    return train(method="zero-shot", model=str(model), task=task or "sst2", **overrides)

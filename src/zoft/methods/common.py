@@ -110,10 +110,9 @@ def load_run(run_path, task: str | None = None, trust_remote_code: bool = False,
     from zoft.training import Trainable
 
     run_dir = RunDir(Path(run_path))
-    values = {**run_dir.read_config(), **overrides, "trust_remote_code": trust_remote_code}
-    if task:
-        values["task"] = task
-    cfg = load_config(overrides=values)
+    run_dir.read_config()   # one-line errors for a missing, broken or non-mapping config.yaml
+    values = {**overrides, "trust_remote_code": trust_remote_code} | ({"task": task} if task else {})
+    cfg = load_config(run_dir.path / "config.yaml", values)
     setup = prepare(cfg)
     if cfg.method == "bert-cls":   # an encoder classifier, behind the same scorer interface
         from zoft.methods.encoder_classifier import load_encoder_run
