@@ -303,8 +303,10 @@ class RunDir:
         fig.tight_layout()
         out = self.path / "curve.png"
         tmp = self.path / ".curve.png.tmp"   # named like the other temps, so sweep() finds it
-        with _writing(out):
-            fig.savefig(tmp, dpi=100, format="png")
-            os.replace(tmp, out)
-        plt.close(fig)
+        try:
+            with _writing(out):
+                fig.savefig(tmp, dpi=100, format="png")
+                os.replace(tmp, out)
+        finally:
+            plt.close(fig)
         return out
