@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 from zoft.errors import ZoftError
-from zoft.runs import RunDir, atomic_write_text
+from zoft.atomic import atomic_file, atomic_write_text
+from zoft.runs import RunDir
 
 
 def label(result: dict) -> str:
@@ -56,11 +57,11 @@ def plot_dev_curves(results: list[dict], path: Path, metric: str) -> Path:
     ax.set(xlabel="step", ylabel=f"dev {metric}", title="dev metric against step")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

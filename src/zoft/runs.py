@@ -12,10 +12,8 @@ Layout (HF-style)::
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,48 +24,11 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zoft import faults
+from zoft.atomic import WriteError, atomic_dir, atomic_file, atomic_write_text, one_line_write_errors, \
+    restore_half_replaced
 from zoft.errors import ZoftError
 
-
-class WriteError(ZoftError):
-    """A file of a run could not be written (disk full, read-only, ...); what was there is intact."""
-
-
-@contextlib.contextmanager
-def _writing(path: Path):
-    """Turn an OS-level write failure into one line that names the file."""
-    try:
-        yield
-    except OSError as e:
-        raise WriteError(f"{path}: cannot write: {e.strerror or e}") from None
-    except SafetensorError as e:   # safetensors reports I/O errors (ENOSPC included) as its own type
-        raise WriteError(f"{path}: cannot write: {str(e).split(': ', 1)[-1]}") from None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    with _writing(path):
-        faults.write_point(path, "before")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data[:len(data) // 2])
-                faults.write_point(path, "middle")
-                f.write(data[len(data) // 2:])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        faults.write_point(path, "after")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+__all__ = ["RunDir", "WriteError", "atomic_write_text", "save_tensors_dir"]
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -76,36 +37,12 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_tensors_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], state: dict | None = None) -> None:
-    """Write a folder of safetensors files (+ trainer_state.json) atomically: build it, then rename.
-
-    Replacing an existing folder takes two renames (a folder cannot be renamed over a non-empty
-    one): the old one goes to ``.NAME.old`` first. A kill between the two leaves ``.NAME.old``,
-    which :meth:`RunDir.sweep` moves back.
-    """
-    with _writing(path):
-        faults.write_point(path, "before")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
-            for i, (name, tensors) in enumerate(files.items()):
-                save_file({k: _owned(v.detach().contiguous().cpu()) for k, v in tensors.items()}, str(tmp / name))
-                if i == 0:
-                    faults.write_point(path, "middle")
-            if state is not None:
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                faults.write_point(path, "swap")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        faults.write_point(path, "after")
+    """Write a folder of safetensors files (+ trainer_state.json) atomically (zoft.atomic.atomic_dir)."""
+    with atomic_dir(path) as tmp:
+        for name, tensors in files.items():
+            save_file({k: _owned(v.detach().contiguous().cpu()) for k, v in tensors.items()}, str(tmp / name))
+        if state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
 
 # What a run (or a comparison of runs) writes into its folder; an overwrite removes these and
@@ -166,7 +103,7 @@ class RunDir:
         existing = next(p for p in (self.path, *self.path.parents) if p.exists() or p == p.parent)
         if not existing.is_dir():
             raise ZoftError(f"{self.path}: cannot create the run directory: {existing} is not a directory")
-        with _writing(self.path):
+        with one_line_write_errors(self.path):
             with tempfile.TemporaryFile(dir=existing, prefix=".zoft-probe."):
                 pass
 
@@ -176,7 +113,7 @@ class RunDir:
         if not entries:
             return
         atomic_write_text(self.path / OVERWRITE_MARKER, "an overwrite of this run directory is in progress\n")
-        with _writing(self.path):
+        with one_line_write_errors(self.path):
             for entry in entries:
                 if entry.name == OVERWRITE_MARKER:
                     continue
@@ -194,9 +131,9 @@ class RunDir:
         for entry in self.entries():
             if not entry.name.startswith("."):
                 continue
-            if entry.name.endswith(".old") and not (self.path / entry.name[1:-4]).exists():
-                os.replace(entry, self.path / entry.name[1:-4])   # killed between save_tensors_dir's renames
-            elif entry.is_dir():
+            if restore_half_replaced(entry):   # killed between the two renames of a replaced folder
+                continue
+            if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
@@ -227,7 +164,7 @@ class RunDir:
 
     def log(self, record: dict[str, Any]) -> None:
         # appended, not rewritten: a kill can cut the last line, which read_metrics drops
-        with _writing(self.metrics_path):
+        with one_line_write_errors(self.metrics_path):
             self.path.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -302,11 +239,9 @@ class RunDir:
         ax[1].set(xlabel="step", ylabel=f"dev {metric_name}", title="dev metric")
         fig.tight_layout()
         out = self.path / "curve.png"
-        tmp = self.path / ".curve.png.tmp"   # named like the other temps, so sweep() finds it
         try:
-            with _writing(out):
-                fig.savefig(tmp, dpi=100, format="png")
-                os.replace(tmp, out)
+            with atomic_file(out) as f:
+                fig.savefig(f, dpi=100, format="png")
         finally:
             plt.close(fig)
         return out

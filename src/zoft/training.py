@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from zoft import faults
 from zoft.errors import ZoftError
-from zoft.runs import RunDir, WriteError
+from zoft.atomic import WriteError
+from zoft.runs import RunDir
 
 
 class DivergedError(ZoftError):

@@ -25,17 +25,16 @@ untied first, so the input embeddings keep their pretrained values.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from zoft.adapters import named_trainable
+from zoft.atomic import atomic_write_bytes
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.methods.common import Setup, evaluate, finish
@@ -253,11 +252,7 @@ def install_head(model, label_ids: torch.Tensor, rows: torch.Tensor, bias: torch
 
 
 def _save_probe_head(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))   # a few rows: bytes are cheap
 
 
 def restore_probe_head(model, run_path) -> bool:

@@ -7,15 +7,13 @@ before the weights), and how ``--resume`` and ``zoft replay BASE TRAJECTORY`` re
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from zoft.atomic import atomic_dir
 from zoft.errors import ZoftError
 from zoft.training import TrainState
 from zoft.zo.estimator import Estimate
@@ -135,14 +133,10 @@ def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: 
         replay(params, traj, estimator, optimizer, progress=lambda t: bar.update(1), fused=fused_schedule(cfg, fused))
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(tmp / "trainable.safetensors"),
-              metadata={"steps": str(traj.steps), "base": header["base"]["identity"]})
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if cfg.mode == "full" and loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(str(tmp))
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    with atomic_dir(output) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(tmp / "trainable.safetensors"),
+                  metadata={"steps": str(traj.steps), "base": header["base"]["identity"]})
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if cfg.mode == "full" and loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(tmp))
     return output

@@ -2,14 +2,13 @@
 paper's), macro F1, a confusion-matrix figure, and human inter-rater agreement."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import f1_score
 
+from zoft.atomic import atomic_file
 from zoft.errors import DataError
 from zoft.scoring.data import Response
 
@@ -118,15 +117,8 @@ def confusion_matrix_png(y_true: Sequence[Hashable], y_pred: Sequence[Hashable],
                 color="white" if n > matrix.max() / 2 else "black")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:   # a Figure without pyplot: nothing to close
+        fig.savefig(f, format="png", dpi=100)
     return path
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoft.atomic import atomic_write_text
 from zoft.errors import DataError
 from zoft.scoring.data import (Response, Score, ScoringItem, format_score, parse_score, system_prompt,
                                user_prompt)
@@ -66,15 +65,7 @@ def export_chat_jsonl(examples: Iterable[tuple[ScoringItem, Response]], path: st
     """
     path = Path(path)
     lines = [json.dumps(chat_example(item, r), ensure_ascii=False) + "\n" for item, r in examples]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(lines))
     return path
 
 

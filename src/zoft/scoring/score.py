@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from zoft.errors import DataError, ZoftError, excerpt
-from zoft.runs import atomic_write_text
+from zoft.atomic import atomic_write_text
 from zoft.scoring.data import Response
 from zoft.tasks.readers import read_csv_records
 

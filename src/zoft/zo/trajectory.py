@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
 from zoft.errors import ZoftError
-from zoft.runs import atomic_write_bytes
+from zoft.atomic import atomic_write_bytes
 from zoft.zo.estimator import Estimate
 from zoft.zo.step import zo_step
 
