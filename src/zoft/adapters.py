@@ -9,6 +9,8 @@ import torch
 
 from zoft.errors import ZoftError
 
+MODES = ("full", "lora", "prefix")
+
 
 def apply_mode(model, mode: str, *, is_masked_lm: bool = False, lora_r: int = 8, lora_alpha: int = 16,
                lora_targets: list[str] | None = None, num_virtual_tokens: int = 5):

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from zoft.config import Config, load_config
-from zoft.methods import get_method
+from zoft.methods import load_run, method_for
 from zoft.methods.common import prepare
 from zoft.runs import RunDir
 
@@ -41,6 +41,7 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
         cfg = _as_config(config, overrides)
         run_dir = RunDir(cfg.resolved_output_dir())
         cfg.output_dir = str(run_dir.path)
+    method = method_for(cfg)         # an unknown method, or a mode or option it lacks: one line, now
     par = None
     if cfg.parallel != "none":   # under torchrun: join the group; only rank 0 writes the run directory
         from zoft import distributed
@@ -50,14 +51,14 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
     writes = not par or par.is_writer
     if writes and resume is None:    # before the model loads: a bad output_dir should not cost minutes
         run_dir.check_usable(overwrite=cfg.overwrite_output_dir)
-    setup = prepare(cfg, loaded)     # bad data or a bad model fails here, before anything is written
+    setup = prepare(cfg, loaded, load_lm=method.loads_lm)   # bad data or model fails here, before any write
     if writes and resume is None:
         run_dir.clear()              # the earlier run's entries (check_usable refused unless overwrite)
         run_dir.write_config(cfg.to_dict())
     elif writes:
         run_dir.sweep()              # temps of writes a kill cut short
     parallel = {"par": par} if par else {}
-    result = get_method(cfg.method)(setup, run_dir, resume=resume is not None, **parallel)
+    result = method.run(setup, run_dir, resume=resume is not None, **parallel)
     result["run_dir"] = str(run_dir.path)
     return result
 
@@ -71,7 +72,6 @@ def evaluate(model: str | Path = "smollm2-135m", task: str = "sst2", **overrides
     path = Path(str(model))
     if (path / "config.yaml").is_file():   # a zoft run: rebuild its model and load its best weights
         from zoft.methods.common import evaluate as evaluate_split
-        from zoft.methods.common import load_run
         setup, scorer = load_run(path, task=task if task else None, **overrides)
         enc = scorer.encode(setup.data.eval)
         return {"model": str(path), "task": setup.task.name,

@@ -14,13 +14,11 @@ from typing import Any
 
 import yaml
 
+from zoft.adapters import MODES
 from zoft.errors import ZoftError
+from zoft.zo import BACKENDS, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
 
-ZO_OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-cons", "zo-adam")  # = zoft.zo.OPTIMIZERS
-ZO_ESTIMATORS = ("spsa", "fzoo", "lozo")                                                # = zoft.zo.ESTIMATORS
-METHODS = ("zero-shot", "icl", "lp", "ft", "lp-ft", "mezo", "bert-cls")
-MODES = ("full", "lora", "prefix")
-OBJECTIVES = ("loss", "acc", "f1")
+OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
 
 
 @dataclass
@@ -98,12 +96,15 @@ class Config:
     progress: bool = True
 
     def validate(self) -> "Config":
-        for key, allowed in (("method", METHODS), ("mode", MODES), ("objective", OBJECTIVES),
+        # allowed values come from the registries that implement them (the method is checked by
+        # zoft.methods.method_for, which also knows what each method supports)
+        for key, allowed in (("mode", MODES), ("objective", OBJECTIVES),
                              ("dtype", ("fp32", "bf16", "fp16")),
-                             ("lr_schedule", ("constant", "linear")),
-                             ("distribution", ("gaussian", "rademacher")),
+                             ("lr_schedule", tuple(SCHEDULES)),
+                             ("distribution", DISTRIBUTIONS),
+                             ("backend", ("auto", *BACKENDS)),
                              ("parallel", ("none", "data", "direction")),
-                             ("optimizer", ZO_OPTIMIZERS), ("estimator", ZO_ESTIMATORS),
+                             ("optimizer", tuple(OPTIMIZERS)), ("estimator", tuple(ESTIMATORS)),
                              ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
@@ -143,8 +144,6 @@ class Config:
         if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
             raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
                             "flat_params=false")
-        if not self.save_weights and not (self.method == "mezo" and self.trajectory):
-            raise ZoftError("config: save_weights=false needs method=mezo with trajectory=true (resume replays it)")
         return self
 
     def resolved_output_dir(self) -> Path:

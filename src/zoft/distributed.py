@@ -130,8 +130,6 @@ def from_config(cfg) -> Parallel | None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ZoftError(f"parallel={cfg.parallel} runs under torchrun, e.g. "
                         f"torchrun --nproc_per_node=2 -m zoft train ... parallel={cfg.parallel}")
-    if cfg.method != "mezo":
-        raise ZoftError(f"parallel={cfg.parallel} is for method=mezo, not {cfg.method}")
     cuda = str(cfg.device).startswith("cuda")
     if cuda:   # one GPU per rank: "cuda" then means this rank's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -52,7 +52,7 @@ def asap_setup(**overrides) -> Setup:
 
 
 def test_registered():
-    assert get_method("bert-cls") is bert.run
+    assert get_method("bert-cls").run is bert.run
     assert load_config(overrides={"method": "bert-cls"}).encoder == "minilm-l6"
 
 
@@ -146,7 +146,7 @@ def test_reloaded_run_reproduces_its_eval_and_scores_new_responses(six_steps, tm
     again, and zoft score gives per-level probabilities whose argmax is that prediction."""
     import csv
 
-    from zoft.methods.common import load_run
+    from zoft.methods import load_run
     from zoft.scoring.score import score_file
 
     result, out = six_steps

@@ -8,7 +8,7 @@ import torch
 
 from zoft import api
 from zoft.errors import DataError, ZoftError
-from zoft.methods.common import load_run
+from zoft.methods import load_run
 from zoft.scoring.data import Response
 from zoft.scoring.score import score_file
 from zoft.tasks.task import data_dir

@@ -164,7 +164,7 @@ def test_serve_uses_the_run(monkeypatch, scorer):
             return "custom prompt Score:"
 
     setup = types.SimpleNamespace(task=FakeTask(), data=None)
-    monkeypatch.setattr("zoft.methods.common.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
+    monkeypatch.setattr("zoft.methods.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
 
     def fake_run(app, host, port, log_level):
         from starlette.testclient import TestClient
@@ -406,7 +406,7 @@ def test_create_app_checks_the_limit(scorer):
 def fake_run(monkeypatch, scorer):
     """serve() on a fake run; uvicorn.run replaced by a TestClient that lists the models without a key."""
     setup = types.SimpleNamespace(task=types.SimpleNamespace(label_words=LEVELS), data=None)
-    monkeypatch.setattr("zoft.methods.common.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
+    monkeypatch.setattr("zoft.methods.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
     seen = {}
 
     def run(app, host, port, log_level):

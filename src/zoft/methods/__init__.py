@@ -1,28 +1,11 @@
-"""Methods: thin recipes over the shared components, one module each.
+"""Methods: thin recipes over the shared components, one module each, registered by name.
 
-Every method is ``run(setup, run_dir, resume=False) -> result dict`` and writes
-``eval.json`` into its run directory.
+Every method is ``run(setup, run_dir, resume=False) -> result dict`` and writes ``eval.json``
+into its run directory; :mod:`zoft.methods.registry` says what each supports and how a
+finished run of it is loaded back.
 """
-from __future__ import annotations
+# importing a method module registers it; this order is the order users see them listed in
+from zoft.methods import zero_shot, icl, linear_probe, finetune, mezo, encoder_classifier  # noqa: F401, I001
+from zoft.methods.registry import METHODS, Method, get_method, load_run, method_for, register_method
 
-import importlib
-
-from zoft.errors import ZoftError
-
-# method name -> (module, function)
-METHODS = {
-    "zero-shot": ("zoft.methods.zero_shot", "run"),
-    "icl": ("zoft.methods.icl", "run"),
-    "lp": ("zoft.methods.linear_probe", "run"),
-    "ft": ("zoft.methods.finetune", "run"),
-    "lp-ft": ("zoft.methods.finetune", "run_lp_ft"),
-    "mezo": ("zoft.methods.mezo", "run"),
-    "bert-cls": ("zoft.methods.encoder_classifier", "run"),
-}
-
-
-def get_method(name: str):
-    if name not in METHODS:
-        raise ZoftError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
-    module, fn = METHODS[name]
-    return getattr(importlib.import_module(module), fn)
+__all__ = ["METHODS", "Method", "get_method", "load_run", "method_for", "register_method"]

@@ -20,7 +20,7 @@ class Setup:
     cfg: Config
     task: Task
     data: TaskData
-    loaded: LoadedModel | None   # None for bert-cls, which loads its own encoder
+    loaded: LoadedModel | None   # None for a method that loads its own model (bert-cls's encoder)
 
     def with_mode(self, model=None):
         """The model (default: the loaded one) made trainable in the config's mode (full/LoRA/prefix)."""
@@ -40,15 +40,19 @@ class Setup:
                                self.task.target_delimiter)
 
 
-def prepare(cfg: Config, loaded: LoadedModel | None = None) -> Setup:
-    """Load the task data and the model a config names (the model can be passed in, e.g. by tests)."""
+def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True) -> Setup:
+    """Load the task data and the model a config names (the model can be passed in, e.g. by tests).
+
+    ``load_lm=False`` skips the LM for a method that brings its own model (the registry's
+    ``Method.loads_lm``: bert-cls trains an encoder).
+    """
     torch.manual_seed(cfg.seed)
     if cfg.data_dir:   # where builtin tasks (and relative dataset paths) find their files
         os.environ["ZOFT_DATA_DIR"] = cfg.data_dir
     task = load_task(cfg.task)
     data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
                          seed=cfg.data_seed, k_per_class=cfg.k_per_class)
-    if loaded is None and cfg.method != "bert-cls":   # bert-cls trains an encoder, not this LM
+    if loaded is None and load_lm:
         loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu" if cfg.offload or cfg.device_map else cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
         if cfg.device_map:   # layers over several GPUs; each parameter is perturbed where it lives
@@ -93,52 +97,37 @@ def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, t
                                                         for ex in examples]}
 
 
-def load_run(run_path, task: str | None = None, trust_remote_code: bool = False, **overrides):
-    """Rebuild a finished run's model with its best (else last) trained weights.
-
-    ``trust_remote_code`` comes from the caller only: a run directory is data people send each
-    other, and its config.yaml must never be able to run the Python of the model folder it names.
-
-    Returns ``(setup, scorer)`` ready to evaluate or score new inputs.
-    """
-    from pathlib import Path
-
-    from zoft.adapters import named_trainable
-    from zoft.config import load_config
+def best_or_last_weights(run_dir):
+    """``best/`` if the run kept one, else its last ``checkpoint-N/``."""
     from zoft.errors import ZoftError
-    from zoft.runs import RunDir
+    best = run_dir.path / "best"
+    weights = best if best.exists() else (run_dir.checkpoints() or [None])[-1]
+    if weights is None:
+        raise ZoftError(f"{run_dir.path}: run has no trained weights (no best/ or checkpoint-N/)")
+    return weights
+
+
+def load_trained_lm(setup: Setup, run_dir, model=None):
+    """The scorer of a run that trained the LM (MeZO, FT): the model in its mode, with its best
+    (else last) trained tensors loaded."""
+    from zoft.adapters import named_trainable
     from zoft.training import Trainable
 
-    run_dir = RunDir(Path(run_path))
-    run_dir.read_config()   # one-line errors for a missing, broken or non-mapping config.yaml
-    values = {**overrides, "trust_remote_code": trust_remote_code} | ({"task": task} if task else {})
-    cfg = load_config(run_dir.path / "config.yaml", values)
-    setup = prepare(cfg)
-    if cfg.method == "bert-cls":   # an encoder classifier, behind the same scorer interface
-        from zoft.methods.encoder_classifier import load_encoder_run
-        return setup, load_encoder_run(setup, run_dir)
-    model = setup.loaded.model
-    weights = run_dir.path / "best" if (run_dir.path / "best").exists() else (run_dir.checkpoints() or [None])[-1]
-    if cfg.method in ("mezo", "ft", "lp-ft"):
-        if cfg.method == "lp-ft":   # the probe head (untied, with a bias) must exist before its weights load
-            from zoft.methods.finetune import restore_probe_head
-            restore_probe_head(model, run_dir.path)
-        if weights is None:
-            raise ZoftError(f"{run_dir.path}: run has no trained weights (no best/ or checkpoint-N/)")
-        model = setup.with_mode(model)
-        Trainable(named_trainable(model)).load(run_dir.load_checkpoint(weights)[0])
+    weights = best_or_last_weights(run_dir)
+    model = setup.with_mode(setup.loaded.model if model is None else model)
+    Trainable(named_trainable(model)).load(run_dir.load_checkpoint(weights)[0])
     model.eval()
-    return setup, setup.scorer(model)
+    return setup.scorer(model)
 
 
-def finish(setup: Setup, run_dir, scorer, trainable, state) -> dict:
+def finish(setup: Setup, run_dir, scorer, trainable, state, model_name: str | None = None) -> dict:
     """Load the best dev weights (if asked), evaluate on the eval split, write eval.json and the plot."""
     cfg, task, data = setup.cfg, setup.task, setup.data
     if cfg.load_best and (run_dir.path / "best").exists():
         trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
     metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
                                                  cfg.eval_batch_size)
-    return write_result(setup, run_dir, state, metrics, outputs)
+    return write_result(setup, run_dir, state, metrics, outputs, model_name)
 
 
 def write_result(setup: Setup, run_dir, state, metrics: dict, outputs: dict, model_name: str | None = None) -> dict:

@@ -15,12 +15,12 @@ Input, per example:
   be the same words on every row);
 * other classification tasks: the rendered prompt ``ex.context``.
 
-Training mirrors FT (:mod:`zoft.methods.finetune`), reusing its helpers: AdamW with decay on
-matrices only, the stateless LR schedule, batches as a pure function of (seed, step),
-dropout seeded by (seed, step), the finite-loss guard before each update, dev evaluation
-every ``eval_every`` steps with the best weights kept, and checkpoints (the encoder's and
-head's tensors plus the AdamW moments, all safetensors) through
-:func:`zoft.training.train_loop`, so a killed run resumes exactly.
+Training is FT's own loop (:func:`zoft.methods.finetune.train`) with :class:`EncoderScorer`
+in place of the LM scorer: AdamW with decay on matrices only, the stateless LR schedule,
+batches as a pure function of (seed, step), dropout seeded by (seed, step), the finite-loss
+guard before each update, dev evaluation every ``eval_every`` steps with the best weights
+kept, and checkpoints (the encoder's and head's tensors plus the AdamW moments, all
+safetensors), so a killed run resumes exactly. Only ``mode=full``.
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zoft.adapters import named_trainable
 from zoft.errors import ZoftError
-from zoft.lm import batches
-from zoft.methods.common import Setup, write_result
-from zoft.methods.finetune import adamw_step, adamw_trainable, make_optimizer
+from zoft.methods.common import Setup, best_or_last_weights
+from zoft.methods.finetune import train
 from zoft.methods.linear_probe import require_classification
-from zoft.tasks import compute_metric
-from zoft.training import Trainable, batch_indices, train_loop
+from zoft.methods.registry import Method, register_method
+from zoft.training import Trainable
 
 METHOD = "bert-cls"
 
@@ -186,35 +186,11 @@ def batch_loss(model, tok: Tokenized, idx: list[int], pad_id: int) -> torch.Tens
     return F.cross_entropy(logits, labels)
 
 
-@torch.no_grad()
-def predict(model, tok: Tokenized, pad_id: int, batch_size: int) -> list[int]:
-    """Class indices, batched by length (padding is wasted compute on a CPU)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(tok)), key=lambda i: len(tok.input_ids[i]))
-    out: list[int] = [0] * len(tok)
-    try:
-        for chunk in batches(len(order), batch_size):
-            idx = [order[i] for i in chunk]
-            preds = model(**collate(tok, idx, pad_id, device)).logits.argmax(-1).tolist()
-            for i, p in zip(idx, preds):
-                out[i] = int(p)
-    finally:
-        model.train(was_training)
-    return out
-
-
-def evaluate_split(model, tok: Tokenized, examples, task, pad_id: int, batch_size: int):
-    """(every metric of the task, predictions) on a split."""
-    preds = predict(model, tok, pad_id, batch_size)
-    return {name: compute_metric(name, preds, examples) for name in task.metrics}, preds
-
-
 class EncoderScorer:
     """A fine-tuned encoder classifier behind the :class:`zoft.lm.CandidateScorer` interface
-    (``encode``, ``predict``, ``candidate_logprobs``, ``model``), so ``zoft eval`` and
-    ``zoft score`` treat bert-cls runs like LM runs. A class's "log-prob" is its log-softmax.
+    (``encode``, ``loss``, ``predict``, ``candidate_logprobs``, ``model``, ``device``), so the
+    shared backprop loop trains it and ``zoft eval``/``score``/``serve`` use it like an LM
+    scorer. A class's "log-prob" is its log-softmax.
     """
 
     kind = "classification"
@@ -223,52 +199,62 @@ class EncoderScorer:
         self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def encode(self, examples) -> Tokenized:
         return tokenize(self.tokenizer, input_texts(self.task, examples), [ex.target for ex in examples],
                         self.max_length)
 
+    def loss(self, enc: Tokenized, idx: list[int]) -> torch.Tensor:
+        return batch_loss(self.model, enc, idx, self.pad_id)
+
     @torch.no_grad()
     def candidate_logprobs(self, enc: Tokenized, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C) class log-probabilities and (B, C) ones (one "token" per class)."""
-        device = next(self.model.parameters()).device
-        logprobs = self.model(**collate(enc, idx, self.pad_id, device)).logits.float().log_softmax(-1).cpu()
+        logprobs = self.model(**collate(enc, idx, self.pad_id, self.device)).logits.float().log_softmax(-1).cpu()
         return logprobs, torch.ones_like(logprobs)
 
+    @torch.no_grad()
     def predict(self, enc: Tokenized, idx: list[int]) -> list[int]:
-        return self.candidate_logprobs(enc, idx)[0].argmax(-1).tolist()
+        return self.model(**collate(enc, idx, self.pad_id, self.device)).logits.argmax(-1).tolist()
+
+
+def _encoder(setup: Setup, n_classes: int) -> EncoderScorer:
+    """``cfg.encoder`` with a fresh ``n_classes``-way head (seeded), as a scorer."""
+    from zoft.models import resolve_dtype
+
+    cfg = setup.cfg
+    model, tokenizer = load_encoder(cfg.encoder, n_classes, seed=cfg.seed, dtype=resolve_dtype(cfg.dtype),
+                                    device=cfg.device)
+    limit = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
+    return EncoderScorer(model, tokenizer, setup.task, limit)
 
 
 def load_encoder_run(setup: Setup, run_dir) -> EncoderScorer:
     """The scorer of a finished bert-cls run: the encoder, its head, and the best (else last) weights."""
-    from zoft.models import resolve_dtype
-
-    cfg, task = setup.cfg, setup.task
-    weights = run_dir.path / "best" if (run_dir.path / "best").exists() else (run_dir.checkpoints() or [None])[-1]
-    if weights is None:
-        raise ZoftError(f"{run_dir.path}: run has no trained weights (no best/ or checkpoint-N/)")
-    model, tokenizer = load_encoder(cfg.encoder, len(task.label_words), seed=cfg.seed,
-                                    dtype=resolve_dtype(cfg.dtype), device=cfg.device)
-    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    Trainable(named).load(run_dir.load_checkpoint(weights)[0])
-    model.eval()
-    limit = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
-    return EncoderScorer(model, tokenizer, task, limit)
+    scorer = _encoder(setup, len(setup.task.label_words))
+    weights = best_or_last_weights(run_dir)
+    Trainable(named_trainable(scorer.model)).load(run_dir.load_checkpoint(weights)[0])
+    scorer.model.eval()
+    return scorer
 
 
 # ---------------------------------------------------------------- the method
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
-    """Fine-tune ``cfg.encoder`` with a classification head on a classification task.
+    """Fine-tune ``cfg.encoder`` with a classification head on a classification task, through
+    the shared backprop loop (:func:`zoft.methods.finetune.train`).
 
-    ``setup.loaded`` is None: :func:`zoft.methods.common.prepare` does not load ``cfg.model``
-    for this method.
+    ``setup.loaded`` is None: the registry tells :func:`zoft.methods.common.prepare` not to load
+    ``cfg.model`` for this method.
 
     Raises:
-        ZoftError: not a classification task, a mode other than ``full``, a missing encoder,
-            or a label outside the head.
+        ZoftError: not a classification task, a missing encoder, or a label outside the head.
     """
     cfg, task, data = setup.cfg, setup.task, setup.data
     require_classification(task, METHOD)
-    if cfg.mode != "full":
+    if cfg.mode != "full":   # also refused by the registry (modes=("full",)); this covers a direct call
         raise ZoftError(f"{METHOD} fine-tunes the whole encoder and its head; mode '{cfg.mode}' is not "
                         "supported (use mode=full)")
     n_classes = len(task.label_words) or len(data.train[0].choices)
@@ -276,43 +262,11 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
         if ex.target is None or not 0 <= ex.target < n_classes:
             raise ZoftError(f"{METHOD}: example {ex.ref or ''} has label {ex.target}, outside the "
                             f"{n_classes} classes of task '{task.name}'")
-
-    from zoft.models import resolve_dtype
-    model, tokenizer = load_encoder(cfg.encoder, n_classes, seed=cfg.seed, dtype=resolve_dtype(cfg.dtype),
-                                    device=cfg.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    limit = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
-
-    def tokenized(examples) -> Tokenized:
-        return tokenize(tokenizer, input_texts(task, examples), [ex.target for ex in examples], limit)
-
-    tok_train, tok_dev = tokenized(data.train), tokenized(data.dev)
-    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    params = list(named.values())
-    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
-    device = next(model.parameters()).device
-
-    def step_fn(step: int) -> dict:
-        idx = batch_indices(len(tok_train), cfg.batch_size, cfg.seed, step)
-        return adamw_step(step, cfg, model, optimizer, params, lambda: batch_loss(model, tok_train, idx, pad_id),
-                          device)
-
-    def dev_fn() -> float:
-        return evaluate_split(model, tok_dev, data.dev, task, pad_id, cfg.eval_batch_size)[0][task.metric]
-
-    trainable = adamw_trainable(named, optimizer, params)
-    state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
-                       step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
-                       progress=cfg.progress, metric_name=task.metric)
-    model.eval()
-
-    # as zoft.methods.common.finish, with the encoder in place of the scorer
-    if cfg.load_best and (run_dir.path / "best").exists():
-        trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
-    metrics, preds = evaluate_split(model, tokenized(data.eval), data.eval, task, pad_id, cfg.eval_batch_size)
-    return write_result(setup, run_dir, state, metrics,
-                        {"predictions": preds, "targets": [ex.target for ex in data.eval]}, model_name=cfg.encoder)
+    scorer = _encoder(setup, n_classes)
+    return train(setup, run_dir, scorer.model, resume, scorer=scorer, model_name=cfg.encoder)
 
 
-__all__ = ["run", "ENCODERS", "encoder_path", "load_encoder", "input_texts", "tokenize", "batch_loss",
-           "predict", "evaluate_split"]
+register_method(Method(METHOD, run, load=load_encoder_run, loads_lm=False, trains=True))
+
+__all__ = ["run", "ENCODERS", "EncoderScorer", "encoder_path", "load_encoder", "load_encoder_run", "input_texts",
+           "tokenize", "batch_loss"]

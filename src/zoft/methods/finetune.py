@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from zoft.adapters import named_trainable
+from zoft.adapters import MODES, named_trainable
 from zoft.atomic import atomic_write_bytes
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
-from zoft.methods.common import Setup, evaluate, finish
+from zoft.methods.common import Setup, evaluate, finish, load_trained_lm
 from zoft.methods.linear_probe import fit_probe, require_classification
+from zoft.methods.registry import Method, register_method
 from zoft.training import Trainable, batch_indices, check_finite, train_loop
 from zoft.zo import learning_rate
 
@@ -136,15 +137,18 @@ def adamw_step(step: int, cfg, model, optimizer, params: list[torch.Tensor], los
 
 
 def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: int = 0,
-          head_params: list[torch.Tensor] | None = None) -> dict:
+          head_params: list[torch.Tensor] | None = None, scorer=None, model_name: str | None = None) -> dict:
     """Fine-tune ``model`` (already in its mode) with AdamW through :func:`zoft.training.train_loop`.
 
     Args:
         head_only_steps: for the first this many steps only ``head_params`` are updated
             (the rest get no gradient, which AdamW skips entirely: no moment, no decay).
+        scorer: what encodes, scores and takes the loss of examples (default: the LM's
+            :class:`~zoft.lm.CandidateScorer`; bert-cls passes its encoder classifier).
+        model_name: the model eval.json names (default: the config's).
     """
     cfg, task, data = setup.cfg, setup.task, setup.data
-    scorer = setup.scorer(model)
+    scorer = scorer if scorer is not None else setup.scorer(model)
     enc_train, enc_dev = scorer.encode(data.train), scorer.encode(data.dev)
     named = named_trainable(model)
     params = list(named.values())
@@ -168,7 +172,7 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
                        progress=cfg.progress, metric_name=task.metric)
     model.eval()
-    return finish(setup, run_dir, scorer, trainable, state)
+    return finish(setup, run_dir, scorer, trainable, state, model_name)
 
 
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
@@ -307,6 +311,15 @@ def run_lp_ft(setup: Setup, run_dir, resume: bool = False) -> dict:
     run_dir.write_json("eval.json", result)
     return result
 
+
+def load_lp_ft(setup: Setup, run_dir):
+    """A finished LP-FT run: its probe head first (untied, with a bias), then its trained tensors."""
+    restore_probe_head(setup.loaded.model, run_dir.path)
+    return load_trained_lm(setup, run_dir)
+
+
+register_method(Method("ft", run, load=load_trained_lm, modes=MODES, trains=True))
+register_method(Method("lp-ft", run_lp_ft, load=load_lp_ft, modes=MODES, trains=True))
 
 __all__ = ["run", "run_lp_ft", "train", "make_optimizer", "optimizer_state", "load_optimizer_state",
            "head_inputs", "probe_to_head", "install_head", "restore_probe_head"]

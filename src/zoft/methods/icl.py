@@ -11,7 +11,9 @@ import dataclasses
 
 import numpy as np
 
+from zoft.adapters import MODES
 from zoft.methods.common import Setup, evaluate
+from zoft.methods.registry import Method, register_method
 
 
 def with_demonstrations(examples, demos, delimiter: str, separator: str = "\n\n") -> list:
@@ -35,3 +37,6 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
               "metric": task.metric, **evals, "n_eval": len(data.eval)}
     run_dir.write_json("eval.json", result)
     return result
+
+
+register_method(Method("icl", run, modes=MODES))

@@ -18,7 +18,9 @@ from sklearn.preprocessing import StandardScaler
 
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
+from zoft.adapters import MODES
 from zoft.methods.common import Setup
+from zoft.methods.registry import Method, register_method
 from zoft.tasks import compute_metric
 
 MAX_ITER = 5000   # lbfgs on a few thousand standardised features converges well before this
@@ -91,5 +93,8 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     run_dir.write_json("eval.json", result)
     return result
 
+
+# the probe itself is not saved: a loaded LP run scores with the base LM (as zero-shot does)
+register_method(Method("lp", run, modes=MODES))
 
 __all__ = ["run", "extract_features", "fit_probe", "require_classification"]

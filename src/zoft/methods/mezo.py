@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 
 from zoft import distributed
-from zoft.adapters import named_trainable
+from zoft.adapters import MODES, named_trainable
 from zoft.errors import ZoftError
-from zoft.methods.common import Setup, evaluate, finish
+from zoft.methods.common import Setup, evaluate, finish, load_trained_lm
+from zoft.methods.registry import Method, register_method
 from zoft.methods.replay import TrajectoryRecorder
 from zoft.offload import Offloader
 from zoft.tasks import compute_metric
@@ -213,3 +214,6 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     if not writer:
         return {"rank": par.rank}
     return finish(setup, run_dir, scorer, zo.trainable, state)
+
+
+register_method(Method("mezo", run, load=load_trained_lm, modes=MODES, trains=True, parallel=True, trajectory=True))

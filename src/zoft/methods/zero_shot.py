@@ -1,7 +1,9 @@
 """Zero-shot: score the candidates of the eval split with the pretrained model as is."""
 from __future__ import annotations
 
+from zoft.adapters import MODES
 from zoft.methods.common import Setup, evaluate, evaluate_with_predictions
+from zoft.methods.registry import Method, register_method
 
 
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
@@ -15,3 +17,6 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
               "n_eval": len(data.eval), "eval_outputs": outputs}
     run_dir.write_json("eval.json", result)
     return result
+
+
+register_method(Method("zero-shot", run, modes=MODES))

@@ -92,7 +92,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
     Args:
         run_dir: A finished zoft run on a scoring task (``asap-<N>``, ``scientsbank``);
             its best (else last) weights are loaded with
-            :func:`zoft.methods.common.load_run`.
+            :func:`zoft.methods.load_run`.
         input_path: CSV with ``id``, ``text`` and optionally ``item_id`` columns.
         output_path: Where to write the scored CSV (see the module docstring); its
             folder is created if needed.
@@ -112,7 +112,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
             ``id``/``text`` columns, or already has a column this function writes.
     """
     from zoft.lm import batches
-    from zoft.methods.common import load_run
+    from zoft.methods import load_run
     from zoft.scoring.task import ScoringTask
 
     if batch_size < 1:

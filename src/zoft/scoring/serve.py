@@ -349,7 +349,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
         import uvicorn
     except ImportError:
         raise ZoftError("zoft serve needs fastapi and uvicorn: pip install 'zoft[serve]'") from None
-    from zoft.methods.common import load_run
+    from zoft.methods import load_run
 
     setup, scorer = load_run(run_dir, trust_remote_code=trust_remote_code)
     task = setup.task
