@@ -11,7 +11,7 @@ from zoft.errors import DataError, ZoftError
 from zoft.methods.common import load_run
 from zoft.scoring.data import Response
 from zoft.scoring.score import score_file
-from zoft.tasks.task import data_dir
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 pytestmark = pytest.mark.skipif(DATA is None or not (DATA / "asap-sas").is_dir(),

@@ -7,7 +7,7 @@ import pytest
 from zoft.errors import DataError
 from zoft.scoring.data import (pairs, read_asap, read_asap_item, read_semeval, read_table,
                                system_prompt, to_example)
-from zoft.tasks.task import data_dir
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 FIXTURES = Path(__file__).parent / "fixtures"

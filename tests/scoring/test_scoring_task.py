@@ -13,7 +13,7 @@ from zoft.scoring.data import read_asap
 from zoft.scoring.task import (ScoringTask, load_scoring_task, shorten, shorten_rubric,
                                truncate_end)
 from zoft.tasks import Example, compute_metric, load_task
-from zoft.tasks.task import data_dir
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "asap-sas").is_dir(),

@@ -20,8 +20,7 @@ import yaml
 
 from zoft.errors import DataError
 from zoft.tasks.example import Example
-from zoft.tasks.readers import Row, read_rows, read_text
-from zoft.tasks.task import data_dir as default_data_dir
+from zoft.tasks.readers import Row, data_dir as default_data_dir, read_rows, read_text
 
 Score = int | list[int]
 Group = tuple["ScoringItem", list["Response"]]

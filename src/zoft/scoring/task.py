@@ -40,7 +40,8 @@ from zoft.scoring.data import (ScoringItem, Response, format_score, read_asap, r
                                read_table)
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.sampling import sample_task_data
-from zoft.tasks.task import GENERATION_DEFAULTS, data_dir
+from zoft.tasks.readers import data_dir
+from zoft.tasks.task import GENERATION_DEFAULTS
 
 METRICS = ["qwk", "acc", "f1"]    # QWK first: the ASAP convention; accuracy is what the scoring paper reports
 ASAP_NAME = re.compile(r"asap-(\d+)")

@@ -7,7 +7,6 @@ the same way, so a new SuperGLUE-style dataset needs no code.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from jinja2 import meta
 from zoft.errors import DataError, ZoftError
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.metrics import METRICS
-from zoft.tasks.readers import Row, read_rows
+from zoft.tasks.readers import Row, data_dir, read_rows
 from zoft.tasks.sampling import sample_task_data
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -34,17 +33,6 @@ GENERATION_DEFAULTS: dict[str, Any] = {"max_gen_toks": 32, "until": ["\n"]}
 # keep_trailing_newline because prompts such as RTE's end in "\n" on purpose.
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                           autoescape=False)
-
-
-def data_dir() -> Path | None:
-    """The shared data folder: ``$ZOFT_DATA_DIR``, else ``../shared/data`` from cwd or the repo."""
-    if os.environ.get("ZOFT_DATA_DIR"):
-        return Path(os.environ["ZOFT_DATA_DIR"]).expanduser()
-    repo_root = Path(__file__).resolve().parents[3]
-    for candidate in (Path.cwd() / "../shared/data", repo_root / "../shared/data"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
 
 
 def _is_template(text: str) -> bool:
