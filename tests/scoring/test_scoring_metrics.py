@@ -4,9 +4,9 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score
 
 from zoft.errors import DataError
-from zoft.scoring.data import Response, read_asap
-from zoft.scoring.metrics import accuracy, confusion_matrix_png, human_agreement, macro_f1
 from zoft.tasks.metrics import quadratic_weighted_kappa
+from zoft.tasks.rubric.data import Response, read_asap
+from zoft.tasks.rubric.metrics import accuracy, confusion_matrix_png, human_agreement, macro_f1
 from zoft.tasks.readers import data_dir
 
 DATA = data_dir()

@@ -111,7 +111,7 @@ def load_encoder(name: str, num_labels: int, seed: int = 0, dtype: torch.dtype =
 
 # ---------------------------------------------------------------- inputs
 def _scoring_items(task) -> dict | None:
-    from zoft.scoring.task import ScoringTask   # light: no model code
+    from zoft.tasks.rubric import ScoringTask   # light: no model code
 
     return task.items if isinstance(task, ScoringTask) else None
 

@@ -7,7 +7,6 @@ the same way, so a new SuperGLUE-style dataset needs no code.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import jinja2
 import yaml
 from jinja2 import meta
 
-from zoft.errors import DataError, ZoftError
+from zoft.errors import DataError
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.metrics import METRICS
 from zoft.tasks.readers import Row, data_dir, read_rows
@@ -305,31 +304,3 @@ class Task:
 def list_tasks() -> list[str]:
     """Names of the builtin tasks."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def load_task(name_or_path: str | Path) -> Task:
-    """Loads a builtin task by name, or a user's task YAML by path.
-
-    ``asap-<N>`` and ``scientsbank`` are scoring tasks (a
-    :class:`zoft.scoring.task.ScoringTask`, which has the same interface), and so is a
-    YAML file with a ``table`` key (a CSV/JSONL of scored responses and its column mapping).
-
-    Raises:
-        ZoftError: neither a builtin name nor an existing file.
-        DataError: the YAML is invalid.
-    """
-    text = str(name_or_path)
-    if text in list_tasks():
-        return Task.from_yaml(CONFIG_DIR / f"{text}.yaml", builtin=True)
-    if Path(text).is_file() or text.endswith((".yaml", ".yml")):
-        from zoft.scoring.task import is_scoring_yaml, load_scoring_yaml   # see below: imported lazily
-        if Path(text).is_file() and is_scoring_yaml(text):
-            return load_scoring_yaml(text)
-        return Task.from_yaml(text)
-    if text == "scientsbank" or re.fullmatch(r"asap-\d+", text):
-        # Scoring tasks (rubric prompts over ASAP-SAS / SciEntsBank); imported here so
-        # tasks do not depend on zoft.scoring.
-        from zoft.scoring.task import load_scoring_task
-        return load_scoring_task(text)
-    raise ZoftError(f"unknown task '{text}' (builtin: {', '.join(list_tasks())}; scoring: asap-<N>, "
-                    f"scientsbank; or pass a YAML path)")

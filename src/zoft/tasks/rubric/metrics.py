@@ -10,8 +10,8 @@ import numpy as np
 
 from zoft.atomic import atomic_file
 from zoft.errors import DataError
-from zoft.scoring.data import Response
 from zoft.tasks.metrics import check_scores, confusion_matrix, quadratic_weighted_kappa
+from zoft.tasks.rubric.data import Response
 
 
 def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
