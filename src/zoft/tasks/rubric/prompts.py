@@ -202,7 +202,7 @@ def user_prompt(item: ScoringItem, response: Response) -> str:
 
 
 def to_example(item: ScoringItem, response: Response) -> Example:
-    """A single-label scored response as the :class:`Example` zoft methods train on.
+    """A single-label scored response as the :class:`Example` every method trains on.
 
     The choices are the item's score levels, so the LM scores each label after the prompt.
 
