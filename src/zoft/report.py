@@ -131,7 +131,7 @@ def write_report(results: list[dict], out_dir: Path, title: str = "zoft report")
         for r in rows:
             outputs = r.get("eval_outputs") or {}
             if outputs and all(isinstance(t, int) for t in outputs.get("targets", [])):
-                from zoft.scoring.metrics import confusion_matrix_png
+                from zoft.tasks.rubric.metrics import confusion_matrix_png
                 caption, stem = label(r), f"{slug(task)}-{slug(label(r))}"
                 if shared[caption] > 1 and r.get("run_dir"):   # e.g. two seeds of one method
                     run_name = Path(r["run_dir"]).name

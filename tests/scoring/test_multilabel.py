@@ -118,8 +118,9 @@ def test_serve_answers_every_aspect_as_zoft_score_does(multilabel_run, tmp_path,
     uvicorn = pytest.importorskip("uvicorn")
     from starlette.testclient import TestClient
 
-    from zoft.scoring.data import Response, system_prompt, user_prompt
     from zoft.scoring.serve import level_probabilities, serve
+    from zoft.tasks.rubric.data import Response
+    from zoft.tasks.rubric.prompts import system_prompt, user_prompt
 
     out, _ = multilabel_run
     text = "Metal conducts heat into the ice."

@@ -58,7 +58,7 @@ def test_slug_is_a_plain_file_name():
 
 
 def test_runs_sharing_a_label_get_their_own_confusion_matrix(tmp_path, monkeypatch):
-    import zoft.scoring.metrics as metrics
+    import zoft.tasks.rubric.metrics as metrics
     from zoft.report import write_report
     seed0 = fake_run(tmp_path / "mezo-seed0", targets=[0, 1, 2, 3], predictions=[0, 0, 0, 0])
     seed1 = fake_run(tmp_path / "mezo-seed1", targets=[0, 1, 2, 3], predictions=[3, 3, 2, 1])

@@ -9,9 +9,9 @@ import torch
 from zoft import api
 from zoft.errors import DataError, ZoftError
 from zoft.methods import load_run
-from zoft.scoring.data import Response
 from zoft.scoring.score import score_file
-from zoft.tasks.task import data_dir
+from zoft.tasks.readers import data_dir
+from zoft.tasks.rubric.data import Response
 
 DATA = data_dir()
 pytestmark = pytest.mark.skipif(DATA is None or not (DATA / "asap-sas").is_dir(),

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from zoft.errors import DataError
-from zoft.scoring.data import (pairs, read_asap, read_asap_item, read_semeval, read_table,
-                               system_prompt, to_example)
-from zoft.tasks.task import data_dir
+from zoft.tasks.rubric.data import pairs, read_asap, read_asap_item, read_semeval, read_table
+from zoft.tasks.rubric.prompts import system_prompt, to_example
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 FIXTURES = Path(__file__).parent / "fixtures"

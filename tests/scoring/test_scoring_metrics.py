@@ -4,10 +4,10 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score
 
 from zoft.errors import DataError
-from zoft.scoring.data import Response, read_asap
-from zoft.scoring.metrics import (accuracy, confusion_matrix_png, human_agreement, macro_f1,
-                                  quadratic_weighted_kappa)
-from zoft.tasks.task import data_dir
+from zoft.tasks.metrics import quadratic_weighted_kappa
+from zoft.tasks.rubric.data import Response, read_asap
+from zoft.tasks.rubric.metrics import accuracy, confusion_matrix_png, human_agreement, macro_f1
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "asap-sas").is_dir(),

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 from zoft.errors import DataError
-from zoft.scoring.data import pairs, read_asap, read_semeval, read_table, system_prompt, user_prompt
+from zoft.tasks.rubric.data import pairs, read_asap, read_semeval, read_table
+from zoft.tasks.rubric.prompts import system_prompt, user_prompt
 from zoft.scoring.openai_jsonl import (approx_tokens, assert_valid, export_chat_jsonl, read_chat_jsonl,
                                        validate_chat_jsonl)
-from zoft.tasks.task import data_dir
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 FIXTURES = Path(__file__).parent / "fixtures"

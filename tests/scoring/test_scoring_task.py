@@ -9,11 +9,11 @@ from sklearn.metrics import cohen_kappa_score
 
 from zoft import api
 from zoft.errors import DataError, ZoftError
-from zoft.scoring.data import read_asap
-from zoft.scoring.task import (ScoringTask, load_scoring_task, shorten, shorten_rubric,
-                               truncate_end)
+from zoft.tasks.rubric.data import read_asap
+from zoft.tasks.rubric.prompts import shorten, shorten_rubric, truncate_end
+from zoft.tasks.rubric.task import ScoringTask, load_scoring_task
 from zoft.tasks import Example, compute_metric, load_task
-from zoft.tasks.task import data_dir
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "asap-sas").is_dir(),
@@ -71,7 +71,7 @@ def test_prompt_budget_keeps_score_points_and_caps_length():
     # a long response is cut at its end, and the cue still ends the prompt
     task = load_task("asap-1")
     item = next(iter(task.items.values()))
-    from zoft.scoring.data import Response
+    from zoft.tasks.rubric.data import Response
     long = task.example(Response("x", "water " * 400, None, item_id=item.item_id))
     assert long.context.endswith("water [...]\nScore:") and long.target is None
     assert truncate_end("a b c", 2) == "a b [...]" and truncate_end("a  b", 5) == "a b"
@@ -203,8 +203,9 @@ def test_mezo_asap10_runs(tmp_path):
 
 
 def test_context_from_chat_rebuilds_the_training_prompt():
-    from zoft.scoring.data import Response, system_prompt, user_prompt
-    from zoft.scoring.task import load_scoring_task
+    from zoft.tasks.rubric.data import Response
+    from zoft.tasks.rubric.prompts import system_prompt, user_prompt
+    from zoft.tasks.rubric.task import load_scoring_task
     task = load_scoring_task("asap-1")
     item = next(iter(task.items.values()))
     response = Response(id="x", text="They should say how much vinegar to use.", score=None, second_score=None,

@@ -19,10 +19,11 @@ httpx = pytest.importorskip("httpx")
 from zoft.errors import ZoftError  # noqa: E402
 from zoft.lm import CandidateScorer  # noqa: E402
 from zoft.models import tiny_random_model  # noqa: E402
-from zoft.scoring.data import Response, ScoringItem, system_prompt, to_example, user_prompt  # noqa: E402
-from zoft.scoring.serve import (MAX_BODY_BYTES, RequestError, create_app, default_context,  # noqa: E402
-                                level_probabilities, read_body, serve)
+from zoft.scoring.serve import (MAX_BODY_BYTES, RequestError, create_app, level_probabilities,  # noqa: E402
+                                read_body, serve)
 from zoft.tasks.example import Example  # noqa: E402
+from zoft.tasks.rubric.data import Response, ScoringItem  # noqa: E402
+from zoft.tasks.rubric.prompts import ChatError, default_context, system_prompt, to_example, user_prompt  # noqa: E402
 
 LEVELS = ["0", "1", "2"]
 MODEL = "tiny-scorer"
@@ -268,7 +269,7 @@ def as_parts(messages):
 
 
 def test_task_context_from_chat_joins_parts():
-    from zoft.scoring.task import ScoringTask
+    from zoft.tasks.rubric import ScoringTask
     task = ScoringTask("t", [ITEM], [], [])
     messages = task_messages(ITEM, user_prompt(ITEM, RESPONSE))
     assert task.context_from_chat(as_parts(messages)) == task.context_from_chat(messages) == \
@@ -282,9 +283,9 @@ def test_task_context_from_chat_joins_parts():
 @pytest.mark.parametrize("content", ["", "  ", "Response:\n", "Item:\nWhy?\n\nResponse:\n \n", [],
                                      [{"type": "text", "text": " "}], None])
 def test_task_context_from_chat_rejects_empty_responses(content):
-    from zoft.scoring.task import ScoringTask
+    from zoft.tasks.rubric import ScoringTask
     task = ScoringTask("t", [ITEM], [], [])
-    with pytest.raises(RequestError, match="empty"):
+    with pytest.raises(ChatError, match="empty"):
         task.context_from_chat(task_messages(ITEM, content))
     with pytest.raises(ValueError):   # what context_from_chat documents
         ScoringTask("m", [MULTI], [], []).contexts_from_chat(task_messages(MULTI, content))
@@ -293,7 +294,7 @@ def test_task_context_from_chat_rejects_empty_responses(content):
 def test_served_task_parts_and_empty_content(scorer):
     from starlette.testclient import TestClient
 
-    from zoft.scoring.task import ScoringTask
+    from zoft.tasks.rubric import ScoringTask
     task = ScoringTask("t", [ITEM], [], [])
     messages = task_messages(ITEM, user_prompt(ITEM, RESPONSE))
     with TestClient(create_app(scorer, LEVELS, task.context_from_chat, MODEL)) as tc:

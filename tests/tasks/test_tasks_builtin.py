@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from zoft.tasks import Task, list_tasks, load_task
-from zoft.tasks.task import data_dir
+from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
 pytestmark = pytest.mark.skipif(DATA is None or not (DATA / "sst2").is_dir(),

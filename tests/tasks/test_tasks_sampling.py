@@ -6,8 +6,8 @@ import pytest
 
 from zoft.errors import DataError
 from zoft.tasks import Example, load_task
+from zoft.tasks.readers import data_dir
 from zoft.tasks.sampling import sample_task_data
-from zoft.tasks.task import data_dir
 
 needs_data = pytest.mark.skipif(data_dir() is None, reason="shared data folder not found")
 

@@ -9,7 +9,7 @@ the causal LM: ``setup.loaded`` is not used.
 
 Input, per example:
 
-* scoring tasks (:class:`zoft.scoring.task.ScoringTask`): the student's response text
+* scoring tasks (:class:`zoft.tasks.rubric.ScoringTask`): the student's response text
   (``ex.doc["text"]``), with the item's question as a second segment when the task has
   more than one item (where the question tells the responses apart; for one item it would
   be the same words on every row);
@@ -111,7 +111,7 @@ def load_encoder(name: str, num_labels: int, seed: int = 0, dtype: torch.dtype =
 
 # ---------------------------------------------------------------- inputs
 def _scoring_items(task) -> dict | None:
-    from zoft.scoring.task import ScoringTask   # light: no model code
+    from zoft.tasks.rubric import ScoringTask   # light: no model code
 
     return task.items if isinstance(task, ScoringTask) else None
 

@@ -1,6 +1,3 @@
-"""Automatic scoring of student responses against a rubric: data, OpenAI chat JSONL, metrics."""
-from zoft.scoring.data import (Response, ScoringItem, pairs, read_asap, read_asap_item, read_semeval,
-                               read_table, to_example)
-
-__all__ = ["ScoringItem", "Response", "read_asap", "read_asap_item", "read_semeval", "read_table",
-           "pairs", "to_example"]
+"""Applications of rubric scoring (the task kind is :mod:`zoft.tasks.rubric`): ``zoft score``
+(:mod:`~zoft.scoring.score`), the OpenAI-compatible server (:mod:`~zoft.scoring.serve`) and
+OpenAI chat JSONL export (:mod:`~zoft.scoring.openai_jsonl`)."""

@@ -1,8 +1,8 @@
 """OpenAI chat fine-tuning files: export scored responses, read them back, and check them.
 
 Each line is ``{"messages": [system, user, assistant]}``: the system turn holds the
-rubric instructions (:func:`zoft.scoring.data.system_prompt`), the user turn the item
-and the response (:func:`~zoft.scoring.data.user_prompt`), and the assistant turn the
+rubric instructions (:func:`zoft.tasks.rubric.prompts.system_prompt`), the user turn the item
+and the response (:func:`~zoft.tasks.rubric.prompts.user_prompt`), and the assistant turn the
 score label (``format_score``: ``"2"``, ``"correct"``, or ``"1,0,1"`` for multi-label).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from zoft.atomic import atomic_write_text
 from zoft.errors import DataError
-from zoft.scoring.data import (Response, Score, ScoringItem, format_score, parse_score, system_prompt,
-                               user_prompt)
+from zoft.tasks.rubric.data import Response, Score, ScoringItem, format_score, parse_score
+from zoft.tasks.rubric.prompts import system_prompt, user_prompt
 
 ROLES = ("system", "user", "assistant", "function", "tool")
 # The message keys OpenAI's chat fine-tuning format accepts; anything else is rejected on upload.
@@ -38,7 +38,7 @@ class ChatRow:
     Attributes:
         messages: The prompt: every message before the last assistant turn.
         completion: The last assistant turn's content (the score label).
-        score: ``completion`` parsed (see :func:`zoft.scoring.data.parse_score`).
+        score: ``completion`` parsed (see :func:`zoft.tasks.rubric.data.parse_score`).
         ref: ``"path:line"``.
     """
 

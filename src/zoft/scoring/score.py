@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from zoft.errors import DataError, ZoftError, excerpt
 from zoft.atomic import atomic_write_text
-from zoft.scoring.data import Response
+from zoft.errors import DataError, ZoftError, excerpt
 from zoft.tasks.readers import read_csv_records
+from zoft.tasks.rubric import Response, ScoringTask
 
 INPUT_COLUMNS = ("id", "text")
 ITEM_COLUMN = "item_id"
@@ -113,7 +113,6 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
     """
     from zoft.lm import batches
     from zoft.methods import load_run
-    from zoft.scoring.task import ScoringTask
 
     if batch_size < 1:
         raise ZoftError(f"batch_size must be >= 1, got {batch_size}")

@@ -8,17 +8,15 @@ and a user turn with the item and the response. The reply's content is the score
 How chat messages become the scorer's context (the prompt the model was fine-tuned on):
 
 * if the run's task has a ``context_from_chat(messages)`` method, it decides;
-* otherwise :func:`default_context`: every system message's content, then the **last**
-  user message's content, joined by blank lines, then ``"\\n\\nScore:"``. For messages
-  built by :func:`~zoft.scoring.data.system_prompt` and
-  :func:`~zoft.scoring.data.user_prompt` this is exactly the context of
-  :func:`~zoft.scoring.data.to_example` (``system + "\\n\\n" + user + "\\n\\nScore:"``).
-  Earlier user and assistant turns are ignored.
+* otherwise :func:`~zoft.tasks.rubric.prompts.default_context`: every system message's content,
+  then the **last** user message's content, joined by blank lines, then ``"\\n\\nScore:"``:
+  the context of :func:`~zoft.tasks.rubric.prompts.to_example` for the messages the chat export
+  writes. Earlier user and assistant turns are ignored.
 
-Content may be a string or a list of text parts (``[{"type": "text", "text": ...}]``, as the
-``openai`` client can send): the parts are joined as text on every path
-(:func:`zoft.scoring.chat.message_text`). An empty or whitespace-only response to score is
-rejected, as ``zoft score`` rejects empty text.
+Every prompt is built in :mod:`zoft.tasks.rubric.prompts`. Content may be a string or a list of
+text parts (``[{"type": "text", "text": ...}]``, as the ``openai`` client can send): the parts are
+joined as text on every path. An empty or whitespace-only response to score is rejected, as
+``zoft score`` rejects empty text.
 
 Instead of generating, the server scores every level as a candidate continuation (as
 evaluation does) and answers with the best one; with ``logprobs: true`` the reply's
@@ -68,8 +66,8 @@ from typing import Any
 import torch
 
 from zoft.errors import ZoftError
-from zoft.scoring.chat import RequestError, message_text, require_text
 from zoft.tasks.example import Example
+from zoft.tasks.rubric.prompts import ChatError, default_context, message_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_BODY_BYTES = 1 << 20   # 1 MiB: a scoring prompt is a few KiB
@@ -78,21 +76,16 @@ INVALID_KEY = ("Incorrect API key provided. Send the key this server was started
 log = logging.getLogger(__name__)
 
 
-def default_context(messages: list[dict]) -> str:
-    """System messages + the last user message + ``"\\n\\nScore:"``, as in :func:`to_example`.
+class RequestError(ChatError):
+    """A malformed request: answered with an OpenAI-style error, like the :class:`ChatError` it extends.
 
-    Raises:
-        RequestError: no user message, or an empty one.
+    Attributes:
+        status: The HTTP status, 400 unless said otherwise (413: the body is too large).
     """
-    system = [message_text(m, f"messages[{i}]") for i, m in enumerate(messages)
-              if m.get("role") in ("system", "developer")]
-    users = [(i, m) for i, m in enumerate(messages) if m.get("role") == "user"]
-    if not users:
-        raise RequestError("messages must include a user message (the item and the response to score)",
-                           "messages")
-    i, last = users[-1]
-    user = require_text(message_text(last, f"messages[{i}]"), "the user message", f"messages[{i}].content")
-    return "\n\n".join([s for s in system if s.strip()] + [user]) + "\n\nScore:"
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message, param)
+        self.status = status
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -202,7 +195,8 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         scorer: scores the levels after a context.
         levels: the score labels, lowest first (the candidates; the reply is one of them).
         build_context: chat messages -> the scorer's context, or a list of contexts (one per
-            rubric aspect: the reply joins their levels with commas); may raise :class:`RequestError`.
+            rubric aspect: the reply joins their levels with commas); may raise a
+            :class:`~zoft.tasks.rubric.prompts.ChatError` (answered 400).
         model_name: the id ``/v1/models`` lists and replies carry.
         api_key: if set (non-empty), every request needs ``Authorization: Bearer <api_key>``
             (else 401, ``code: "invalid_api_key"``).
@@ -243,9 +237,10 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         normalised = scores[0].double().log_softmax(-1).tolist()
         return normalised, len(enc.context_ids[0]), [len(c) for c in enc.choice_ids[0]]
 
-    @app.exception_handler(RequestError)
-    async def bad_request(request, exc: RequestError):
-        return _error(exc.status, exc.message, "invalid_request_error", exc.param)
+    @app.exception_handler(ChatError)
+    async def bad_request(request, exc: ChatError):
+        # A prompt builder's ChatError is the client's mistake (400); a RequestError may carry another status.
+        return _error(getattr(exc, "status", 400), exc.message, "invalid_request_error", exc.param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -276,7 +271,7 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         # catch-all handler, and uvicorn then drops the keep-alive connection.
         try:
             return await complete(request)
-        except RequestError as e:
+        except ChatError as e:
             return await bad_request(request, e)
         except Exception:
             return _internal_error()
@@ -285,7 +280,7 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         body = _check_request(parse_json(await read_body(request, max_body_bytes)))
         try:
             contexts = build_context(body["messages"])
-        except RequestError:
+        except ChatError:
             raise
         except ZoftError as e:   # zoft's own errors are written for users
             raise RequestError(f"cannot build the prompt from the messages: {e}", "messages") from None
@@ -340,8 +335,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
     The levels are the task's label words (else the choices of its first example); the
     context comes from the task's ``contexts_from_chat(messages)`` for a multi-label task (one
     per aspect), else its ``context_from_chat(messages)`` if it has one, else
-    :func:`default_context`. ``model_name`` defaults to the run folder's name. ``api_key`` and
-    ``max_body_bytes`` are :func:`create_app`'s; serving a non-loopback ``host`` without a key
+    :func:`~zoft.tasks.rubric.prompts.default_context`. ``model_name`` defaults to the run
+    folder's name. ``api_key`` and ``max_body_bytes`` are :func:`create_app`'s; serving a non-loopback ``host`` without a key
     prints a warning to stderr (anyone who can reach the port can use the model).
     ``trust_remote_code`` is the caller's alone: the run's config.yaml cannot turn it on.
     """

@@ -1,4 +1,4 @@
-"""Tasks: YAML-defined datasets and prompts, seeded sampling, and metrics.
+"""Tasks: YAML-defined datasets and prompts, rubric scoring, seeded sampling, and metrics.
 
 Example:
     >>> task = load_task("sst2")
@@ -7,6 +7,7 @@ Example:
 """
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.metrics import METRICS, compute_metric
-from zoft.tasks.task import Task, list_tasks, load_task
+from zoft.tasks.registry import load_task
+from zoft.tasks.task import Task, list_tasks
 
 __all__ = ["Task", "Example", "TaskData", "load_task", "list_tasks", "compute_metric", "METRICS"]

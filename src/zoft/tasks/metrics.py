@@ -4,19 +4,24 @@ Predictions are choice indices for classification / multiple-choice tasks and st
 for generation tasks; every metric accepts both, so any metric can be asked of any
 task. They also serve as non-differentiable training objectives (MeZO only needs a
 scalar), so they are plain Python on small lists and cheap to call.
+
+Under them, on two raters' raw scores: the confusion matrix and quadratic weighted kappa
+(the ``qwk`` metric; rubric scoring reports it against human raters too).
 """
 from __future__ import annotations
 
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
-from zoft.errors import ZoftError
+import numpy as np
+
+from zoft.errors import DataError, ZoftError
 
 if TYPE_CHECKING:
-    from zoft.tasks.task import Example
+    from zoft.tasks.example import Example
 
 Prediction = int | str
 Metric = Callable[[Sequence[Prediction], Sequence["Example"]], float]
@@ -123,8 +128,6 @@ def qwk(predictions: Sequence[Prediction], examples: Sequence[Example]) -> float
             isinstance(p, Integral) and not isinstance(p, bool) for p in predictions):
         raise ZoftError("metric 'qwk' needs choice-index predictions and gold choices "
                         "(a classification or multiple-choice task)")
-    from zoft.scoring.metrics import quadratic_weighted_kappa  # lazily: tasks do not depend on scoring
-
     labels = list(range(max(len(ex.choices) for ex in examples)))
     return quadratic_weighted_kappa([ex.target for ex in examples], [int(p) for p in predictions], labels)
 
@@ -162,3 +165,64 @@ def compute_metric(name: str, predictions: Sequence[Prediction], examples: Seque
     if name not in METRICS:
         raise ZoftError(f"unknown metric '{name}' (known: {', '.join(METRICS)})")
     return METRICS[name](predictions, examples)
+
+
+# ---------------------------------------------------------------- two raters' raw scores
+
+def check_scores(y_true: Sequence, y_pred: Sequence) -> None:
+    """Raises a DataError unless both raters scored the same, non-zero number of responses."""
+    if len(y_true) != len(y_pred):
+        raise DataError(f"{len(y_true)} true scores but {len(y_pred)} predictions")
+    if not len(y_true):
+        raise DataError("no scores to compare")
+
+
+def confusion_matrix(y_true: Sequence[Hashable], y_pred: Sequence[Hashable],
+                     labels: Sequence[Hashable] | None = None) -> tuple[list, np.ndarray]:
+    """The ordered labels (default: the sorted scores that occur) and the counts of
+    ``(true, predicted)`` pairs, rows true, columns predicted.
+
+    Raises:
+        DataError: different lengths, no scores, a multi-label score (a list), or a score
+            not among ``labels``.
+    """
+    check_scores(y_true, y_pred)
+    if any(isinstance(y, list | tuple | np.ndarray) for y in (*y_true, *y_pred)):
+        raise DataError("needs one score per response (for multi-label scores, one aspect at a time)")
+    if labels is None:
+        labels = sorted(set(y_true) | set(y_pred))
+    unknown = (set(y_true) | set(y_pred)) - set(labels)
+    if unknown:
+        raise DataError(f"scores {sorted(unknown, key=str)} are not among the labels {list(labels)}")
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(matrix, ([index[y] for y in y_true], [index[y] for y in y_pred]), 1)
+    return list(labels), matrix
+
+
+def quadratic_weighted_kappa(y_true: Sequence[Hashable], y_pred: Sequence[Hashable],
+                             labels: Sequence[Hashable] | None = None) -> float:
+    """Cohen's kappa with quadratic weights, from its definition.
+
+    ``kappa = 1 - sum(W * O) / sum(W * E)`` where ``O`` is the confusion matrix, ``E``
+    the matrix expected by chance (outer product of the two marginals, scaled to the
+    same total) and ``W[i, j] = (i - j)^2 / (K - 1)^2``. Distances are positions in
+    ``labels``, so they order the scale (default: the sorted scores that occur).
+
+    Returns:
+        Kappa in [-1, 1]; 1.0 when both raters give one and the same score throughout
+        (kappa is 0/0 there; identical ratings count as perfect agreement).
+
+    Raises:
+        DataError: different lengths, no scores, or a score not among ``labels``.
+    """
+    labels, observed = confusion_matrix(y_true, y_pred, labels)
+    observed = observed.astype(float)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
+    k = len(labels)
+    i, j = np.indices((k, k))
+    weights = (i - j) ** 2 / max(k - 1, 1) ** 2
+    disagreement = (weights * expected).sum()
+    if disagreement == 0:
+        return 1.0
+    return float(1 - (weights * observed).sum() / disagreement)

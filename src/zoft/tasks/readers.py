@@ -1,4 +1,4 @@
-"""Row readers for local task data: JSON Lines and CSV.
+"""Where local task data lives (:func:`data_dir`) and its row readers: JSON Lines and CSV.
 
 Both return ``(row_number, dict)`` pairs so that later checks (templates, labels) can
 point at the exact row. Row numbers are 1-based lines for JSONL and 1-based data rows
@@ -10,12 +10,24 @@ import codecs
 import csv
 import io
 import json
+import os
 import re
 from pathlib import Path
 
 from zoft.errors import DataError
 
 Row = tuple[int, dict]
+
+
+def data_dir() -> Path | None:
+    """The shared data folder: ``$ZOFT_DATA_DIR``, else ``../shared/data`` from cwd or the repo."""
+    if os.environ.get("ZOFT_DATA_DIR"):
+        return Path(os.environ["ZOFT_DATA_DIR"]).expanduser()
+    repo_root = Path(__file__).resolve().parents[3]
+    for candidate in (Path.cwd() / "../shared/data", repo_root / "../shared/data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
 
 
 def read_text(path: Path) -> str:

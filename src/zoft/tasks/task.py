@@ -7,8 +7,6 @@ the same way, so a new SuperGLUE-style dataset needs no code.
 """
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +14,10 @@ import jinja2
 import yaml
 from jinja2 import meta
 
-from zoft.errors import DataError, ZoftError
+from zoft.errors import DataError
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.metrics import METRICS
-from zoft.tasks.readers import Row, read_rows
+from zoft.tasks.readers import Row, data_dir, read_rows
 from zoft.tasks.sampling import sample_task_data
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -34,17 +32,6 @@ GENERATION_DEFAULTS: dict[str, Any] = {"max_gen_toks": 32, "until": ["\n"]}
 # keep_trailing_newline because prompts such as RTE's end in "\n" on purpose.
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                           autoescape=False)
-
-
-def data_dir() -> Path | None:
-    """The shared data folder: ``$ZOFT_DATA_DIR``, else ``../shared/data`` from cwd or the repo."""
-    if os.environ.get("ZOFT_DATA_DIR"):
-        return Path(os.environ["ZOFT_DATA_DIR"]).expanduser()
-    repo_root = Path(__file__).resolve().parents[3]
-    for candidate in (Path.cwd() / "../shared/data", repo_root / "../shared/data"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
 
 
 def _is_template(text: str) -> bool:
@@ -317,31 +304,3 @@ class Task:
 def list_tasks() -> list[str]:
     """Names of the builtin tasks."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def load_task(name_or_path: str | Path) -> Task:
-    """Loads a builtin task by name, or a user's task YAML by path.
-
-    ``asap-<N>`` and ``scientsbank`` are scoring tasks (a
-    :class:`zoft.scoring.task.ScoringTask`, which has the same interface), and so is a
-    YAML file with a ``table`` key (a CSV/JSONL of scored responses and its column mapping).
-
-    Raises:
-        ZoftError: neither a builtin name nor an existing file.
-        DataError: the YAML is invalid.
-    """
-    text = str(name_or_path)
-    if text in list_tasks():
-        return Task.from_yaml(CONFIG_DIR / f"{text}.yaml", builtin=True)
-    if Path(text).is_file() or text.endswith((".yaml", ".yml")):
-        from zoft.scoring.task import is_scoring_yaml, load_scoring_yaml   # see below: imported lazily
-        if Path(text).is_file() and is_scoring_yaml(text):
-            return load_scoring_yaml(text)
-        return Task.from_yaml(text)
-    if text == "scientsbank" or re.fullmatch(r"asap-\d+", text):
-        # Scoring tasks (rubric prompts over ASAP-SAS / SciEntsBank); imported here so
-        # tasks do not depend on zoft.scoring.
-        from zoft.scoring.task import load_scoring_task
-        return load_scoring_task(text)
-    raise ZoftError(f"unknown task '{text}' (builtin: {', '.join(list_tasks())}; scoring: asap-<N>, "
-                    f"scientsbank; or pass a YAML path)")

@@ -1,4 +1,4 @@
-"""Scoring data: items (question + rubric) and student responses, read from real files.
+"""Rubric scoring data: items (question + rubric) and student responses, read from real files.
 
 One rule relates scores and labels everywhere: ``ScoringItem.score_levels`` lists the
 labels a scorer may output, lowest first, and a :class:`Response` score is an index into
@@ -19,9 +19,7 @@ from typing import Any
 import yaml
 
 from zoft.errors import DataError
-from zoft.tasks.example import Example
-from zoft.tasks.readers import Row, read_rows, read_text
-from zoft.tasks.task import data_dir as default_data_dir
+from zoft.tasks.readers import Row, data_dir as default_data_dir, read_rows, read_text
 
 Score = int | list[int]
 Group = tuple["ScoringItem", list["Response"]]
@@ -76,7 +74,7 @@ class Response:
     ref: str = ""
 
 
-# ---------------------------------------------------------------- labels and prompts
+# ---------------------------------------------------------------- labels
 
 def format_score(score: Score, levels: Sequence[str]) -> str:
     """The label text of a score: ``levels[score]``, or comma-joined labels per aspect."""
@@ -102,48 +100,6 @@ def parse_score(text: str, levels: Sequence[str] | None = None) -> Score:
             raise ValueError(f"'{unknown[0]}' is not one of the levels {list(levels)}")
         values = [list(levels).index(p) for p in parts]
     return values if len(values) > 1 else values[0]
-
-
-def system_prompt(item: ScoringItem) -> str:
-    """Scoring instructions for an item: rubric, reference answers, examples, output format."""
-    parts = ["You score student responses to a science item against its scoring rubric."]
-    if item.rubric:
-        parts.append("Rubric:\n" + item.rubric)
-    if item.reference_answers:
-        parts.append("Reference answers:\n" + "\n".join(f"- {a}" for a in item.reference_answers))
-    if item.examples:
-        parts.append("Scored examples:\n" + "\n".join(
-            f"- [{format_score(s, item.score_levels)}] {t}" for t, s in item.examples))
-    levels = ", ".join(item.score_levels)
-    if item.aspects:
-        parts.append(f"Score each aspect ({levels}): {', '.join(item.aspects)}. Reply with the "
-                     "scores in that order, separated by commas, and nothing else.")
-    else:
-        parts.append(f"Reply with one score ({levels}) and nothing else.")
-    return "\n\n".join(parts)
-
-
-def user_prompt(item: ScoringItem, response: Response) -> str:
-    """The item text followed by the student's response."""
-    head = f"Item:\n{item.question}\n\n" if item.question else ""
-    return f"{head}Response:\n{response.text}"
-
-
-def to_example(item: ScoringItem, response: Response) -> Example:
-    """A single-label scored response as the :class:`Example` zoft methods train on.
-
-    The choices are the item's score levels, so the LM scores each label after the prompt.
-
-    Raises:
-        DataError: a multi-label or unscored response (there is no single target).
-    """
-    if not isinstance(response.score, int):
-        raise DataError("needs one integer score (multi-label items: use one example per aspect)",
-                        response.ref or None, field="score")
-    context = f"{system_prompt(item)}\n\n{user_prompt(item, response)}\n\nScore:"
-    doc = {"item_id": item.item_id, "id": response.id, "text": response.text, "split": response.split}
-    return Example(context, list(item.score_levels), response.score,
-                   [item.score_levels[response.score]], doc, response.ref)
 
 
 def pairs(groups: Iterable[Group]) -> list[tuple[ScoringItem, Response]]:

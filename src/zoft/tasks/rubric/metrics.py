@@ -1,76 +1,22 @@
-"""Scoring metrics: quadratic weighted kappa (ASAP convention), accuracy (the scoring
-paper's), macro F1, a confusion-matrix figure, and human inter-rater agreement."""
+"""Rubric scoring metrics on raw scores (multi-label lists too): accuracy (the scoring paper's),
+macro F1, human inter-rater agreement (QWK, from :mod:`zoft.tasks.metrics`, the ASAP convention)
+and a confusion-matrix figure."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 from zoft.atomic import atomic_file
 from zoft.errors import DataError
-from zoft.scoring.data import Response
-
-
-def _check_lengths(y_true: Sequence, y_pred: Sequence) -> None:
-    if len(y_true) != len(y_pred):
-        raise DataError(f"{len(y_true)} true scores but {len(y_pred)} predictions")
-    if not len(y_true):
-        raise DataError("no scores to compare")
-
-
-def _labels(y_true: Sequence, y_pred: Sequence, labels: Sequence | None) -> list:
-    """The ordered label set, checking that every score is a single label within it."""
-    _check_lengths(y_true, y_pred)
-    if any(isinstance(y, list | tuple | np.ndarray) for y in (*y_true, *y_pred)):
-        raise DataError("needs one score per response (for multi-label scores, one aspect at a time)")
-    if labels is None:
-        return sorted(set(y_true) | set(y_pred))
-    unknown = (set(y_true) | set(y_pred)) - set(labels)
-    if unknown:
-        raise DataError(f"scores {sorted(unknown, key=str)} are not among the labels {list(labels)}")
-    return list(labels)
-
-
-def _confusion(y_true: Sequence[Hashable], y_pred: Sequence[Hashable], labels: list) -> np.ndarray:
-    index = {label: i for i, label in enumerate(labels)}
-    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    np.add.at(matrix, ([index[y] for y in y_true], [index[y] for y in y_pred]), 1)
-    return matrix
-
-
-def quadratic_weighted_kappa(y_true: Sequence[Hashable], y_pred: Sequence[Hashable],
-                             labels: Sequence[Hashable] | None = None) -> float:
-    """Cohen's kappa with quadratic weights, from its definition.
-
-    ``kappa = 1 - sum(W * O) / sum(W * E)`` where ``O`` is the confusion matrix, ``E``
-    the matrix expected by chance (outer product of the two marginals, scaled to the
-    same total) and ``W[i, j] = (i - j)^2 / (K - 1)^2``. Distances are positions in
-    ``labels``, so they order the scale (default: the sorted scores that occur).
-
-    Returns:
-        Kappa in [-1, 1]; 1.0 when both raters give one and the same score throughout
-        (kappa is 0/0 there; identical ratings count as perfect agreement).
-
-    Raises:
-        DataError: different lengths, no scores, or a score not among ``labels``.
-    """
-    labels = _labels(y_true, y_pred, labels)
-    observed = _confusion(y_true, y_pred, labels).astype(float)
-    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
-    k = len(labels)
-    i, j = np.indices((k, k))
-    weights = (i - j) ** 2 / max(k - 1, 1) ** 2
-    disagreement = (weights * expected).sum()
-    if disagreement == 0:
-        return 1.0
-    return float(1 - (weights * observed).sum() / disagreement)
+from zoft.tasks.metrics import check_scores, confusion_matrix, quadratic_weighted_kappa
+from zoft.tasks.rubric.data import Response
 
 
 def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
     """Fraction of exact matches; for multi-label scores (lists) all aspects must match."""
-    _check_lengths(y_true, y_pred)
+    check_scores(y_true, y_pred)
     return sum(list(t) == list(p) if isinstance(t, list | tuple) else t == p
                for t, p in zip(y_true, y_pred)) / len(y_true)
 
@@ -81,7 +27,9 @@ def macro_f1(y_true: Sequence, y_pred: Sequence, labels: Sequence | None = None)
     A class in ``labels`` that never occurs counts as F1 0 rather than being dropped,
     so a scorer that ignores a rare score is penalised.
     """
-    _check_lengths(y_true, y_pred)
+    check_scores(y_true, y_pred)
+    from sklearn.metrics import f1_score  # imported lazily: sklearn is slow to import
+
     return float(f1_score(np.asarray(y_true), np.asarray(y_pred), labels=labels, average="macro",
                           zero_division=0))
 
@@ -97,8 +45,7 @@ def confusion_matrix_png(y_true: Sequence[Hashable], y_pred: Sequence[Hashable],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    labels = _labels(y_true, y_pred, labels)
-    matrix = _confusion(y_true, y_pred, labels)
+    labels, matrix = confusion_matrix(y_true, y_pred, labels)
     size = 1.2 + 0.6 * len(labels)
     fig = Figure(figsize=(size + 1, size))
     FigureCanvasAgg(fig)

@@ -22,7 +22,7 @@ become one example per aspect: the same prompt with an ``Aspect: <name>`` line b
 sampled by response (all aspects of a response land in the same split), and the extra
 metric ``response_acc`` counts a response right only if all its aspects are.
 
-Builtin names (``zoft.tasks.load_task`` routes them here): ``asap-<N>`` (ASAP-SAS set N:
+Builtin names (:func:`zoft.tasks.load_task` routes them here): ``asap-<N>`` (ASAP-SAS set N:
 train rows for train/dev, the public test rows for eval) and ``scientsbank``
 (SemEval-2013 2-way: train.jsonl for train/dev, test-unseen-answers.jsonl for eval).
 Any CSV/JSONL file works through :meth:`ScoringTask.from_table`.
@@ -34,131 +34,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from zoft.errors import DataError, ZoftError
-from zoft.scoring.chat import RequestError, message_text, require_text
-from zoft.scoring.data import (ScoringItem, Response, format_score, read_asap, read_semeval, system_prompt,
-                               read_table)
 from zoft.tasks.example import Example, TaskData
+from zoft.tasks.readers import data_dir
+from zoft.tasks.rubric.data import Response, ScoringItem, read_asap, read_semeval, read_table
+from zoft.tasks.rubric.metrics import human_agreement
+from zoft.tasks.rubric.prompts import BUDGET, chat_response, item_header, response_context
 from zoft.tasks.sampling import sample_task_data
-from zoft.tasks.task import GENERATION_DEFAULTS, data_dir
+from zoft.tasks.task import GENERATION_DEFAULTS
 
 METRICS = ["qwk", "acc", "f1"]    # QWK first: the ASAP convention; accuracy is what the scoring paper reports
 ASAP_NAME = re.compile(r"asap-(\d+)")
 SCIENTSBANK_EVAL = "test-unseen-answers"
-
-# Prompt budgets, in whitespace-separated words (a real subword tokenizer makes ~1.3
-# tokens of a word): about 600 words at most; an ASAP prompt is 300-370 words
-# (400-500 tokens), so runs on real models want max_length 512 or more.
-QUESTION_WORDS = 50
-RUBRIC_WORDS = 250
-EXAMPLE_WORDS = 40      # per scored example
-EXAMPLES_WORDS = 120    # all scored examples together
-RESPONSE_WORDS = 150
-_ELLIPSIS = "[...]"
-
-
-# ---------------------------------------------------------------- shortening texts
-
-def shorten(text: str, max_words: int, head: float = 0.4) -> str:
-    """``text`` cut to about ``max_words`` words by dropping its middle (marked ``[...]``).
-
-    Keeping both ends suits rubrics: they open with what the item asks for and usually
-    close with the score-point definitions, while the middle holds sample answers and
-    tables. Cuts snap to a line break when one is within a few words, so the kept
-    parts start and end on whole lines. Whitespace inside the kept parts is unchanged.
-    """
-    words = re.findall(r"\S+\s*", text.strip())
-    if len(words) <= max_words:
-        return text.strip()
-    n_head = max(1, round(max_words * head))
-    n_tail = max(1, max_words - n_head)
-    cut_head, cut_tail = n_head, len(words) - n_tail
-    slack = max(3, max_words // 10)
-    for i in range(n_head, max(0, n_head - slack), -1):       # end the head at a line break
-        if "\n" in words[i - 1]:
-            cut_head = i
-            break
-    for i in range(cut_tail, min(len(words), cut_tail + slack)):  # start the tail on a new line
-        if i > 0 and "\n" in words[i - 1]:
-            cut_tail = i
-            break
-    return "".join(words[:cut_head]).rstrip() + f"\n{_ELLIPSIS}\n" + "".join(words[cut_tail:]).strip()
-
-
-def truncate_end(text: str, max_words: int) -> str:
-    """The first ``max_words`` words of ``text`` (whitespace squashed), ``[...]`` if cut."""
-    words = text.split()
-    return " ".join(words[:max_words]) + (f" {_ELLIPSIS}" if len(words) > max_words else "")
-
-
-def item_rubric(rubric: str) -> str:
-    """The part of a rubric that is specific to the item, with runs of blank lines squashed.
-
-    ASAP science sets 1 and 2 open with two pages of the general open-ended rubric
-    ("Scoring Rubric for Science Open-Ended Items ...") before the item's own
-    ("Rubric for Acid Rain ..."), which defines the same score points concretely; the
-    item's own is kept when there is one after the start.
-    """
-    text = re.sub(r"\n\s*\n+", "\n", rubric.strip())
-    own = re.search(r"^Rubric for\b", text, re.M)
-    return text[own.start():] if own and own.start() > 0 else text
-
-
-_BULLET = re.compile(r"^\s*([•*\-–o]|\d+[.)])\s+")
-# Where score points are defined: "Score 3", "Score Point 2", "2 points", "3-Point Rubric".
-_SCORE_HEADING = re.compile(r"^\s*(score(\s+point)?\s+\d+\b|\d+\s*-?\s*points?\b)", re.I)
-
-
-def shorten_rubric(rubric: str, max_words: int) -> str:
-    """A rubric cut to about ``max_words`` words, keeping its score-point definitions.
-
-    In order, until it fits: take the item's own rubric (:func:`item_rubric`); drop
-    bulleted list entries (sample answers, "acceptable responses"), last ones first and
-    from the longest list first, each list keeping its first entry and a ``[...]``
-    where entries went; shorten the preamble between the title line and the first
-    score-point heading ("Score 3", "Score Point 2", "2 points"); finally drop the
-    middle of the whole text (:func:`shorten`).
-    """
-    lines = item_rubric(rubric).split("\n")
-    sizes = [len(line.split()) for line in lines]
-    total = sum(sizes)
-    if total <= max_words:
-        return "\n".join(lines)
-    runs: list[list[int]] = []      # consecutive bullet lines
-    for i, line in enumerate(lines):
-        if _BULLET.match(line):
-            if runs and runs[-1][-1] == i - 1:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-    dropped: set[int] = set()
-    kept = [list(run) for run in runs]
-    while total > max_words:
-        longest = max(kept, key=len, default=[])
-        if len(longest) <= 1:
-            break
-        i = longest.pop()
-        dropped.add(i)
-        total -= sizes[i]
-    out = []
-    for i, line in enumerate(lines):
-        if i in dropped:
-            if i - 1 not in dropped:
-                out.append(_ELLIPSIS)
-            continue
-        out.append(line)
-    if total > max_words:
-        heading = next((i for i, line in enumerate(out) if i > 0 and _SCORE_HEADING.match(line)), None)
-        if heading is not None and heading > 1:
-            preamble = "\n".join(out[1:heading])
-            size = len(preamble.split())
-            room = max(15, max_words - (total - size))
-            if size > room:
-                out[1:heading] = shorten(preamble, room).split("\n")
-                total = len("\n".join(out).split())
-    text = "\n".join(out)
-    return text if total <= max_words else shorten(text, max_words, head=0.5)
-
 
 # ---------------------------------------------------------------- the task
 
@@ -235,12 +124,10 @@ class ScoringTask:
         self.metrics: list[str] = list(METRICS) + (["response_acc"] if self.aspects else [])
         self.metric: str = self.metrics[0]
         self.generation_kwargs: dict[str, Any] = dict(GENERATION_DEFAULTS)
-        budget = {"question": QUESTION_WORDS, "rubric": RUBRIC_WORDS, "example": EXAMPLE_WORDS,
-                  "examples": EXAMPLES_WORDS, "response": RESPONSE_WORDS}
-        unknown = set(prompt or {}) - set(budget)
+        unknown = set(prompt or {}) - set(BUDGET)
         if unknown:
-            raise ZoftError(f"unknown prompt budget '{sorted(unknown)[0]}' (use {', '.join(budget)})")
-        self.budget = {**budget, **(prompt or {})}
+            raise ZoftError(f"unknown prompt budget '{sorted(unknown)[0]}' (use {', '.join(BUDGET)})")
+        self.budget = {**BUDGET, **(prompt or {})}
         for r in [*train, *eval]:
             if r.item_id not in self.items:
                 raise DataError(f"response '{r.id}' refers to unknown item '{r.item_id}'", r.ref or None)
@@ -255,84 +142,32 @@ class ScoringTask:
     # -- prompts -----------------------------------------------------------------------
 
     def header(self, item: ScoringItem) -> str:
-        """The part of the prompt shared by every response to ``item`` (cached).
-
-        The response comes after it, last, right before ``"Score:"``: the scorer
-        truncates contexts that do not fit ``max_length`` from the left, so a too-long
-        prompt loses the start of the item text (then of the rubric), never the response
-        or the score cue.
-        """
-        if item.item_id in self._headers:
-            return self._headers[item.item_id]
-        b, parts = self.budget, []
-        if item.question.strip():
-            # Item texts set the scene first and ask last: keep more of the end.
-            parts.append("Item: " + " ".join(shorten(item.question, b["question"], head=0.35).split()))
-        if item.reference_answers:
-            parts.append("Reference answers:\n" + "\n".join(
-                f"- {truncate_end(a, b['example'])}" for a in item.reference_answers))
-        if item.rubric.strip():
-            parts.append("Rubric:\n" + shorten_rubric(item.rubric, b["rubric"]))
-        if item.examples:
-            shown, used = [], 0
-            for text, score in item.examples:
-                line = truncate_end(text, b["example"])
-                used += len(line.split())
-                if shown and used > b["examples"]:
-                    break
-                shown.append(f"- Score {format_score(score, item.score_levels)}: {line}")
-            parts.append("Scored examples:\n" + "\n".join(shown))
-        if item.aspects:
-            parts.append(f"Aspects, scored one at a time: {', '.join(item.aspects)}.")
-        parts.append(f"Possible scores: {', '.join(item.score_levels)}.")
-        self._headers[item.item_id] = text = "\n".join(parts) + "\n"
-        return text
+        """The part of the prompt shared by every response to ``item`` (:func:`item_header`, cached)."""
+        if item.item_id not in self._headers:
+            self._headers[item.item_id] = item_header(item, self.budget)
+        return self._headers[item.item_id]
 
     def context(self, item: ScoringItem, text: str, aspect: str | None = None) -> str:
         """The full prompt for one response: header, ``Response: <text>``, [``Aspect: <name>``], ``Score:``."""
-        cue = f"Aspect: {aspect}\nScore:" if aspect else "Score:"
-        return f"{self.header(item)}Response: {truncate_end(text, self.budget['response'])}\n{cue}"
+        return response_context(self.header(item), text, self.budget["response"], aspect)
 
     def context_from_chat(self, messages: list[dict]) -> str:
         """The training prompt for an OpenAI chat request (as exported by ``openai_jsonl``).
 
-        The item is the one whose ``system_prompt`` is the request's system message (the only
-        item, if the task has one); the response is the user message's text after
-        ``"Response:\n"``. ``zoft serve`` scores this, so a served model sees exactly the
-        prompt it was trained on. A multi-label task has one prompt per aspect:
-        :meth:`contexts_from_chat`.
-
-        Content may be a string or a list of text parts (joined as text).
+        The item and response are :func:`~zoft.tasks.rubric.prompts.chat_response`'s. ``zoft
+        serve`` scores this, so a served model sees exactly the prompt it was trained on. A
+        multi-label task has one prompt per aspect: :meth:`contexts_from_chat`.
 
         Raises:
-            ValueError: (a :class:`~zoft.scoring.chat.RequestError`) no user message, an empty
-                response, content that is not text, or a system message that matches no item.
+            ValueError: (a :class:`~zoft.tasks.rubric.prompts.ChatError`) no user message, an
+                empty response, content that is not text, or a system message that matches no item.
         """
-        item, text = self._chat_item_and_text(messages)
-        return self.context(item, text)
+        return self.context(*chat_response(messages, self.items.values()))
 
     def contexts_from_chat(self, messages: list[dict]) -> list[str]:
         """The training prompts for a chat request: one per rubric aspect (multi-label), else one."""
-        item, text = self._chat_item_and_text(messages)
+        item, text = chat_response(messages, self.items.values())
         return [self.context(item, text, aspect) for aspect in self.aspects] or [self.context(item, text)]
-
-    def _chat_item_and_text(self, messages: list[dict]) -> tuple[ScoringItem, str]:
-        # message_text: content sent as text parts reads as its text, never as a Python repr.
-        system = "\n\n".join(message_text(m, f"messages[{i}]") for i, m in enumerate(messages)
-                             if m.get("role") == "system")
-        users = [(i, message_text(m, f"messages[{i}]")) for i, m in enumerate(messages) if m.get("role") == "user"]
-        if not users:
-            raise RequestError("no user message", "messages")
-        matches = [item for item in self.items.values() if system_prompt(item) == system]
-        if not matches and len(self.items) == 1:
-            matches = list(self.items.values())
-        if not matches:
-            raise RequestError("the system message matches no item of this scorer (send the exported system "
-                               "prompt)", "messages")
-        i, user = users[-1]
-        # An empty response is refused here as zoft score refuses empty text.
-        return matches[0], require_text(user.split("Response:\n", 1)[-1], "the response to score",
-                                        f"messages[{i}].content")
 
     def example(self, response: Response, item: ScoringItem | None = None) -> Example:
         """A response as an :class:`Example`; unscored responses get ``target`` None.
@@ -418,8 +253,6 @@ class ScoringTask:
                         expand(picked.eval, eval_groups))
 
     def _human_qwk(self) -> float | None:
-        from zoft.scoring.metrics import human_agreement
-
         both = [r for r in self._train if isinstance(r.score, int) and r.second_score is not None]
         if not both:
             return None
@@ -431,7 +264,7 @@ class ScoringTask:
     def from_table(cls, path: str | Path, mapping: Mapping[str, Any] | str | Path, *,
                    name: str | None = None, train_split: str = "train", eval_split: str = "test",
                    prompt: Mapping[str, int] | None = None) -> ScoringTask:
-        """A task from any CSV or JSONL file, read by :func:`zoft.scoring.data.read_table`.
+        """A task from any CSV or JSONL file, read by :func:`zoft.tasks.rubric.data.read_table`.
 
         If the mapping names a ``split`` column, rows of ``train_split`` give train/dev
         and rows of ``eval_split`` give eval (other rows are unused); without one, all
@@ -472,8 +305,6 @@ def load_scoring_yaml(path: str | Path) -> ScoringTask:
     Raises:
         DataError: an unreadable file, an unknown key, or a missing ``table``/``mapping``.
     """
-    import yaml
-
     path = Path(path)
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -496,8 +327,6 @@ def load_scoring_yaml(path: str | Path) -> ScoringTask:
 
 def is_scoring_yaml(path: str | Path) -> bool:
     """Whether a YAML file describes a scoring task (it has a top-level ``table`` key)."""
-    import yaml
-
     try:
         spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
