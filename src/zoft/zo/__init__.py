@@ -2,11 +2,13 @@
 from zoft.zo.estimator import ESTIMATORS, FZOO, LOZO, SPSA, Estimate, LowRankBackend, spsa
 from zoft.zo.optim import (OPTIMIZERS, ZOSGD, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign,
                            build_optimizer, decay_mask)
-from zoft.zo.perturb import BACKENDS, DISTRIBUTIONS, TorchBackend, get_backend, tensor_seed
+from zoft.zo.perturb import (BACKEND_NAMES, BACKENDS, DISTRIBUTIONS, TorchBackend, get_backend, register_backend,
+                             tensor_seed)
 from zoft.zo.schedule import SCHEDULES, learning_rate
 
 __all__ = ["ESTIMATORS", "SPSA", "FZOO", "LOZO", "LowRankBackend", "Estimate", "spsa",
            "OPTIMIZERS", "ZOSGD", "ZOSGDMomentum", "ZOSGDSign", "ZOSGDConservative", "ZOAdam",
            "build_optimizer", "decay_mask",
-           "BACKENDS", "DISTRIBUTIONS", "TorchBackend", "get_backend", "tensor_seed",
+           "BACKEND_NAMES", "BACKENDS", "DISTRIBUTIONS", "TorchBackend", "get_backend", "register_backend",
+           "tensor_seed",
            "SCHEDULES", "learning_rate"]
