@@ -211,10 +211,6 @@ def _unround_add(p: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor
     return torch.where(exact, guess, best).float()
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 # Backends by name. Each backend module registers its own names when imported (the Triton one
 # needs triton and a GPU or the interpreter), so this registry never imports a subclass itself:
 # get_backend imports the module a name lives in the first time that name is asked for.
@@ -247,7 +243,7 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Pertu
     from zoft.errors import ZoftError
     if name == "auto":
         device = torch.device(device)
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             name = "triton-fast" if _fast_math_runs(str(device)) else "triton"
         else:
             name = "torch"
