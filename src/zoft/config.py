@@ -16,7 +16,7 @@ import yaml
 
 from zoft.adapters import MODES
 from zoft.errors import ZoftError
-from zoft.zo import BACKENDS, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
+from zoft.zo import BACKEND_NAMES, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
 
 OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
 
@@ -102,7 +102,7 @@ class Config:
                              ("dtype", ("fp32", "bf16", "fp16")),
                              ("lr_schedule", tuple(SCHEDULES)),
                              ("distribution", DISTRIBUTIONS),
-                             ("backend", ("auto", *BACKENDS)),
+                             ("backend", BACKEND_NAMES),
                              ("parallel", ("none", "data", "direction")),
                              ("optimizer", tuple(OPTIMIZERS)), ("estimator", tuple(ESTIMATORS)),
                              ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):

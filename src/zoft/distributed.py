@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from zoft.errors import ZoftError
 from zoft.runs import RunDir
-from zoft.training import direction_seed
 from zoft.zo.estimator import Estimate, LossFn
+from zoft.zo.schedule import direction_seed
 
 
 class DistError(ZoftError):

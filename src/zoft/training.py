@@ -23,6 +23,7 @@ from zoft import faults
 from zoft.errors import ZoftError
 from zoft.atomic import WriteError
 from zoft.runs import RunDir
+from zoft.zo.schedule import direction_seed  # noqa: F401 - MeZO directions: a function of (seed, step) too
 
 
 class DivergedError(ZoftError):
@@ -44,11 +45,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     epoch, i = divmod(step, steps_per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[i * batch_size:(i + 1) * batch_size].tolist()
-
-
-def direction_seed(seed: int, step: int, k: int = 0) -> int:
-    """Seed of the k-th random direction of ``step``."""
-    return int(np.random.default_rng([seed, step, k, 0x2E0]).integers(0, 2**62))
 
 
 @dataclass
@@ -98,8 +94,8 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
 
     ``on_save(step, state)`` runs at every checkpoint, before the weights are written (MeZO writes
     its trajectory there). On resume, ``on_resume(state)`` gets the state of the last weight
-    checkpoint (None if there is none) and returns the state to continue from: MeZO rebuilds
-    the weights by replaying its trajectory when no weight checkpoint exists.
+    checkpoint (None if there is none) and returns the state to continue from (or its dict): MeZO
+    rebuilds the weights by replaying its trajectory when no weight checkpoint exists.
 
     Returns the final state; the best weights are in ``run.path / "best"``.
     """
@@ -119,6 +115,7 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
                 raise ZoftError(f"{last / 'trainer_state.json'}: corrupt (unexpected fields)") from None
         if on_resume is not None:
             loaded = on_resume(loaded)
+            loaded = TrainState(**loaded) if isinstance(loaded, dict) else loaded
         state = loaded or TrainState()   # killed before the first checkpoint: start over
         run.truncate_metrics(state.step)
 

@@ -9,7 +9,6 @@ non-differentiable objective (minus accuracy or F1 on the batch) in place of the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -18,29 +17,25 @@ from zoft.adapters import MODES, named_trainable
 from zoft.errors import ZoftError
 from zoft.methods.common import Setup, evaluate, finish, load_trained_lm
 from zoft.methods.registry import Method, register_method
-from zoft.methods.replay import TrajectoryRecorder
 from zoft.offload import Offloader
 from zoft.tasks import compute_metric
-from zoft.training import Trainable, batch_indices, check_finite, direction_seed, train_loop
-from zoft.zo import FZOO, LOZO, SPSA, LowRankBackend, build_optimizer, get_backend, learning_rate
-from zoft.zo.estimator import Estimate
-from zoft.zo.flat import flatten_
-from zoft.zo.fused import FusedZOSGD
-from zoft.zo.step import zo_step
+from zoft.training import Trainable, batch_indices, check_finite, train_loop
+from zoft.zo import Objective, learning_rate
+from zoft.zo.build import build_components, build_stepper, trained_params
+from zoft.zo.schedule import direction_seed
+from zoft.zo.step import Stepper
+from zoft.zo.trajectory import FILENAME, TrajectoryRecorder, init_sha
 
 
-def make_objective(setup: Setup, scorer, enc, examples):
-    """The scalar MeZO minimises on a batch: the LM loss, or minus a metric (no gradient needed)."""
+def make_objective(setup: Setup, scorer, enc, examples) -> Objective:
+    """The scalar MeZO minimises on a batch of example indices: the LM loss, or minus a metric (no gradient needed)."""
     cfg, objective = setup.cfg, setup.cfg.objective
     if objective == "loss":
         if cfg.compile != "off":   # fixed shapes, pre-tokenised on the device, compiled forward
             from zoft.compile import FixedShapeLoss
-            return FixedShapeLoss(scorer, enc, compile=cfg.compile)
-        def loss(idx: list[int]) -> float:
-            return scorer.loss(enc, idx).item()
-        # both SPSA losses from one forward over the batch stacked on itself (offload's dual forward)
-        loss.pair = lambda idx: tuple(x.item() for x in scorer.loss_pair(enc, idx))
-        return loss
+            return Objective(FixedShapeLoss(scorer, enc, compile=cfg.compile))
+        return Objective(lambda idx: scorer.loss(enc, idx).item(),
+                         pair=lambda idx: tuple(x.item() for x in scorer.loss_pair(enc, idx)))
     if cfg.compile != "off":
         raise ZoftError("compile applies to objective=loss only")
     metric = "squad_f1" if setup.task.kind == "generation" and objective == "f1" else objective
@@ -50,123 +45,71 @@ def make_objective(setup: Setup, scorer, enc, examples):
         preds = (scorer.predict(enc, idx) if setup.task.kind != "generation"
                  else scorer.generate(enc, idx, max_new_tokens=(setup.task.generation_kwargs or {}).get("max_gen_toks", 32)))
         return -compute_metric(metric, preds, sub)
-    return negative_metric
-
-
-def make_estimator(cfg, device, backend: str | None = None):
-    """The estimator a config names, on the config's perturbation backend (or ``backend``)."""
-    backend = get_backend(backend or cfg.backend, device)
-    if cfg.estimator == "fzoo":
-        return FZOO(eps=cfg.eps, n_directions=cfg.n_directions, backend=backend)
-    if cfg.estimator == "lozo":
-        return LOZO(eps=cfg.eps, n_directions=cfg.n_directions, rank=cfg.lozo_rank, nu=cfg.lozo_nu,
-                    seed=cfg.seed, backend=LowRankBackend(cfg.lozo_rank, dense=backend))
-    return SPSA(eps=cfg.eps, n_directions=cfg.n_directions, distribution=cfg.distribution,
-                backend=backend, one_sided=cfg.one_sided)
-
-
-def zo_components(cfg, device=None, backend: str | None = None):
-    """The estimator and optimizer a config names: training, resume and replay all build them here."""
-    estimator = make_estimator(cfg, device or cfg.device, backend)
-    optimizer = build_optimizer(cfg.optimizer, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                betas=(cfg.adam_beta1, cfg.adam_beta2))
-    return estimator, optimizer
-
-
-def trained_params(cfg, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """What the backend perturbs: the trained tensors, or (``flat_params``) one flat buffer per dtype.
-
-    Training and replay both take their parameter list from here: z's layout follows it.
-    (``Config.validate`` refuses the combinations a flat buffer cannot serve.)
-    """
-    return flatten_(list(named.values())) if cfg.flat_params else list(named.values())
+    return Objective(negative_metric)
 
 
 @dataclass
 class ZOStep:
-    """One configured ZO training step: ``step_fn(step) -> record`` plus what it trains."""
+    """One configured MeZO training step, ``step_fn(step) -> metrics``, and what it trains."""
 
-    step_fn: Callable[[int], dict]
+    cfg: object
+    objective: Objective
+    n_train: int
     params: list[torch.Tensor]     # what the backend perturbs: the tensors, or their flat buffers
-    estimator: object
-    optimizer: object
+    backend: str                   # the perturbation backend's name ("auto" resolved)
+    stepper: Stepper
     trainable: Trainable
-    fused: FusedZOSGD | None = None   # the 2-pass step, when the configuration allows it
-    recorder: object = None        # a TrajectoryRecorder, if the run keeps its trajectory
-
-
-def fused_stepper(cfg, params, estimator, par=None, offloader=None) -> FusedZOSGD | None:
-    """The 2-pass fused step (zo/fused.py) where it computes the same update as zo_step: one
-    two-sided SPSA direction, plain ZO-SGD without weight decay, a backend with ``combine_``, one
-    process, no offload, and ``fused=true`` (the default). Training and replay both decide here."""
-    plain = (cfg.fused and cfg.estimator == "spsa" and not cfg.one_sided and cfg.n_directions == 1
-             and cfg.optimizer == "zo-sgd" and not cfg.weight_decay)
-    if not plain or par is not None or offloader is not None or not hasattr(estimator.backend, "combine_"):
-        return None
-    return FusedZOSGD(params, estimator.backend, cfg.eps, cfg.distribution)
-
-
-def settles_after(cfg, done: int) -> bool:
-    """Whether ``training.train_loop`` settles the weights after step ``done`` (eval or save)."""
-    save_every = cfg.save_every or cfg.eval_every
-    return done % cfg.eval_every == 0 or done % save_every == 0 or done == cfg.steps
-
-
-def fused_next_seed(cfg, step: int) -> int | None:
-    """The direction the fused step leaves pending after ``step`` (None after the last step)."""
-    return direction_seed(cfg.seed, step + 1) if step + 1 < cfg.steps else None
-
-
-def build_step(cfg, model, objective, n_train: int, par: distributed.Parallel | None = None,
-               offloader: Offloader | None = None) -> ZOStep:
-    """Wire batches, seeds, estimator, optimizer, (flat) parameters and LR schedule into a step function."""
-    named = named_trainable(model)
-    params = trained_params(cfg, named)
-    estimator, optimizer = zo_components(cfg, next(iter(named.values())).device)
-    if offloader is not None:
-        estimator.backend = offloader.backend(estimator.backend, params)
-    fused = fused_stepper(cfg, params, estimator, par, offloader)
+    par: distributed.Parallel | None = None
+    recorder: TrajectoryRecorder | None = None   # if the run keeps its trajectory
 
     @torch.no_grad()
-    def step_fn(step: int) -> dict:
-        idx = batch_indices(n_train, cfg.batch_size, cfg.seed, step)
-        seeds = (par.seeds(cfg.seed, step, cfg.n_directions) if par else
-                 [direction_seed(cfg.seed, step, k) for k in range(cfg.n_directions)])
-        loss_fn = par.loss_fn(objective, idx, step) if par else (lambda: objective(idx))
-        tape: list[float] = []   # the objective values in call order: all replay needs of the forwards
-
-        def taped_loss() -> float:
-            tape.append(float(loss_fn()))
-            return tape[-1]
-        if offloader is not None and hasattr(objective, "pair"):
-            def taped_pair() -> tuple[float, float]:   # L+ and L− of one dual forward, taped in probe order
-                pair = tuple(float(x) for x in objective.pair(idx))
-                tape.extend(pair)
-                return pair
-            taped_loss.pair = taped_pair
+    def step_fn(self, step: int) -> dict:
+        cfg, par = self.cfg, self.par
+        idx = batch_indices(self.n_train, cfg.batch_size, cfg.seed, step)
+        batch = self.objective.on(idx)
+        if par:   # this rank's directions; the loss summed over the ranks' shards of the batch
+            seeds = par.seeds(cfg.seed, step, cfg.n_directions)
+            batch = Objective(par.loss_fn(self.objective, idx, step), batch.pair)
+        else:
+            seeds = [direction_seed(cfg.seed, step, k) for k in range(cfg.n_directions)]
         lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
-        if fused is not None:   # 2 weight passes: this step's update fused with the next +εz
-            loss_plus, loss_minus, g = fused.step(taped_loss, seeds[0], lr, fused_next_seed(cfg, step))
-            check_finite(step + 1, loss=(loss_plus + loss_minus) / 2, projected_grad=g)
-            if zo.recorder is not None:
-                zo.recorder.record(Estimate(loss=(loss_plus + loss_minus) / 2, directions=[(seeds[0], g)]), lr, tape)
-            return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, "lr": lr, "forwards": 2}
-        estimate = zo_step(params, taped_loss, seeds, lr, estimator, optimizer, step=step,
-                           exchange=par.exchange(step) if par else None,
-                           check=lambda e: check_finite(step + 1, loss=e.loss,
-                                                            projected_grad=sum(g for _, g in e.directions)))
-        if zo.recorder is not None:
-            zo.recorder.record(estimate, lr, tape)
-        grads = [g for _, g in estimate.directions]
-        return {"loss": estimate.loss, "projected_grad": sum(grads) / len(grads), "lr": lr,
+        record = self.stepper.step(step, batch, seeds, lr, exchange=par.exchange(step) if par else None)
+        if self.recorder is not None:
+            self.recorder.append(record)
+        estimate = record.estimate
+        return {"loss": estimate.loss, "projected_grad": sum(record.grads) / len(record.grads), "lr": lr,
                 "forwards": estimate.forwards, **estimate.extra}
 
+
+def build_step(cfg, model, objective: Objective, n_train: int, par: distributed.Parallel | None = None,
+               offloader: Offloader | None = None) -> ZOStep:
+    """Wire batches, seeds, (flat) parameters, the stepper and the LR schedule into a step function."""
+    named = named_trainable(model)
+    params = trained_params(cfg, named)
+    estimator, optimizer = build_components(cfg, next(iter(named.values())).device)
+    if offloader is not None:
+        estimator.backend = offloader.backend(estimator.backend, params)
+
+    def check(step: int, e) -> None:   # before the update: a NaN step leaves the weights as they were
+        check_finite(step + 1, loss=e.loss, projected_grad=sum(g for _, g in e.directions))
+    # the fused step keeps its pending +εz in one process's resident weights only
+    stepper = build_stepper(cfg, params, estimator, optimizer, fuse=par is None and offloader is None, check=check)
     state = optimizer.state_dict
     trainable = Trainable(named, get_optimizer_state=lambda: state() or None,
-                          set_optimizer_state=optimizer.load_state_dict,
-                          settle=fused.settle if fused is not None else (lambda: None))
-    zo = ZOStep(step_fn, params, estimator, optimizer, trainable, fused)
-    return zo
+                          set_optimizer_state=optimizer.load_state_dict, settle=stepper.settle)
+    return ZOStep(cfg, objective, n_train, params, estimator.backend.name, stepper, trainable, par)
+
+
+def trajectory_header(setup: Setup, zo: ZOStep) -> dict:
+    """What a trajectory needs to name its run: the base model, the adapter init, the config."""
+    cfg, named = setup.cfg, zo.trainable.tensors
+    return {"base": {"name": setup.loaded.name, "identity": setup.loaded.identity},
+            "init_sha": init_sha(cfg.mode, named),
+            "config": cfg.to_dict(),
+            "backend": zo.backend,                          # "auto" resolved: replay must use the same z
+            "device_type": next(iter(named.values())).device.type,
+            "n_probed": cfg.n_directions,                   # seeds per step this process probed itself
+            "parallel": cfg.parallel, "world_size": zo.par.world if zo.par else 1}
 
 
 def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel | None = None) -> dict:
@@ -185,8 +128,7 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     zo = build_step(cfg, model, objective, len(enc_train), par=par, offloader=offloader)
     writer = par is None or par.is_writer
     if cfg.trajectory:
-        zo.recorder = TrajectoryRecorder(setup, run_dir, zo.trainable.tensors, zo.estimator, zo.optimizer, par,
-                                         params=zo.params, fused=zo.fused)
+        zo.recorder = TrajectoryRecorder(run_dir.path / FILENAME, trajectory_header(setup, zo), zo.stepper)
     recorder = zo.recorder
 
     def dev_fn() -> float:

@@ -1,12 +1,17 @@
-"""Zeroth-order optimisation: perturbation backends, estimators, optimizers, schedules."""
-from zoft.zo.estimator import ESTIMATORS, FZOO, LOZO, SPSA, Estimate, LowRankBackend, spsa
+"""Zeroth-order optimisation: perturbation backends, estimators, optimizers, schedules, the step.
+
+Config-free: :mod:`zoft.zo.build` turns any object with the needed attributes into a stepper.
+"""
+from zoft.zo.estimator import ESTIMATORS, FZOO, LOZO, SPSA, Estimate, LowRankBackend, Objective, spsa
 from zoft.zo.optim import (OPTIMIZERS, ZOSGD, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign,
                            build_optimizer, decay_mask)
-from zoft.zo.perturb import BACKENDS, DISTRIBUTIONS, TorchBackend, get_backend, tensor_seed
-from zoft.zo.schedule import SCHEDULES, learning_rate
+from zoft.zo.perturb import (BACKEND_NAMES, BACKENDS, DISTRIBUTIONS, TorchBackend, get_backend, register_backend,
+                             tensor_seed)
+from zoft.zo.schedule import SCHEDULES, direction_seed, learning_rate
 
-__all__ = ["ESTIMATORS", "SPSA", "FZOO", "LOZO", "LowRankBackend", "Estimate", "spsa",
+__all__ = ["ESTIMATORS", "SPSA", "FZOO", "LOZO", "LowRankBackend", "Estimate", "Objective", "spsa",
            "OPTIMIZERS", "ZOSGD", "ZOSGDMomentum", "ZOSGDSign", "ZOSGDConservative", "ZOAdam",
            "build_optimizer", "decay_mask",
-           "BACKENDS", "DISTRIBUTIONS", "TorchBackend", "get_backend", "tensor_seed",
-           "SCHEDULES", "learning_rate"]
+           "BACKEND_NAMES", "BACKENDS", "DISTRIBUTIONS", "TorchBackend", "get_backend", "register_backend",
+           "tensor_seed",
+           "SCHEDULES", "direction_seed", "learning_rate"]

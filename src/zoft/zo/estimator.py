@@ -15,6 +15,7 @@ attributes ``backend`` and ``distribution`` that the optimizer must use to regen
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -24,6 +25,21 @@ import torch
 from zoft.zo.perturb import PerturbationBackend, TorchBackend, _unround_add, tensor_seed
 
 LossFn = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a ZO step minimises, ``loss(*batch)``, and optionally ``pair(*batch) -> (L(θ+εz), L(θ−εz))``
+    from one forward over the batch stacked on itself (offload's ``dual_probe``). :meth:`on` binds a batch."""
+
+    loss: Callable[..., float]
+    pair: Callable[..., tuple[float, float]] | None = None
+
+    def __call__(self, *batch) -> float:
+        return self.loss(*batch)
+
+    def on(self, *batch) -> "Objective":
+        return Objective(functools.partial(self.loss, *batch), self.pair and functools.partial(self.pair, *batch))
 
 
 @dataclass

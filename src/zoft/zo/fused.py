@@ -25,8 +25,7 @@ stays exact.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -78,9 +77,3 @@ class FusedZOSGD:
         backend's undo is exact)."""
         if self.offset is not None:
             self._combine(undo=self.offset)
-
-    @contextmanager
-    def settled(self) -> Iterator[None]:
-        """``with fused.settled(): evaluate()`` — the block sees θ; the next step re-perturbs."""
-        self.settle()
-        yield

@@ -8,6 +8,8 @@ the CPU path.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import warnings
 from typing import Callable, Protocol, Sequence
 
@@ -209,35 +211,24 @@ def _unround_add(p: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor
     return torch.where(exact, guess, best).float()
 
 
-def _triton_backend(fast_math: bool = False) -> PerturbationBackend:
-    try:
-        from zoft.zo.triton_backend import TritonBackend
-    except ImportError as e:
-        from zoft.errors import ZoftError
-        raise ZoftError(f"the triton backend needs triton ({e}); use backend=torch") from None
-    backend = TritonBackend(fast_math=fast_math)
-    if fast_math:
-        backend.name = "triton-fast"   # its z differs in the last bits: a run records which one it used
-    return backend
+# Backends by name. Each backend module registers its own names when imported (the Triton one
+# needs triton and a GPU or the interpreter), so this registry never imports a subclass itself:
+# get_backend imports the module a name lives in the first time that name is asked for.
+BACKEND_NAMES = ("auto", "torch", "triton", "triton-fast")   # triton-fast: the GPU's approximate log/sin/cos
+BACKENDS: dict[str, Callable[[], PerturbationBackend]] = {"torch": TorchBackend}
+_MODULES = {"triton": "zoft.zo.triton_backend", "triton-fast": "zoft.zo.triton_backend"}
 
 
-def triton_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("triton") is not None
-
-
-BACKENDS: dict[str, Callable[[], PerturbationBackend]] = {
-    "torch": TorchBackend,
-    "triton": _triton_backend,
-    "triton-fast": lambda: _triton_backend(fast_math=True),   # the GPU's approximate log/sin/cos
-}
+def register_backend(name: str, factory: Callable[[], PerturbationBackend]) -> None:
+    """Make ``get_backend(name)`` build backends with ``factory`` (a module calls this on import)."""
+    BACKENDS[name] = factory
 
 
 @functools.lru_cache(maxsize=None)
 def _fast_math_runs(device: str) -> bool:
     """Whether the fast-math kernel compiles and runs here (one tiny launch, once per device)."""
     try:
-        BACKENDS["triton-fast"]().direction(torch.zeros(1, device=device), seed=0, index=0)
+        get_backend("triton-fast").direction(torch.zeros(1, device=device), seed=0, index=0)
         return True
     except Exception as e:   # noqa: BLE001 - any failure means: use the precise kernel
         warnings.warn(f"triton fast math unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
@@ -249,13 +240,18 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Pertu
     """Backend by name. "auto" picks triton-fast on CUDA when Triton is installed (measured 15%
     faster than precise triton on an OPT-13B step; precise triton where fast math fails to
     build), else torch."""
+    from zoft.errors import ZoftError
     if name == "auto":
         device = torch.device(device)
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
             name = "triton-fast" if _fast_math_runs(str(device)) else "triton"
         else:
             name = "torch"
+    if name not in BACKENDS and name in _MODULES:
+        try:
+            importlib.import_module(_MODULES[name])   # registers its names
+        except ImportError as e:
+            raise ZoftError(f"the triton backend needs triton ({e}); use backend=torch") from None
     if name not in BACKENDS:
-        from zoft.errors import ZoftError
-        raise ZoftError(f"unknown perturbation backend '{name}'; choose from {sorted(BACKENDS)}")
+        raise ZoftError(f"unknown perturbation backend '{name}'; choose from {', '.join(BACKEND_NAMES)}")
     return BACKENDS[name]()

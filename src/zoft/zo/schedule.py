@@ -1,5 +1,12 @@
-"""Learning-rate schedules, as plain functions of the step (stateless, so resume is exact)."""
+"""Learning rates and directions as plain functions of the step (stateless, so resume is exact)."""
 from __future__ import annotations
+
+import numpy as np
+
+
+def direction_seed(seed: int, step: int, k: int = 0) -> int:
+    """Seed of the k-th random direction of ``step``."""
+    return int(np.random.default_rng([seed, step, k, 0x2E0]).integers(0, 2**62))
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str = "constant",

@@ -2,13 +2,14 @@
 
 A MeZO step changes θ only through seeded directions and scalars, so the run
 
-    θ_T = step_{T-1}( ... step_1(step_0(θ_0)) ... ),   step_t = zo_step(seeds_t, losses_t, lr_t)
+    θ_T = step_{T-1}( ... step_1(step_0(θ_0)) ... ),   step_t = stepper.step(seeds_t, losses_t, lr_t)
 
 is fully described by θ_0 (the base model, named by a content hash, plus the adapter init for
-LoRA/prefix) and, per step, the direction seeds, the projected grads g, the learning rate and the
-tape of objective values the estimator saw. Replay (:func:`replay`) feeds that tape back through
-the same :func:`zoft.zo.step.zo_step` that training ran, so it redoes exactly the same passes
-without any forward pass, and the rebuilt weights are bit-identical on the same device type.
+LoRA/prefix) and, per step, the direction seeds, the projected grads g, the learning rate, the
+tape of objective values the estimator saw and whether the weights were settled after it.
+Replay (:func:`replay_through`) feeds that tape back through the same stepper that training ran
+(:mod:`zoft.zo.step`), so it redoes exactly the same passes without any forward pass, and the
+rebuilt weights are bit-identical on the same device type.
 
 File format (``trajectory.safetensors``): a safetensors file, no pickle. Tensors:
 
@@ -17,6 +18,7 @@ File format (``trajectory.safetensors``): a safetensors file, no pickle. Tensors
     lr      float64 [S]      learning rate of each step
     losses  f32|f64 [L]      the objective values, in call order (float32 when that is lossless)
     loss_counts int16 [S]    values per step; only stored when steps differ
+    settled bool    [S]      whether the weights were settled after the step (version 2 on)
 
 and one metadata entry ``zoft_trajectory``: JSON with the format version, the base model's
 identity, the init hash, the run config (ε, distribution, backend, mode, optimizer settings...),
@@ -26,36 +28,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
+from tqdm.auto import tqdm
 
-from zoft.errors import ZoftError
 from zoft.atomic import atomic_write_bytes
-from zoft.zo.estimator import Estimate
-from zoft.zo.step import zo_step
+from zoft.errors import ZoftError
+from zoft.zo.estimator import Estimate, Objective
+from zoft.zo.step import PlainStep, StepRecord, Stepper
 
-FORMAT, VERSION = "zoft-trajectory", 1
+# version 2 records each step's settle; version 1 files settled where the training loop did then
+FORMAT, VERSION = "zoft-trajectory", 2
 FILENAME = "trajectory.safetensors"
+log = logging.getLogger(__name__)
 
 
 class TrajectoryMismatch(ZoftError):
     """The base model or set-up does not match the one the trajectory was recorded from."""
-
-
-@dataclass
-class StepRecord:
-    """One step: the applied (seed, g) pairs, the lr, and the objective values in call order."""
-
-    seeds: list[int]
-    grads: list[float]
-    lr: float
-    losses: list[float]
 
 
 @dataclass
@@ -77,9 +73,6 @@ class Trajectory:
         self.records.append(StepRecord([int(s) for s in seeds], [float(g) for g in grads], float(lr),
                                        [float(v) for v in losses]))
 
-    def truncate(self, steps: int) -> None:
-        del self.records[steps:]
-
     # -- storage
     def to_bytes(self, state: Mapping[str, Any] | None = None) -> bytes:
         if state is not None:
@@ -96,6 +89,7 @@ class Trajectory:
             "lr": torch.tensor([r.lr for r in self.records], dtype=torch.float64),
             # model losses are float32 values already: storing them as float32 loses nothing
             "losses": torch.from_numpy(flat.astype(np.float32) if lossless32 else flat),
+            "settled": torch.tensor([r.settled for r in self.records], dtype=torch.bool),
         }
         counts = [len(r.losses) for r in self.records]
         if len(set(counts)) > 1:
@@ -126,19 +120,35 @@ class Trajectory:
         if FORMAT not in meta:
             raise ZoftError(f"{path}: not a zoft trajectory (no '{FORMAT}' metadata)")
         header = json.loads(meta[FORMAT])
-        if header.get("version") != VERSION:
+        if header.get("version") not in (1, VERSION):
             raise ZoftError(f"{path}: trajectory format version {header.get('version')}; this zoft reads {VERSION}")
         seeds, grads, lrs = tensors["seeds"].tolist(), tensors["grads"].tolist(), tensors["lr"].tolist()
         losses = tensors["losses"].double().tolist()
         counts = (tensors["loss_counts"].tolist() if "loss_counts" in tensors
                   else [header.get("losses_per_step", 0)] * len(lrs))
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        records = [StepRecord(seeds[i], grads[i], lrs[i], losses[starts[i]:starts[i + 1]]) for i in range(len(lrs))]
+        settled = (tensors["settled"].tolist() if "settled" in tensors
+                   else [_settled_in_version_1(header.get("config") or {}, t + 1) for t in range(len(lrs))])
+        records = [StepRecord(seeds[i], grads[i], lrs[i], losses[starts[i]:starts[i + 1]], settled[i])
+                   for i in range(len(lrs))]
         return cls(header, records)
 
 
-def tensors_sha(named: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of named tensors (names, dtypes, shapes, bytes), e.g. the LoRA init that replay must match."""
+def _settled_in_version_1(config: Mapping[str, Any], done: int) -> bool:
+    """Where the training loop of format version 1 settled (eval, checkpoint, last step), which those
+    files did not record. Frozen here: later versions record every settle with the step."""
+    if "eval_every" not in config:
+        return False
+    save_every = config.get("save_every") or config["eval_every"]
+    return done % config["eval_every"] == 0 or done % save_every == 0 or done == config["steps"]
+
+
+def init_sha(mode: str, named: Mapping[str, torch.Tensor]) -> str | None:
+    """sha256 of the adapter init (names, dtypes, shapes, bytes): LoRA/prefix start from seeded random
+    tensors that replay must match. Full mode starts from the base weights, which the base identity
+    already names, so it skips the cost."""
+    if mode == "full":
+        return None
     h = hashlib.sha256()
     for name, t in named.items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -157,50 +167,17 @@ def check_base(header: Mapping[str, Any], identity: str, init_sha: str | None, w
                                  f"hash to {init_sha}, the run started from {header['init_sha']}")
 
 
-@dataclass
-class FusedSchedule:
-    """How a run trained with the fused 2-pass step (zo/fused.py) ran its passes: the direction it
-    left pending after each step, and after which steps the training loop settled the weights."""
+def replay_through(stepper: Stepper, trajectory: Trajectory, steps: int | None = None, progress=None) -> None:
+    """Re-apply the first ``steps`` records through ``stepper``, which must be built as training's was.
 
-    stepper: object                               # a zoft.zo.fused.FusedZOSGD over the params
-    next_seed: Callable[[int], int | None]        # step -> the seed left pending after it
-    settles_after: Callable[[int], bool]          # steps done -> whether training settled there
-
-
-def replay_fused(trajectory: Trajectory, schedule: FusedSchedule, steps: int | None = None, progress=None) -> None:
-    """Replay a fused-step trajectory: the same ``combine_`` passes, and a settle wherever training
-    settled, so the weights come back bit for bit. Ends settled (the weights are θ)."""
-    fused = schedule.stepper
-    for t, record in enumerate(trajectory.records[:steps]):
-        tape = _Tape(record.losses, t)
-        _, _, g = fused.step(tape, record.seeds[0], record.lr, schedule.next_seed(t))
-        if g != record.grads[0]:
-            raise ZoftError(f"replay: step {t} recomputes g = {g}, the run recorded {record.grads[0]}: "
-                            "the step differs from the one that trained")
-        tape.check_used()
-        if schedule.settles_after(t + 1):
-            fused.settle()
-        if progress is not None:
-            progress(t + 1)
-    fused.settle()
-
-
-def replay(params: Sequence[torch.Tensor], trajectory: Trajectory, estimator, optimizer,
-           steps: int | None = None, progress=None, fused: FusedSchedule | None = None) -> None:
-    """Re-apply the first ``steps`` records to ``params`` in place, through the training step function.
-
-    Each step runs :func:`zo_step` with a loss function that reads the recorded tape, so the
-    estimator's ±ε passes and the optimizer's update passes are the very ones training ran.
-    The recomputed g must equal the recorded one to the bit; otherwise the estimator code has
-    changed since the trajectory was written, and replay stops rather than build other weights.
-    A run trained with the fused step replays through :func:`replay_fused` (pass ``fused``).
+    Each step's objective reads the recorded tape, so the stepper redoes the very passes training
+    ran, settling wherever training settled; the weights end settled. The recomputed g must equal
+    the recorded one to the bit; otherwise the estimator code has changed since the trajectory was
+    written, and replay stops rather than build other weights.
     """
-    if fused is not None:
-        return replay_fused(trajectory, fused, steps, progress)
-    n_probed = trajectory.header.get("n_probed")
+    n_probed = trajectory.header.get("n_probed")   # direction-parallel: the writer probed only its share
     for t, record in enumerate(trajectory.records[:steps]):
         tape = _Tape(record.losses, t)
-        probed = record.seeds[:n_probed]
         applied = Estimate(loss=0.0, directions=list(zip(record.seeds, record.grads)))
 
         def exchange(local: Estimate, t=t, applied=applied) -> Estimate:
@@ -209,10 +186,59 @@ def replay(params: Sequence[torch.Tensor], trajectory: Trajectory, estimator, op
                                 f"{applied.directions[0]}: the estimator differs from the one that trained")
             return applied
 
-        zo_step(params, tape, probed, record.lr, estimator, optimizer, step=t, exchange=exchange)
+        stepper.step(t, Objective(tape), record.seeds[:n_probed], record.lr, exchange=exchange)
         tape.check_used()
+        if record.settled:
+            stepper.settle()
         if progress is not None:
             progress(t + 1)
+    stepper.settle()
+
+
+def replay(params: Sequence[torch.Tensor], trajectory: Trajectory, estimator, optimizer,
+           steps: int | None = None, progress=None) -> None:
+    """:func:`replay_through` the plain step (estimator, then optimizer) over ``params``, in place."""
+    replay_through(PlainStep(params, estimator, optimizer), trajectory, steps, progress)
+
+
+class TrajectoryRecorder:
+    """A run's trajectory as it trains: ``header`` (base identity, init hash, config...) and each
+    step's record, written at every checkpoint, before the weights; ``--resume`` reads it."""
+
+    def __init__(self, path: str | Path, header: dict[str, Any], stepper: Stepper):
+        self.path, self.stepper = Path(path), stepper
+        self.trajectory: Trajectory | None = Trajectory({
+            **header, "format": FORMAT, "version": VERSION, "torch": torch.__version__,
+            "fused": stepper.fused})   # 2-pass steps: replay runs the same passes
+
+    def append(self, record: StepRecord) -> None:
+        if self.trajectory is not None:
+            self.trajectory.records.append(record)   # the stepper marks it if the weights settle after it
+
+    def save(self, step: int, state: dict) -> None:
+        if self.trajectory is not None:
+            assert self.trajectory.steps == step, "one record per step"
+            self.trajectory.save(self.path, state)
+
+    def resume(self, state):
+        """Continue from a weight checkpoint's ``state``, or rebuild θ by replay and return the saved state."""
+        saved = Trajectory.load(self.path) if self.path.is_file() else None
+        if state is not None:   # weights came from checkpoint-N: keep the first N records
+            if saved is None or saved.steps < state.step:
+                log.warning("%s covers %s of the %d steps done; not continuing it", self.path,
+                            saved.steps if saved else "none", state.step)
+                self.trajectory = None
+            else:
+                self.trajectory.records = saved.records[:state.step]
+            return state
+        if saved is None or saved.steps == 0:
+            return None   # nothing to resume from: start over
+        ours = self.trajectory.header
+        check_base(saved.header, ours["base"]["identity"], ours["init_sha"], where=str(self.path))
+        with tqdm(total=saved.steps, desc="replay", disable=not saved.header["config"].get("progress")) as bar:
+            replay_through(self.stepper, saved, progress=lambda t: bar.update(1))
+        self.trajectory.records = saved.records
+        return saved.header["state"]
 
 
 class _Tape:

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from zoft.errors import ZoftError
-from zoft.zo.perturb import DISTRIBUTIONS, Term, plan_launches
+from zoft.zo.perturb import DISTRIBUTIONS, Term, plan_launches, register_backend
 
 ROWS = 32                          # bits per Philox word: one Rademacher word covers 32 rows
 COLS = 32                          # counters per row block
@@ -245,6 +245,7 @@ class TritonBackend:
             raise ZoftError("triton backend: fast_math needs a CUDA GPU (the interpreter has no approximate math)")
         self._groups: dict[tuple, list[_Group]] = {}
         self.fast_math = fast_math
+        self.name = "triton-fast" if fast_math else "triton"   # z differs in the last bits: runs record which
 
     def _tables(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> list[_Group]:
         # The tables hold only addresses and sizes, which is exactly the key: a tensor freed and
@@ -300,3 +301,7 @@ def _check_device(params: Sequence[torch.Tensor]) -> None:
         if p.numel() and p.device.type != "cuda" and not (interpreted and p.device.type == "cpu"):
             raise ZoftError(f"triton backend needs CUDA tensors (got {p.device}); "
                             "use backend=torch, or TRITON_INTERPRET=1 for CPU tests")
+
+
+register_backend("triton", TritonBackend)
+register_backend("triton-fast", lambda: TritonBackend(fast_math=True))
