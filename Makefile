@@ -24,6 +24,7 @@ demo: install
 	$(VENV)/bin/zoft demo
 
 test: install
+	$(VENV)/bin/lint-imports   # the layering contracts in pyproject.toml: imports point down, no circles
 	$(PY) -m pytest -q
 
 clean:

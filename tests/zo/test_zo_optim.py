@@ -49,9 +49,19 @@ def close(actual, expected, tol=1e-10):
 
 
 def test_registry_and_config_agree():
-    from zoft.config import ZO_ESTIMATORS, ZO_OPTIMIZERS
+    """The config takes its allowed optimizers and estimators from the registries: every registered
+    name is accepted, an unregistered one is refused with the registered names listed."""
+    import pytest
+
+    from zoft.config import load_config
+    from zoft.errors import ZoftError
     from zoft.zo import ESTIMATORS
-    assert tuple(OPTIMIZERS) == ZO_OPTIMIZERS and tuple(ESTIMATORS) == ZO_ESTIMATORS
+    for name in OPTIMIZERS:
+        assert load_config(overrides={"optimizer": name}).optimizer == name
+    for name in ESTIMATORS:
+        assert load_config(overrides={"estimator": name, "n_directions": 2}).estimator == name
+    with pytest.raises(ZoftError, match="unknown optimizer 'sgd'; choose from " + ", ".join(OPTIMIZERS)):
+        load_config(overrides={"optimizer": "sgd"})
     assert isinstance(build_optimizer("zo-adam", momentum=0.5, betas=(0.8, 0.9)), ZOAdam)
 
 
