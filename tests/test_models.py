@@ -231,9 +231,30 @@ def test_hub_failure_says_the_hub_may_be_unreachable(monkeypatch):
     def offline(*a, **k):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setattr("zoft.models._hub_unreachable", lambda: None)   # reachable, then the request fails
     with pytest.raises(ZoftError, match="hub may be unreachable") as err:
         load_model("some-org/some-model")
     assert "some-org/some-model" in str(err.value)
+
+
+def test_an_unreachable_hub_is_one_line_without_retries(monkeypatch):
+    """huggingface_hub would retry for ~30 s, printing warnings; zoft asks once and says why not."""
+    import socket
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ZoftError, match=r"'some-org/some-model' .* hub cannot be asked \(HF_HUB_OFFLINE is set\)"):
+        load_model("some-org/some-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(*a, **k):
+        raise OSError(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(ZoftError, match="cannot reach huggingface.co: Name or service not known") as err:
+        load_model("some-org/some-model")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m"])

@@ -182,8 +182,31 @@ def _load_local(name: str, path: Path, kind: str, dtype: torch.dtype, trust_remo
     raise ZoftError(f"{path}: not a model directory: no config.json and no .gguf file in it")
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be asked now (offline mode, or no connection in 5 s), else None.
+
+    huggingface_hub retries a failed request five times with backoff (about 30 s of warnings)
+    before giving up; one quick connection attempt answers the common case, no network, at once.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as e:
+        return f"cannot reach {endpoint.hostname}: {e.strerror or e}"
+    return None
+
+
 def _load_hub(name: str, kind: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoConfig
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise ZoftError(f"'{name}' is not a built-in ({', '.join(BUILTIN_MODELS)}) or a local path, and the "
+                        f"Hugging Face hub cannot be asked ({unreachable})")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here means "could not get it"
