@@ -133,3 +133,24 @@ def test_a_corrupt_report_input_is_one_line(tmp_path, capsys):
     (tmp_path / "eval.json").write_text('{"method": "mezo", ')
     err = one_line_error(capsys, ["report", str(tmp_path)])
     assert err.startswith(f"zoft: error: {tmp_path / 'eval.json'}: corrupt")
+
+
+def test_a_typo_gets_a_suggestion(capsys):
+    assert "unknown option 'lrr'; did you mean 'lr'?" in one_line_error(capsys, ["train", "lrr=1e-4"])
+
+
+def test_evaluate_of_a_run_uses_the_runs_own_task(tmp_path):
+    """zoft.evaluate(run_dir), as the README shows it, used to evaluate every run on SST-2."""
+    from zoft import api
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(24)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(
+        "task: small\ndataset_path: .\ndata_files: {train: train.jsonl, validation: train.jsonl}\n"
+        "training_split: train\nvalidation_split: validation\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{text}}'\ndoc_to_choice: ['no', 'yes']\ndoc_to_target: label\n")
+    run = tmp_path / "run"
+    api.train(method="zero-shot", model="tiny-llama", task=str(tmp_path / "task.yaml"), n_train=8, n_dev=8,
+              n_eval=8, progress=False, output_dir=str(run))
+    result = api.evaluate(run)
+    assert result["task"] == "small"
+    assert result["eval"] == json.loads((run / "eval.json").read_text())["eval"]

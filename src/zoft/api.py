@@ -63,8 +63,10 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
     return result
 
 
-def evaluate(model: str | Path = "smollm2-135m", task: str = "sst2", **overrides) -> dict:
+def evaluate(model: str | Path = "smollm2-135m", task: str | None = None, **overrides) -> dict:
     """Evaluate a model (a name, a path, or a zoft run directory) on a task's eval split.
+
+    ``task`` defaults to the run's own task for a run directory, else to sst2.
 
     ``trust_remote_code=True`` must be passed here to run a model folder's own Python; a run
     directory's config.yaml cannot turn it on.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ZoftError(f"{source}: '{key}' expects {type_text}, got {value!r}") from None
 
 
+def _did_you_mean(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr=1e-6", "mode=lora"]`` → ``{"lr": 1e-6, "mode": "lora"}`` (values parsed as YAML scalars)."""
     out = {}
@@ -212,12 +218,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
             raise ZoftError(f"{path}: a config is a mapping of key: value")
         for key, value in loaded.items():
             if key not in known:
-                raise ZoftError(f"{path}: unknown config key '{key}'")
+                raise ZoftError(f"{path}: unknown config key '{key}'{_did_you_mean(key, known)}")
             values[key] = _coerce(key, value, str(path))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         if key not in known:
-            raise ZoftError(f"unknown option '{key}'")
+            raise ZoftError(f"unknown option '{key}'{_did_you_mean(key, known)}")
         values[key] = _coerce(key, value, "override")
     return Config(**values).validate()
