@@ -13,7 +13,8 @@ address, so in-place perturbations are seen, but nothing may rebind a parameter 
 addresses, is refused by the config). Compilation or capture failures fall back to eager with a
 one-line warning, never a crash.
 
-Only classification with single-token label words (the scorer's fast path) is supported; the
+The forward runs in the scorer's compute dtype (:meth:`CandidateScorer.compute`), as the
+eager path does. Only classification with single-token label words (the scorer's fast path) is supported; the
 loss is the scorer's: cross-entropy over the label words' log-probs at the last position.
 """
 from __future__ import annotations
@@ -70,7 +71,8 @@ class FixedShapeLoss:
         kwargs = {"position_ids": positions} if self.scorer._pass_positions else {}
         if self.scorer._can_keep_logits:
             kwargs["logits_to_keep"] = 1
-        logits = self.scorer.model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -1]
+        with self.scorer.compute():   # the run's compute_dtype (bf16 autocast traces into the graph)
+            logits = self.scorer.model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -1]
         scores = logits.float().log_softmax(-1)[:, self.label_ids]     # (B, C)
         return F.cross_entropy(scores, targets), scores
 

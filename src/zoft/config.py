@@ -17,6 +17,7 @@ import yaml
 
 from zoft.adapters import MODES
 from zoft.errors import ZoftError
+from zoft.lm import COMPUTE_DTYPES
 from zoft.zo import BACKEND_NAMES, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
 
 OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
@@ -29,6 +30,7 @@ class Config:
     method: str = "mezo"
     model: str = "smollm2-135m"
     dtype: str = "fp32"
+    compute_dtype: str = "fp32"      # fp32 | bf16 | auto: matmuls in bf16 over fp32 weights (zoft.lm.resolve_compute_dtype)
     device: str = "cpu"
     trust_remote_code: bool = False
     task: str = "sst2"
@@ -100,7 +102,7 @@ class Config:
         # allowed values come from the registries that implement them (the method is checked by
         # zoft.methods.method_for, which also knows what each method supports)
         for key, allowed in (("mode", MODES), ("objective", OBJECTIVES),
-                             ("dtype", ("fp32", "bf16", "fp16")),
+                             ("dtype", ("fp32", "bf16", "fp16")), ("compute_dtype", COMPUTE_DTYPES),
                              ("lr_schedule", tuple(SCHEDULES)),
                              ("distribution", DISTRIBUTIONS),
                              ("backend", BACKEND_NAMES),

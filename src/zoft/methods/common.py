@@ -8,7 +8,7 @@ import torch
 
 from zoft.adapters import apply_mode
 from zoft.config import Config
-from zoft.lm import CandidateScorer, Encoded, batches
+from zoft.lm import CandidateScorer, Encoded, batches, resolve_compute_dtype
 from zoft.models import LoadedModel, load_model
 from zoft.tasks import Task, TaskData, compute_metric, load_task
 
@@ -37,7 +37,12 @@ class Setup:
     def scorer(self, model=None) -> CandidateScorer:
         return CandidateScorer(model if model is not None else self.loaded.model, self.loaded.tokenizer,
                                self.task.kind, self.loaded.is_masked_lm, self.cfg.max_length,
-                               self.task.target_delimiter)
+                               self.task.target_delimiter, compute_dtype=self.compute_dtype)
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The config's compute_dtype with "auto" resolved for the loaded model (what eval.json records)."""
+        return resolve_compute_dtype(self.cfg.compute_dtype, self.loaded.model) if self.loaded else None
 
 
 def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True) -> Setup:
@@ -135,7 +140,7 @@ def write_result(setup: Setup, run_dir, state, metrics: dict, outputs: dict, mod
     cfg, task, data = setup.cfg, setup.task, setup.data
     result = {
         "method": cfg.method, "mode": cfg.mode, "task": task.name, "model": model_name or cfg.model,
-        "metric": task.metric, "eval": metrics,
+        "metric": task.metric, "eval": metrics, "compute_dtype": setup.compute_dtype,
         "best_dev": state.best_metric, "best_step": state.best_step, "steps": cfg.steps,
         "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
         "train_seconds": round(state.elapsed, 1), "eval_outputs": outputs,
