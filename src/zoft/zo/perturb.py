@@ -214,9 +214,11 @@ def _unround_add(p: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor
 # Backends by name. Each backend module registers its own names when imported (the Triton one
 # needs triton and a GPU or the interpreter), so this registry never imports a subclass itself:
 # get_backend imports the module a name lives in the first time that name is asked for.
-BACKEND_NAMES = ("auto", "torch", "triton", "triton-fast")   # triton-fast: the GPU's approximate log/sin/cos
+# triton-fast: the GPU's approximate log/sin/cos; cpu-fast: blocked passes, Rademacher z from random bits
+BACKEND_NAMES = ("auto", "torch", "triton", "triton-fast", "cpu-fast")
 BACKENDS: dict[str, Callable[[], PerturbationBackend]] = {"torch": TorchBackend}
-_MODULES = {"triton": "zoft.zo.triton_backend", "triton-fast": "zoft.zo.triton_backend"}
+_MODULES = {"triton": "zoft.zo.triton_backend", "triton-fast": "zoft.zo.triton_backend",
+            "cpu-fast": "zoft.zo.cpu_backend"}
 
 
 def register_backend(name: str, factory: Callable[[], PerturbationBackend]) -> None:
