@@ -28,6 +28,7 @@ identity: its Rademacher z differs.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import torch
@@ -41,6 +42,20 @@ _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _M1, _M2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
 # row b holds the eight ±1 of byte b, low bit first
 _SIGNS = 1.0 - 2.0 * ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run a pass's block ops on one intra-op thread. Each block op is a few µs of work, so with
+    two threads every op ends at a barrier; on a shared (or oversubscribed) CPU the second
+    thread is often descheduled and each barrier then waits a time slice: measured 2-5x slower
+    passes on the 2-core dev box under load. One thread keeps a block in one core's cache too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def spans(n: int) -> Iterator[tuple[int, int]]:
@@ -100,8 +115,9 @@ class CPUFastBackend:
         """z for tensor ``index`` as float32 (into ``out`` if given)."""
         z = torch.empty(param.shape, device=param.device) if out is None else out
         stream, flat = _Stream(seed, index, distribution, param.device), z.view(-1)
-        for start, stop in spans(flat.numel()):
-            flat[start:stop] = stream.block(start, stop)
+        with _one_thread():
+            for start, stop in spans(flat.numel()):
+                flat[start:stop] = stream.block(start, stop)
         return z
 
     @torch.no_grad()
@@ -116,14 +132,21 @@ class CPUFastBackend:
         coeffs = _merge(terms)
         if undo is not None:   # the undo seed's direction comes first, as in the torch backend
             coeffs = {undo[0]: coeffs.pop(undo[0], 0.0), **coeffs}
-        for index, p in enumerate(params):
-            flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
-            streams = [(_Stream(s, index, distribution, p.device), c) for s, c in coeffs.items()]
-            tail = (_Stream(then[0], index, distribution, p.device), then[1]) if then is not None else None
-            for start, stop in spans(flat.numel()):
-                _combine_block(flat[start:stop], streams, tail, start, stop, undo)
-            if flat.data_ptr() != p.data_ptr():
-                p.copy_(flat.view(p.shape))
+        with _one_thread():
+            for index, p in enumerate(params):
+                self._combine_tensor(p, index, coeffs, distribution, undo, then)
+
+    @staticmethod
+    def _combine_tensor(p: torch.Tensor, index: int, coeffs: dict[int, float], distribution: str,
+                        undo: Term | None, then: Term | None) -> None:
+        """``combine_`` on tensor ``index``: every direction's block made once, all terms applied to it."""
+        flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
+        streams = [(_Stream(s, index, distribution, p.device), c) for s, c in coeffs.items()]
+        tail = (_Stream(then[0], index, distribution, p.device), then[1]) if then is not None else None
+        for start, stop in spans(flat.numel()):
+            _combine_block(flat[start:stop], streams, tail, start, stop, undo)
+        if flat.data_ptr() != p.data_ptr():
+            p.copy_(flat.view(p.shape))
 
 
 def _combine_block(block: torch.Tensor, streams, tail, start: int, stop: int, undo: Term | None) -> None:
