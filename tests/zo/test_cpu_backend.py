@@ -10,7 +10,7 @@ from zoft.methods.replay import rebuild
 from zoft.models import tiny_random_model
 from zoft.zo import cpu_backend
 from zoft.zo.cpu_backend import BLOCK, CPUFastBackend
-from zoft.zo.perturb import BACKEND_NAMES, TorchBackend, get_backend, tensor_seed
+from zoft.zo.perturb import BACKEND_NAMES, TorchBackend, _unround_add, get_backend, tensor_seed
 from zoft.zo.trajectory import FILENAME, Trajectory
 
 M64 = (1 << 64) - 1
@@ -131,6 +131,31 @@ def test_gaussian_passes_equal_the_torch_backend_bitwise(dtype):
         backend.combine_(ps, [(1, -0.05), (5, 0.01)], undo=(1, -1e-2), then=(2, 1e-2))
         backend.add_noise_(ps, 2, 0.0, undo=1e-2)
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backends_blocked_cpu_passes_equal_whole_tensor_passes(distribution, dtype):
+    """The torch backend runs its CPU passes in blocks; the weights are those of whole-tensor z
+    (``direction``) with its documented arithmetic, bit for bit."""
+    backend, ps = TorchBackend(), params(dtype)
+    ref = [p.clone() for p in ps]
+    passes = [(1, 1e-2, 0.0), (1, -1e-2, 1e-2), (1, -0.03, -1e-2), (2, 1e-2, 0.0)]   # (seed, scale, undo)
+    for seed, scale, undo in passes:
+        backend.add_noise_(ps, seed, scale, distribution, undo=undo)
+        for i, p in enumerate(ref):
+            z = backend.direction(p, seed, i, distribution)
+            if dtype == torch.float32:
+                p.add_(z, alpha=scale - undo)
+            else:
+                p.copy_((_unround_add(p, z, undo) if undo else p.float()).add_(z, alpha=scale))
+    assert all(torch.equal(a, b) for a, b in zip(ps, ref))
+    if dtype == torch.float32:   # and one fused pass: undo, a term and the next perturbation
+        backend.combine_(ps, [(2, -0.05), (3, 0.01)], distribution, undo=(2, 1e-2), then=(4, 1e-2))
+        for i, p in enumerate(ref):
+            for seed, alpha in [(2, -0.05 - 1e-2), (3, 0.01), (4, 1e-2)]:
+                p.add_(backend.direction(p, seed, i, distribution), alpha=alpha)
+        assert all(torch.equal(a, b) for a, b in zip(ps, ref))
 
 
 SMALL = dict(task="sst2", n_train=32, n_dev=16, n_eval=32, batch_size=8, eval_batch_size=16, max_length=48,

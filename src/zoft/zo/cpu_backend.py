@@ -83,12 +83,13 @@ def sign_words(key: int, first: int, count: int, device: torch.device | str = "c
 class _Stream:
     """z of one (seed, tensor), block by block, into a reused buffer (call in ``spans`` order)."""
 
-    def __init__(self, seed: int, index: int, distribution: str, device: torch.device) -> None:
+    def __init__(self, seed: int, index: int, distribution: str, device: torch.device, bits: bool) -> None:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution '{distribution}'; choose from {DISTRIBUTIONS}")
-        self.key, self.rademacher = tensor_seed(seed, index), distribution == "rademacher"
+        self.key, self.bits = tensor_seed(seed, index), distribution == "rademacher" and bits
+        self.sign = distribution == "rademacher" and not bits   # the torch backend's rule: signs of its draw
         self.buf = torch.empty(0, device=device)
-        if not self.rademacher:
+        if not self.bits:
             self.gen = torch.Generator(device=device)
             self.gen.manual_seed(self.key)
 
@@ -96,12 +97,14 @@ class _Stream:
         n, n_words = stop - start, -(-(stop - start) // 64)
         if self.buf.numel() < 64 * n_words:
             self.buf = torch.empty(64 * n_words, device=self.buf.device)
-        if not self.rademacher:
-            return self.buf[:n].normal_(generator=self.gen)
+        if not self.bits:
+            z = self.buf[:n].normal_(generator=self.gen)
+            return z.sign_() if self.sign else z
         # spans start at multiples of BLOCK (of 64), so the block starts on a word boundary;
         # a table lookup per byte (8 signs) measured faster than shifting bits out one by one
         words = sign_words(self.key, start // 64, n_words, self.buf.device)
-        torch.index_select(_SIGNS.to(words.device), 0, words.view(torch.uint8).int(), out=self.buf[:64 * n_words].view(-1, 8))
+        signs = self.buf[:64 * n_words].view(-1, 8)
+        torch.index_select(_SIGNS.to(words.device), 0, words.view(torch.uint8).int(), out=signs)
         return self.buf[:n]
 
 
@@ -114,7 +117,7 @@ class CPUFastBackend:
                   distribution: str = "gaussian", out: torch.Tensor | None = None) -> torch.Tensor:
         """z for tensor ``index`` as float32 (into ``out`` if given)."""
         z = torch.empty(param.shape, device=param.device) if out is None else out
-        stream, flat = _Stream(seed, index, distribution, param.device), z.view(-1)
+        stream, flat = _Stream(seed, index, distribution, param.device, bits=True), z.view(-1)
         with _one_thread():
             for start, stop in spans(flat.numel()):
                 flat[start:stop] = stream.block(start, stop)
@@ -129,24 +132,26 @@ class CPUFastBackend:
     def combine_(self, params: Sequence[torch.Tensor], terms: Sequence[Term] = (),
                  distribution: str = "gaussian", undo: Term | None = None, then: Term | None = None) -> None:
         """See ``PerturbationBackend.combine_``: the torch backend's arithmetic, one block at a time."""
-        coeffs = _merge(terms)
-        if undo is not None:   # the undo seed's direction comes first, as in the torch backend
-            coeffs = {undo[0]: coeffs.pop(undo[0], 0.0), **coeffs}
-        with _one_thread():
-            for index, p in enumerate(params):
-                self._combine_tensor(p, index, coeffs, distribution, undo, then)
+        blocked_combine_(params, terms, distribution, undo, then, bits=True)
 
-    @staticmethod
-    def _combine_tensor(p: torch.Tensor, index: int, coeffs: dict[int, float], distribution: str,
-                        undo: Term | None, then: Term | None) -> None:
-        """``combine_`` on tensor ``index``: every direction's block made once, all terms applied to it."""
-        flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
-        streams = [(_Stream(s, index, distribution, p.device), c) for s, c in coeffs.items()]
-        tail = (_Stream(then[0], index, distribution, p.device), then[1]) if then is not None else None
-        for start, stop in spans(flat.numel()):
-            _combine_block(flat[start:stop], streams, tail, start, stop, undo)
-        if flat.data_ptr() != p.data_ptr():
-            p.copy_(flat.view(p.shape))
+
+@torch.no_grad()
+def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], distribution: str,
+                     undo: Term | None, then: Term | None, bits: bool) -> None:
+    """``combine_`` in blocks, with Rademacher z from hashed bits (``bits``) or, as in the torch
+    backend, the signs of the Gaussian draw (which the torch backend runs its CPU passes through)."""
+    coeffs = _merge(terms)
+    if undo is not None:   # the undo seed's direction comes first, as in the torch backend
+        coeffs = {undo[0]: coeffs.pop(undo[0], 0.0), **coeffs}
+    with _one_thread():
+        for index, p in enumerate(params):
+            flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
+            streams = [(_Stream(s, index, distribution, p.device, bits), c) for s, c in coeffs.items()]
+            tail = (_Stream(then[0], index, distribution, p.device, bits), then[1]) if then is not None else None
+            for start, stop in spans(flat.numel()):   # every direction's block made once, all terms applied
+                _combine_block(flat[start:stop], streams, tail, start, stop, undo)
+            if flat.data_ptr() != p.data_ptr():
+                p.copy_(flat.view(p.shape))
 
 
 def _combine_block(block: torch.Tensor, streams, tail, start: int, stop: int, undo: Term | None) -> None:

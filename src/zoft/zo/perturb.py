@@ -73,6 +73,11 @@ class TorchBackend:
     with a single rounding to the parameter's dtype, so bf16/fp16 weights pick up one
     rounding error per pass instead of two (see README, "Round-trip drift").
     Rademacher signs are the signs of the same Gaussian draw.
+
+    On CPU the passes run in cache-sized blocks (``zoft.zo.cpu_backend.blocked_combine_``):
+    the same z, drawn block after block from the same generator, and the same arithmetic per
+    element, so the weights are bit for bit those of a whole-tensor pass, without the
+    full-size scratch z (measured 1.5-3.7x faster passes on a 2-core EPYC).
     """
 
     name = "torch"
@@ -100,6 +105,9 @@ class TorchBackend:
     @torch.no_grad()
     def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
                    distribution: str = "gaussian", undo: float = 0.0) -> None:
+        if _on_cpu(params):
+            self.combine_(params, [(seed, scale)], distribution, undo=(seed, undo) if undo else None)
+            return
         for index, p in enumerate(params):
             z = self.direction(p, seed, index, distribution, out=self._buffer(p))
             if p.dtype in (torch.float32, torch.float64):
@@ -118,6 +126,10 @@ class TorchBackend:
         ``add_noise_``: a few ulp per step); bf16/fp16 go through a float32 copy, so their
         undo is exact and their terms round once.
         """
+        if _on_cpu(params):
+            from zoft.zo.cpu_backend import blocked_combine_   # imports this module: not at the top
+            blocked_combine_(params, terms, distribution, undo, then, bits=False)
+            return
         coeffs = _merge(terms)
         for index, p in enumerate(params):
             buf = self._buffer(p)
@@ -142,6 +154,11 @@ class TorchBackend:
                 theta = theta.to(p.dtype).float()   # θ' is a stored value
                 theta.add_(self.direction(p, then[0], index, distribution, out=buf), alpha=then[1])
             p.copy_(theta)
+
+
+def _on_cpu(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the blocked passes apply: on CUDA a blocked Philox draw is not the whole draw."""
+    return all(p.device.type == "cpu" for p in params)
 
 
 def _merge(terms: Sequence[Term]) -> dict[int, float]:
