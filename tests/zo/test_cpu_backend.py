@@ -158,6 +158,20 @@ def test_torch_backends_blocked_cpu_passes_equal_whole_tensor_passes(distributio
         assert all(torch.equal(a, b) for a, b in zip(ps, ref))
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backends_blocked_and_whole_tensor_paths_agree_bitwise(distribution, dtype):
+    blocked, whole = TorchBackend(), TorchBackend()
+    whole.blocked_cpu = False
+    a, b = params(dtype), params(dtype)
+    for backend, ps in [(blocked, a), (whole, b)]:
+        backend.combine_(ps, then=(1, 1e-2), distribution=distribution)
+        backend.combine_(ps, undo=(1, 1e-2), then=(1, -1e-2), distribution=distribution)
+        backend.combine_(ps, [(1, -0.05), (5, 0.01)], distribution, undo=(1, -1e-2), then=(2, 1e-2))
+        backend.add_noise_(ps, 2, 0.0, distribution, undo=1e-2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 SMALL = dict(task="sst2", n_train=32, n_dev=16, n_eval=32, batch_size=8, eval_batch_size=16, max_length=48,
              progress=False, method="mezo", model="tiny-llama", lr=1e-3, backend="cpu-fast",
              distribution="rademacher")

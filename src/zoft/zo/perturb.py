@@ -81,6 +81,7 @@ class TorchBackend:
     """
 
     name = "torch"
+    blocked_cpu = True   # False: whole-tensor passes on CPU too (the benchmarks' baseline)
 
     def __init__(self) -> None:
         self._scratch: dict[torch.device, torch.Tensor] = {}
@@ -105,7 +106,7 @@ class TorchBackend:
     @torch.no_grad()
     def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
                    distribution: str = "gaussian", undo: float = 0.0) -> None:
-        if _on_cpu(params):
+        if self.blocked_cpu and _on_cpu(params):
             self.combine_(params, [(seed, scale)], distribution, undo=(seed, undo) if undo else None)
             return
         for index, p in enumerate(params):
@@ -126,7 +127,7 @@ class TorchBackend:
         ``add_noise_``: a few ulp per step); bf16/fp16 go through a float32 copy, so their
         undo is exact and their terms round once.
         """
-        if _on_cpu(params):
+        if self.blocked_cpu and _on_cpu(params):
             from zoft.zo.cpu_backend import blocked_combine_   # imports this module: not at the top
             blocked_combine_(params, terms, distribution, undo, then, bits=False)
             return
