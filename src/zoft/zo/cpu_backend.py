@@ -22,9 +22,15 @@ The exact rule (``k = tensor_seed(seed, index)``, elements of a tensor in flatte
   blocking (no scratch tensor to write and re-read per term).
 
 The arithmetic per element is the torch backend's (fp32 ``add_`` per term; bf16/fp16 through
-an fp32 θ with the exact ``_unround_add`` undo), so for Gaussian z this backend gives the same
-weights as ``torch`` bit for bit, only faster. The backend name is still part of a run's
-identity: its Rademacher z differs.
+an fp32 θ with the exact ``_unround_add`` undo). The torch backend runs its own CPU passes
+through ``blocked_combine_`` too, with its Rademacher rule (signs of the Gaussian draw), so
+for Gaussian z the two backends give the same weights bit for bit. The backend name is still
+part of a run's identity: the Rademacher z differ.
+
+``backend=auto`` stays ``torch`` on CPU: a run records the resolved name, but resuming from a
+trajectory rebuilds the step from the run's config, so an old ``auto`` Rademacher run would
+silently continue on other directions. Ask for ``backend=cpu-fast`` (with
+``distribution=rademacher``, where it is ~6x faster per pass than torch's whole-tensor pass).
 """
 from __future__ import annotations
 

@@ -259,7 +259,8 @@ def _fast_math_runs(device: str) -> bool:
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> PerturbationBackend:
     """Backend by name. "auto" picks triton-fast on CUDA when Triton is installed (measured 15%
     faster than precise triton on an OPT-13B step; precise triton where fast math fails to
-    build), else torch."""
+    build), else torch. Not cpu-fast on CPU: its Rademacher z is not torch's, and a run
+    resumed under "auto" must keep the directions it started with (see zoft.zo.cpu_backend)."""
     from zoft.errors import ZoftError
     if name == "auto":
         device = torch.device(device)
