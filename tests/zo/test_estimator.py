@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zoft.zo import SPSA, ZOSGD, Estimate, TorchBackend, decay_mask, learning_rate, spsa, tensor_seed
+from zoft.zo import SPSA, ZOSGD, CPUFastBackend, Estimate, TorchBackend, decay_mask, learning_rate, spsa, tensor_seed
 
 
 def tiny_mlp(dtype=torch.float64, seed=0):
@@ -16,12 +16,13 @@ def mlp_loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
+@pytest.mark.parametrize("backend", [TorchBackend(), CPUFastBackend()], ids=lambda b: b.name)
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_projected_grad_matches_autograd_directional_derivative(distribution):
+def test_projected_grad_matches_autograd_directional_derivative(distribution, backend):
     model = tiny_mlp()
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     params = list(model.parameters())
-    backend, seed = TorchBackend(), 1234
+    seed = 1234
     # true directional derivative zᵀ∇L with the very z the backend will generate
     loss = mlp_loss(model, x, y)
     grads = torch.autograd.grad(loss, params)
@@ -33,12 +34,14 @@ def test_projected_grad_matches_autograd_directional_derivative(distribution):
     assert estimate == pytest.approx(true, rel=1e-6, abs=1e-9)
 
 
-def test_spsa_restores_parameters_fp32_within_a_few_ulp():
+@pytest.mark.parametrize("backend", [TorchBackend(), CPUFastBackend()], ids=lambda b: b.name)
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_spsa_restores_parameters_fp32_within_a_few_ulp(backend, distribution):
     model = tiny_mlp(torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
     params = list(model.parameters())
     for seed in range(20):
-        spsa(params, lambda: 0.0, seed, 1e-3, TorchBackend())
+        spsa(params, lambda: 0.0, seed, 1e-3, backend, distribution)
     ulp = torch.finfo(torch.float32).eps
     for p, p0 in zip(params, before):
         bound = 20 * 4 * ulp * (p0.abs() + 1e-3 * 6)   # 20 round trips, ≤ 4 roundings each

@@ -6,11 +6,12 @@ pytest.importorskip("triton")
 from zoft.models import tiny_random_model  # noqa: E402
 from zoft.runs import RunDir  # noqa: E402
 from zoft.training import Trainable, train_loop  # noqa: E402
+from zoft.zo.cpu_backend import CPUFastBackend  # noqa: E402
 from zoft.zo.fused import FusedZOSGD  # noqa: E402
 from zoft.zo.perturb import TorchBackend  # noqa: E402
 from zoft.zo.triton_backend import TritonBackend  # noqa: E402
 
-BACKENDS = {"torch": TorchBackend, "triton": TritonBackend}
+BACKENDS = {"torch": TorchBackend, "triton": TritonBackend, "cpu-fast": CPUFastBackend}
 
 
 def tiny_mlp(dtype, device, seed=0):
@@ -46,7 +47,7 @@ def test_fused_steps_follow_the_zo_sgd_formula_float64():
         torch.testing.assert_close(p.detach(), t, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("backend_name", ["torch", "triton", "cpu-fast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_step_equals_plain_passes_bitwise(device, backend_name, dtype):
     """Two passes per step (fused) and four (perturb, flip, restore+update separately) give the

@@ -10,10 +10,11 @@ import torch
 
 pytest.importorskip("triton")
 from zoft.errors import ZoftError  # noqa: E402
+from zoft.zo.cpu_backend import CPUFastBackend  # noqa: E402
 from zoft.zo.perturb import TorchBackend, get_backend, plan_launches  # noqa: E402
 from zoft.zo.triton_backend import TritonBackend  # noqa: E402
 
-BACKENDS = {"torch": TorchBackend, "triton": TritonBackend}
+BACKENDS = {"torch": TorchBackend, "triton": TritonBackend, "cpu-fast": CPUFastBackend}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -108,7 +109,7 @@ def test_multi_tensor_launch_equals_per_tensor_formula(device, dtype):
         assert torch.equal(p, (p0.float() + scale * z).to(p.dtype)), f"tensor {i}"
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("backend_name", ["torch", "triton", "cpu-fast"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_pass_equals_separate_passes(device, backend_name, dtype):
     """update + next perturbation in one pass == update pass, then perturbation pass, bit for bit."""
@@ -126,7 +127,7 @@ def test_fused_pass_equals_separate_passes(device, backend_name, dtype):
     assert not torch.equal(fused[0], start[0])
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("backend_name", ["torch", "triton", "cpu-fast"])
 def test_combine_matches_float64_formula(device, backend_name):
     """Three seeds (two passes in Triton) in fp32 against Σ c·z computed in float64."""
     backend = BACKENDS[backend_name]()
