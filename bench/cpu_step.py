@@ -33,6 +33,7 @@ def measure(kind: str, model_name: str, batch: int, seq: int, repeats: int) -> d
 
     from zoft.models import load_model
     from zoft.zo import SPSA, ZOSGD, get_backend
+    from zoft.zo.fused import FusedZOSGD
 
     what, *rest = kind.split(":")
     dtype = rest[-1]
@@ -61,14 +62,18 @@ def measure(kind: str, model_name: str, batch: int, seq: int, repeats: int) -> d
             loss()
             for _ in range(repeats):
                 t = time.perf_counter(); loss(); times.append(time.perf_counter() - t)
-    elif what in ("mezo", "mezo-reference"):
+    elif what in ("mezo", "mezo-fused", "mezo-reference"):
         model.eval()
-        est, opt = SPSA(eps=1e-3, backend=get_backend(rest[0] if what == "mezo" else "torch")), ZOSGD()
+        # a MeZO row names BACKEND or BACKEND/DISTRIBUTION, e.g. cpu-fast/rademacher
+        backend, _, distribution = (rest[0] if what != "mezo-reference" else "torch").partition("/")
+        distribution = distribution or "gaussian"
+        est = SPSA(eps=1e-3, distribution=distribution, backend=get_backend(backend))
+        opt = ZOSGD()
 
         @torch.no_grad()
         def zoft_step(step: int) -> None:
             e = est.estimate(params, loss, [step])
-            opt.update(params, e, 1e-7, est.backend, "gaussian")
+            opt.update(params, e, 1e-7, est.backend, distribution)
 
         @torch.no_grad()
         def reference_step(step: int) -> None:
@@ -85,7 +90,13 @@ def measure(kind: str, model_name: str, batch: int, seq: int, repeats: int) -> d
                 z = torch.normal(0, 1, size=p.size(), dtype=p.dtype)
                 p.data = p.data - 1e-7 * g * z
 
-        step_fn = zoft_step if what == "mezo" else reference_step
+        # the 2-pass step training takes by default (zo/fused.py): this update fused with the next +εz
+        fused = FusedZOSGD(params, est.backend, 1e-3, distribution)
+
+        def fused_step(step: int) -> None:
+            fused.step(loss, step, 1e-7, step + 1)
+
+        step_fn = {"mezo": zoft_step, "mezo-fused": fused_step, "mezo-reference": reference_step}[what]
         step_fn(0)
         for i in range(repeats):
             t = time.perf_counter(); step_fn(i + 1); times.append(time.perf_counter() - t)
@@ -111,7 +122,7 @@ def known_backend(name: str) -> str | None:
     """None if zoft.zo can build backend ``name`` here, else why not (the row is skipped)."""
     from zoft.zo import get_backend
     try:
-        get_backend(name)
+        get_backend(name.partition("/")[0])
         return None
     except Exception as e:   # noqa: BLE001 - unknown name or missing dependency: skip the row
         return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
@@ -123,7 +134,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backend", default="torch", help="comma list of zoft.zo backends for the MeZO rows")
+    parser.add_argument("--backend", default="torch",
+                        help="comma list of zoft.zo backends for the MeZO rows, each BACKEND[/DISTRIBUTION]")
     parser.add_argument("--compile", action="store_true", help="add torch.compile (inductor) forwards")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +150,7 @@ def main() -> None:
         if why:
             notes.append(f"MeZO backend '{backend}' skipped ({why})")
         else:
-            kinds += [f"mezo:{backend}:{d}" for d in dtypes]
+            kinds += [f"{step}:{backend}:{d}" for step in ("mezo", "mezo-fused") for d in dtypes]
     kinds += ["mezo-reference:fp32"] + [f"ft:{d}" for d in dtypes]
     rows = {}
     for kind in kinds:
@@ -167,7 +179,8 @@ def main() -> None:
           "| peak RSS (MiB) | × inference RSS (same compute) |")
     print("|---|---|---|---|---|---|---|---|")
     names = {"forward": "forward (inference)", "forward-compiled": "forward, torch.compile (inductor)",
-             "mezo": "MeZO step, zoft {} backend", "mezo-reference": "MeZO step, reference-style torch",
+             "mezo": "MeZO step, zoft {} backend, 4 passes", "mezo-fused": "MeZO step, zoft {} backend, fused 2 passes",
+             "mezo-reference": "MeZO step, reference-style torch",
              "ft": "FT step (backprop + AdamW)"}
     for kind, r in rows.items():
         what, *rest = kind.split(":")
