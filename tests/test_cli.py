@@ -154,3 +154,15 @@ def test_evaluate_of_a_run_uses_the_runs_own_task(tmp_path):
     result = api.evaluate(run)
     assert result["task"] == "small"
     assert result["eval"] == json.loads((run / "eval.json").read_text())["eval"]
+
+
+def test_the_demo_can_run_twice(tmp_path, monkeypatch):
+    """`make demo` writes into its own runs/demo: a second run replaces the first instead of refusing."""
+    from zoft.demo import main as demo
+    monkeypatch.chdir(tmp_path)
+    small = {"model": "tiny-llama", "n_train": 16, "n_dev": 8, "n_eval": 8, "max_length": 48, "steps": 2,
+             "eval_every": 1, "progress": False}
+    first = demo(dict(small))
+    second = demo(dict(small))
+    assert second["mezo"]["eval"] == first["mezo"]["eval"]
+    assert [p.name for p in (tmp_path / "runs" / "demo" / "mezo").glob("checkpoint-*")] == ["checkpoint-2"]

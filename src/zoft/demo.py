@@ -25,7 +25,9 @@ def main(overrides: dict | None = None) -> dict:
     from zoft.report import markdown_table
 
     overrides = overrides or {}
-    base = {**DEMO, "output_dir": "runs/demo", **{k: v for k, v in overrides.items() if k not in MEZO}}
+    # the demo owns runs/demo: running it again replaces the last demo rather than refusing
+    base = {**DEMO, "output_dir": "runs/demo", "overwrite_output_dir": True,
+            **{k: v for k, v in overrides.items() if k not in MEZO}}
     print(f"zoft demo: {base['model']} on {base['task']}, {torch.get_num_threads()} CPU threads "
           f"({platform.processor() or platform.machine()})", flush=True)
     t0 = time.perf_counter()
