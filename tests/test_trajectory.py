@@ -151,3 +151,18 @@ def test_resume_from_trajectory_equals_uninterrupted(tmp_path, mode):
     out = rebuild("tiny-llama", tmp_path / "cut" / FILENAME, tmp_path / "rb", progress=False)
     assert out.is_dir() and json.loads((tmp_path / "cut" / "eval.json").read_text())["steps"] == 6
     assert math.isfinite(a.records[-1].grads[0])
+
+
+def test_resume_refuses_a_backend_other_than_the_recorded_one(tmp_path):
+    """A trajectory's backend is part of its identity: resuming under another one (say "auto" picking
+    a new default) would draw different directions for the remaining steps."""
+    import pytest
+
+    from zoft import api
+    from zoft.errors import ZoftError
+    opts = dict(method="mezo", model="tiny-llama", task="sst2", n_train=16, n_dev=8, n_eval=8, max_length=48,
+                batch_size=8, steps=2, eval_every=2, lr=1e-3, progress=False, output_dir=str(tmp_path / "run"))
+    api.train(opts)
+    with pytest.raises(ZoftError, match="backend 'torch', this resume would use 'cpu-fast'; resume with backend=torch"):
+        api.train(resume=tmp_path / "run", steps=4, backend="cpu-fast")
+    assert api.train(resume=tmp_path / "run", steps=4)["steps"] == 4

@@ -223,6 +223,10 @@ class TrajectoryRecorder:
     def resume(self, state):
         """Continue from a weight checkpoint's ``state``, or rebuild θ by replay and return the saved state."""
         saved = Trajectory.load(self.path) if self.path.is_file() else None
+        recorded, ours_backend = (saved.header.get("backend") if saved else None), self.trajectory.header["backend"]
+        if recorded is not None and recorded != ours_backend:   # z would change under the run's feet
+            raise ZoftError(f"{self.path}: the run drew its directions with backend '{recorded}', this resume "
+                            f"would use '{ours_backend}'; resume with backend={recorded}")
         if state is not None:   # weights came from checkpoint-N: keep the first N records
             if saved is None or saved.steps < state.step:
                 log.warning("%s covers %s of the %d steps done; not continuing it", self.path,
