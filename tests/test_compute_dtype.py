@@ -114,3 +114,13 @@ def test_bf16_compute_run_killed_and_resumed_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[r.get("loss") for r in RunDir(d).read_metrics()] for d in (whole, killed)]
     assert losses[0] == losses[1]
+
+
+def test_every_method_and_eval_record_the_compute_dtype(tmp_path):
+    from zoft import api
+    small = dict(model="tiny-llama", task="sst2", n_train=16, n_dev=8, n_eval=8, max_length=48, progress=False,
+                 compute_dtype="bf16")
+    for method in ("zero-shot", "icl", "lp"):
+        result = api.train({**small, "method": method, "icl_k": 2, "output_dir": str(tmp_path / method)})
+        assert result["compute_dtype"] == "bf16", method
+    assert api.evaluate(tmp_path / "zero-shot")["compute_dtype"] == "bf16"

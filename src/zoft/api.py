@@ -76,6 +76,6 @@ def evaluate(model: str | Path = "smollm2-135m", task: str | None = None, **over
         from zoft.methods.common import evaluate as evaluate_split
         setup, scorer = load_run(path, task=task if task else None, **overrides)
         enc = scorer.encode(setup.data.eval)
-        return {"model": str(path), "task": setup.task.name,
+        return {"model": str(path), "task": setup.task.name, "compute_dtype": scorer.compute_dtype,
                 "eval": evaluate_split(scorer, enc, setup.data.eval, setup.task, setup.cfg.eval_batch_size)}
     return train(method="zero-shot", model=str(model), task=task or "sst2", **overrides)

@@ -194,6 +194,7 @@ class EncoderScorer:
     """
 
     kind = "classification"
+    compute_dtype = "fp32"   # the encoder runs in its weights' dtype; no autocast here
 
     def __init__(self, model, tokenizer, task, max_length: int):
         self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length

@@ -88,7 +88,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
         "eval": splits["eval"], "dev": splits["dev"], "lp_c": cfg.lp_c,
         "train_acc": float((probe.predict(x_train) == y_train).mean()),
         "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 1), "compute_dtype": scorer.compute_dtype,
     }
     run_dir.write_json("eval.json", result)
     return result

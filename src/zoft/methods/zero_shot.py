@@ -14,7 +14,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
                                                  cfg.eval_batch_size)
     result = {"method": "zero-shot", "task": task.name, "model": cfg.model, "metric": task.metric,
               "eval": metrics, "dev": evaluate(scorer, scorer.encode(data.dev), data.dev, task, cfg.eval_batch_size),
-              "n_eval": len(data.eval), "eval_outputs": outputs}
+              "n_eval": len(data.eval), "compute_dtype": scorer.compute_dtype, "eval_outputs": outputs}
     run_dir.write_json("eval.json", result)
     return result
 
