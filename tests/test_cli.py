@@ -166,3 +166,15 @@ def test_the_demo_can_run_twice(tmp_path, monkeypatch):
     second = demo(dict(small))
     assert second["mezo"]["eval"] == first["mezo"]["eval"]
     assert [p.name for p in (tmp_path / "runs" / "demo" / "mezo").glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_train_help_lists_every_config_key(capsys):
+    import dataclasses
+
+    from zoft.config import Config
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"{f.name}=" in out for f in dataclasses.fields(Config))
+    assert "lr=1e-06" in out and "overwrite_output_dir=False" in out

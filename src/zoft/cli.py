@@ -137,6 +137,18 @@ def cmd_demo(args) -> None:
     demo(_overrides(args.overrides))
 
 
+def _config_keys() -> str:
+    """Every config key with its default, for ``zoft train --help`` (the same keys a YAML config takes)."""
+    import dataclasses
+    import textwrap
+
+    from zoft.config import Config
+    keys = "  ".join(f"{f.name}={'' if f.default is None else f.default}" for f in dataclasses.fields(Config)
+                     if f.default is not dataclasses.MISSING)
+    return "config keys, as key=value or in a YAML config (defaults shown):\n" + textwrap.fill(
+        keys, width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+
+
 TRUST_HELP = ("run the Python code a model folder ships (transformers' trust_remote_code); "
               "a run directory's own config can never turn this on")
 
@@ -145,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoft", description="Fine-tune LMs with forward passes only (MeZO), "
                                      "against zero-shot, ICL, linear probing and backprop baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train or evaluate one method on one task")
+    p = sub.add_parser("train", help="train or evaluate one method on one task", epilog=_config_keys(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config (optional)")
     p.add_argument("overrides", nargs="*", help="key=value options, e.g. lr=1e-6 steps=500")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
