@@ -222,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except ZoftError as e:
         print(f"zoft: error: {e}", file=sys.stderr)
+        distributed = sys.modules.get("zoft.distributed")   # loaded only if the run went parallel
+        if distributed is not None and isinstance(e, distributed.DistError):
+            # A peer rank is gone: gloo's background threads cannot be torn down cleanly, and the
+            # interpreter's normal exit would abort ("terminate called ...", SIGABRT) after the line.
+            import os
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("zoft: interrupted; the last checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
