@@ -111,14 +111,19 @@ def test_an_overflowing_update_is_one_line(tmp_path, capsys):
     assert "step 2: loss is nan" in err or "overflows" in err
 
 
-def test_the_defaults_on_a_small_training_split_give_a_working_run(tmp_path, caplog):
-    """32 training rows under the default n_train=1000, n_dev=500: a warning and dev rows, not 0 dev and a crash."""
-    rows = [{"text": f"review {i}", "label": i % 2} for i in range(32)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "task.yaml").write_text(
+def small_task(folder, n_rows: int) -> None:
+    """``folder/task.yaml``: a two-class YAML task over ``n_rows`` rows of ``folder/train.jsonl``."""
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(n_rows)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "task.yaml").write_text(
         "task: small\ndataset_path: .\ndata_files: {train: train.jsonl, validation: train.jsonl}\n"
         "training_split: train\nvalidation_split: validation\noutput_type: multiple_choice\n"
         "doc_to_text: '{{text}}'\ndoc_to_choice: ['no', 'yes']\ndoc_to_target: label\n")
+
+
+def test_the_defaults_on_a_small_training_split_give_a_working_run(tmp_path, caplog):
+    """32 training rows under the default n_train=1000, n_dev=500: a warning and dev rows, not 0 dev and a crash."""
+    small_task(tmp_path, 32)
     out = tmp_path / "run"
     for method in ("zero-shot", "mezo"):
         assert main(["train", f"task={tmp_path / 'task.yaml'}", "model=tiny-llama", f"method={method}", "steps=2",
@@ -142,12 +147,7 @@ def test_a_typo_gets_a_suggestion(capsys):
 def test_evaluate_of_a_run_uses_the_runs_own_task(tmp_path):
     """zoft.evaluate(run_dir), as the README shows it, used to evaluate every run on SST-2."""
     from zoft import api
-    rows = [{"text": f"review {i}", "label": i % 2} for i in range(24)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "task.yaml").write_text(
-        "task: small\ndataset_path: .\ndata_files: {train: train.jsonl, validation: train.jsonl}\n"
-        "training_split: train\nvalidation_split: validation\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{text}}'\ndoc_to_choice: ['no', 'yes']\ndoc_to_target: label\n")
+    small_task(tmp_path, 24)
     run = tmp_path / "run"
     api.train(method="zero-shot", model="tiny-llama", task=str(tmp_path / "task.yaml"), n_train=8, n_dev=8,
               n_eval=8, progress=False, output_dir=str(run))

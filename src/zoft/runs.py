@@ -24,11 +24,8 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zoft.atomic import WriteError, atomic_dir, atomic_file, atomic_write_text, one_line_write_errors, \
-    restore_half_replaced
+from zoft.atomic import atomic_dir, atomic_file, atomic_write_text, one_line_write_errors, restore_half_replaced
 from zoft.errors import ZoftError
-
-__all__ = ["RunDir", "WriteError", "atomic_write_text", "save_tensors_dir"]
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ from zoft import faults
 from zoft.errors import ZoftError
 from zoft.atomic import WriteError
 from zoft.runs import RunDir
-from zoft.zo.schedule import direction_seed  # noqa: F401 - MeZO directions: a function of (seed, step) too
 
 
 class DivergedError(ZoftError):

@@ -213,7 +213,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    """Writes a CSV atomically (runs.atomic_write_text: a temporary file, then a rename)."""
+    """Writes a CSV atomically (zoft.atomic.atomic_write_text: a temporary file, fsync, then a rename)."""
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
     writer.writerow(header)
