@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,22 @@ from zoft.adapters import MODES
 from zoft.errors import ZoftError
 from zoft.lm import COMPUTE_DTYPES
 from zoft.zo import BACKEND_NAMES, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans, which
+    turned ``compile=off`` into False and then failed as "unknown compile 'False'"."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
 
 OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
 
@@ -200,7 +217,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ZoftError(f"argument '{item}' is not key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value else None
+        out[key.strip()] = yaml_load(value) if value else None
     return out
 
 
@@ -213,7 +230,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         if not path.is_file():
             raise ZoftError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ZoftError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
