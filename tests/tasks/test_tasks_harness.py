@@ -37,9 +37,9 @@ def test_harness_boolq_yaml_loads_with_one_note_and_boolean_labels(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         task = load_task(tmp_path / "boolq.yaml")
     notes = [r.getMessage() for r in caplog.records]
-    assert notes == [f"{tmp_path / 'boolq.yaml'}: ignoring lm-evaluation-harness keys zoft does not use: "
-                     "doc_to_decontamination_query, metadata, should_decontaminate, tag, "
-                     "metric_list.aggregation, metric_list.higher_is_better"]
+    assert notes == [(f"{tmp_path / 'boolq.yaml'}: ignoring lm-evaluation-harness keys zoft does not use: "
+                      "doc_to_decontamination_query, metadata, should_decontaminate, tag, "
+                      "metric_list.aggregation, metric_list.higher_is_better")]
     examples = task.load_split("validation")
     rows = [json.loads(line) for line in (data_dir / "boolq" / "validation.jsonl").read_text().splitlines()]
     assert all(isinstance(r["label"], bool) for r in rows)

@@ -57,7 +57,7 @@ def load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     if not path.is_file():
         raise DataError("task file not found", str(path))
     try:
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise DataError(f"invalid YAML: {getattr(e, 'problem', None) or e}", str(path),

@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 _ROW_SHAPE = "zoft trains on system messages, one user message (the response), then the assistant's score"
 _HEAD = system_prompt(ScoringItem("", "", "", [], ["0", "1"])).split("\n\n")[0] + "\n\n"
-_SINGLE = re.compile(r"\n*Reply with one score \((?P<levels>.+)\) and nothing else\.\Z", re.S)
+_SINGLE = re.compile(r"\n*Reply with one score \((?P<levels>.+)\) and nothing else\.\Z", re.DOTALL)
 _ASPECTS = re.compile(r"\n*Score each aspect \((?P<levels>.+)\): (?P<aspects>.+)\. Reply with the scores in "
-                      r"that order, separated by commas, and nothing else\.\Z", re.S)
+                      r"that order, separated by commas, and nothing else\.\Z", re.DOTALL)
 
 
 def _content(message: dict, path: str, row: int, where: str) -> str:
@@ -106,7 +106,7 @@ def _split_user(user: str) -> tuple[str, str]:
     if user.startswith("Item:\n") and "\n\nResponse:\n" in user:
         question, text = user[len("Item:\n"):].split("\n\nResponse:\n", 1)
         return question, text
-    return "", user[len("Response:\n"):] if user.startswith("Response:\n") else user
+    return "", user.removeprefix("Response:\n")
 
 
 def parse_system_prompt(system: str, question: str) -> ScoringItem | None:
@@ -130,7 +130,7 @@ def parse_system_prompt(system: str, question: str) -> ScoringItem | None:
             "Reference answers:\n"] else []
         examples = []
         for line in sections["Scored examples:\n"].split("\n") if sections["Scored examples:\n"] else []:
-            m = re.fullmatch(r"- \[(.+?)\] (.*)", line, re.S)
+            m = re.fullmatch(r"- \[(.+?)\] (.*)", line, re.DOTALL)
             examples.append((m[2], parse_score(m[1], levels)))
     except (TypeError, ValueError):
         return None
