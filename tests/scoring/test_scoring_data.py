@@ -261,3 +261,57 @@ def test_table_bad_mapping(tmp_path, mapping, field):
 def test_table_missing_file(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         read_table(tmp_path / "nope.csv", {"id": "id", "text": "t"})
+
+
+SCIENTSBANK_YAML = """\
+data_files:
+  train: {root}/train.jsonl
+  test: [{root}/test-unseen-answers.jsonl{more}]
+mapping:
+  id: answer_id
+  text: answer
+  score: label
+  item_id: question_id
+  question: question
+  reference_answers: reference_answers
+  levels: [incorrect, correct]
+  item: {{rubric: {rubric}}}
+"""
+
+
+def test_scoring_yaml_with_one_file_per_split_matches_the_builtin_task(tmp_path, data_dir, monkeypatch):
+    """SemEval ships one file per split: a scoring YAML names them instead of a concatenated table."""
+    import json
+
+    from zoft.tasks import load_task
+    from zoft.tasks.rubric.data import SEMEVAL_RUBRIC
+
+    monkeypatch.setenv("ZOFT_DATA_DIR", str(data_dir))
+    root = data_dir / "semeval2013-2way" / "scientsbank"
+    (tmp_path / "sb.yaml").write_text(SCIENTSBANK_YAML.format(root=root, more="", rubric=json.dumps(SEMEVAL_RUBRIC)))
+    mine, builtin = load_task(str(tmp_path / "sb.yaml")), load_task("scientsbank")
+    for split in ("train", "eval"):
+        a, b = mine.load_split(split), builtin.load_split(split)
+        assert [(e.context, e.target) for e in a] == [(e.context, e.target) for e in b]
+    assert len(mine.load_split("eval")) == 540
+    both = SCIENTSBANK_YAML.format(root=root, more=f", {root}/test-unseen-questions.jsonl",
+                                   rubric=json.dumps(SEMEVAL_RUBRIC))
+    (tmp_path / "sb2.yaml").write_text(both)
+    assert len(load_task(str(tmp_path / "sb2.yaml")).load_split("eval")) == 540 + 733
+
+
+def test_scoring_files_per_split_infer_one_scale_and_refuse_table_and_files(tmp_path):
+    from zoft.tasks import load_task
+
+    (tmp_path / "a.csv").write_text("id,text,score\n1,x,0\n2,y,3\n3,z,1\n")
+    (tmp_path / "b.csv").write_text("id,text,score\n1,u,0\n2,v,1\n")   # no 3 in the test file
+    (tmp_path / "t.yaml").write_text("data_files: {train: a.csv, test: b.csv}\nmapping: {id: id, text: text, "
+                                     "score: score}\n")
+    task = load_task(str(tmp_path / "t.yaml"))
+    assert task.levels == ["0", "1", "2", "3"] and [e.target for e in task.load_split("eval")] == [0, 1]
+    (tmp_path / "t.yaml").write_text("table: a.csv\ndata_files: {train: a.csv}\nmapping: {id: id, text: text}\n")
+    with pytest.raises(DataError, match=r"t\.yaml: field 'data_files': give either table"):
+        load_task(str(tmp_path / "t.yaml"))
+    (tmp_path / "t.yaml").write_text("data_files: [a.csv]\nmapping: {id: id, text: text}\n")
+    with pytest.raises(DataError, match=r"t\.yaml: field 'data_files': expected split names"):
+        load_task(str(tmp_path / "t.yaml"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zoft.errors import ZoftError
+from zoft.tasks.rubric.chat import is_chat_file, is_chat_yaml, load_chat_task, load_chat_yaml
 from zoft.tasks.rubric.task import (ScoringTask, is_scoring_task_name, is_scoring_yaml, load_scoring_task,
                                     load_scoring_yaml)
 from zoft.tasks.task import CONFIG_DIR, Task, list_tasks
@@ -20,6 +21,8 @@ def load_task(name_or_path: str | Path) -> Task | ScoringTask:
     ``asap-<N>`` and ``scientsbank`` are scoring tasks (a
     :class:`zoft.tasks.rubric.ScoringTask`, which has the same interface), and so is a
     YAML file with a ``table`` key (a CSV/JSONL of scored responses and its column mapping).
+    So is an OpenAI chat fine-tuning file (``.jsonl``), or a YAML naming ``training_file`` and
+    ``validation_file`` (:mod:`zoft.tasks.rubric.chat`).
 
     Raises:
         ZoftError: neither a builtin name nor an existing file.
@@ -28,7 +31,11 @@ def load_task(name_or_path: str | Path) -> Task | ScoringTask:
     text = str(name_or_path)
     if text in list_tasks():
         return Task.from_yaml(CONFIG_DIR / f"{text}.yaml", builtin=True)
-    if Path(text).is_file() or text.endswith((".yaml", ".yml")):
+    if Path(text).is_file() or text.endswith((".yaml", ".yml", ".jsonl")):
+        if Path(text).is_file() and is_chat_file(text):
+            return load_chat_task(text)
+        if Path(text).is_file() and is_chat_yaml(text):
+            return load_chat_yaml(text)
         if Path(text).is_file() and is_scoring_yaml(text):
             return load_scoring_yaml(text)
         return Task.from_yaml(text)

@@ -7,16 +7,19 @@ the same way, so a new SuperGLUE-style dataset needs no code.
 """
 from __future__ import annotations
 
+import ast
+import logging
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 from jinja2 import meta
 
-from zoft.errors import DataError
+from zoft.errors import DataError, excerpt
 from zoft.tasks.example import Example, TaskData
+from zoft.tasks.harness import IGNORED_METRIC_KEYS, load_yaml, triage_keys
 from zoft.tasks.metrics import METRICS
+from zoft.tasks.nested import check_explode, explode_rows, field_value
 from zoft.tasks.readers import Row, data_dir, read_rows
 from zoft.tasks.sampling import sample_task_data
 
@@ -25,8 +28,11 @@ KINDS = ("classification", "multiple_choice", "generation")
 OUTPUT_TYPES = ("multiple_choice", "generate_until")
 KEYS = {"task", "dataset_path", "dataset_name", "data_files", "training_split", "validation_split",
         "test_split", "output_type", "doc_to_text", "doc_to_choice", "doc_to_target", "class_labels",
-        "answers_field", "target_delimiter", "metric_list", "generation_kwargs", "description", "kind"}
+        "answers_field", "target_delimiter", "metric_list", "generation_kwargs", "description", "kind",
+        "explode"}
 GENERATION_DEFAULTS: dict[str, Any] = {"max_gen_toks": 32, "until": ["\n"]}
+BOOLEAN_TEXT = {"false": 0, "true": 1}
+log = logging.getLogger(__name__)
 
 # StrictUndefined turns a typo in a template into an error instead of an empty string;
 # keep_trailing_newline because prompts such as RTE's end in "\n" on purpose.
@@ -91,9 +97,7 @@ class Task:
 
         if not isinstance(config, dict):
             raise DataError("a task YAML must be a mapping of keys to values", src)
-        for key in config:
-            if key not in KEYS:
-                raise fail(f"unknown key (allowed: {', '.join(sorted(KEYS))})", key)
+        ignored = triage_keys(config, KEYS, src)
         for key in ("task", "dataset_path", "output_type", "doc_to_text"):
             if not isinstance(config.get(key), str) or not config[key]:
                 raise fail("required, must be a non-empty string", key)
@@ -114,20 +118,29 @@ class Task:
         if output_type not in OUTPUT_TYPES:
             raise fail(f"must be one of {', '.join(OUTPUT_TYPES)}", "output_type")
         choices = config.get("doc_to_choice")
+        # A string is the harness's per-row form: a field holding the list, or a template that
+        # renders to a Python list literal ("['{{a}}', '{{b}}']").
+        self._choice_source: str | None = choices if isinstance(choices, str) else None
         if output_type == "generate_until":
             kind = "generation"
             if choices is not None:
                 raise fail("not used by generate_until tasks", "doc_to_choice")
+        elif self._choice_source is not None:
+            kind = "multiple_choice"
+            choices = []
         else:
             if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise fail("must be a list of at least two strings", "doc_to_choice")
+                raise fail("must be a list of at least two strings, a field name or a template", "doc_to_choice")
             kind = "multiple_choice" if any(_is_template(c) for c in choices) else "classification"
         self.kind: str = config.get("kind", kind)
-        if self.kind not in KINDS or (self.kind == "generation") != (output_type == "generate_until"):
+        if self.kind not in KINDS or (self.kind == "generation") != (output_type == "generate_until") or (
+                self._choice_source is not None and self.kind != "multiple_choice"):
             raise fail(f"'{self.kind}' does not fit output_type '{output_type}'", "kind")
 
         self._text = _Template(config["doc_to_text"], "doc_to_text", src)
         self._choices = [_Template(c, "doc_to_choice", src) for c in choices or []]
+        self._choice_template = (_Template(choices_src, "doc_to_choice", src)
+                                 if (choices_src := self._choice_source) and _is_template(choices_src) else None)
         self.label_words: list[str] = list(choices) if self.kind == "classification" else []
 
         target = config.get("doc_to_target")
@@ -142,7 +155,8 @@ class Task:
         self._target = _Template(target, "doc_to_target", src) if target and _is_template(target) else None
         self.class_labels: list | None = config.get("class_labels")
         if self.class_labels is not None and (
-                not isinstance(self.class_labels, list) or len(self.class_labels) != len(self._choices)):
+                not isinstance(self.class_labels, list)
+                or (self._choice_source is None and len(self.class_labels) != len(self._choices))):
             raise fail("must list one raw label per choice, in choice order", "class_labels")
 
         metric_list = config.get("metric_list") or [
@@ -151,10 +165,13 @@ class Task:
             raise fail("must be a list of {metric: name}", "metric_list")
         self.metrics: list[str] = []
         for entry in metric_list:
-            if not isinstance(entry, dict) or set(entry) != {"metric"} or entry["metric"] not in METRICS:
+            if (not isinstance(entry, dict) or entry.get("metric") not in METRICS
+                    or set(entry) - {"metric"} - IGNORED_METRIC_KEYS):
                 raise fail(f"entries must be {{metric: name}} with name in {', '.join(METRICS)}",
                            "metric_list")
             self.metrics.append(entry["metric"])
+            ignored += sorted(f"metric_list.{k}" for k in set(entry) & IGNORED_METRIC_KEYS
+                              if f"metric_list.{k}" not in ignored)
         self.metric: str = self.metrics[0]
 
         gen = config.get("generation_kwargs") or {}
@@ -163,25 +180,24 @@ class Task:
         self.generation_kwargs: dict[str, Any] = {**GENERATION_DEFAULTS, **gen}
         if isinstance(self.generation_kwargs["until"], str):
             self.generation_kwargs["until"] = [self.generation_kwargs["until"]]
+        self.explode: dict[str, str] = check_explode(config.get("explode"), src)
         self._cache: dict[str, list[Example]] = {}
+        if ignored:
+            log.warning("%s: ignoring lm-evaluation-harness keys zoft does not use: %s", src, ", ".join(ignored))
 
     @classmethod
     def from_yaml(cls, path: str | Path, builtin: bool = False) -> Task:
         """Reads a task definition file.
 
+        lm-evaluation-harness YAMLs load as they are (:mod:`zoft.tasks.harness`): ``include:``
+        is merged, keys zoft does not use are named in one warning, and ``!function`` code is
+        refused with the code-free alternative.
+
         Raises:
             DataError: the file is missing, is not valid YAML, or fails validation.
         """
         path = Path(path)
-        if not path.is_file():
-            raise DataError("task file not found", str(path))
-        try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise DataError(f"invalid YAML: {getattr(e, 'problem', None) or e}", str(path),
-                            mark.line + 1 if mark else None) from None
-        return cls(config, path, builtin)
+        return cls(load_yaml(path), path, builtin)
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, kind={self.kind!r}, metric={self.metric!r})"
@@ -237,6 +253,8 @@ class Task:
         """
         if split not in self._cache:
             path, rows = self._read_split(split)
+            if self.explode:
+                rows = explode_rows(rows, self.explode, path)
             self._cache[split] = [self._to_example(doc, path, row) for row, doc in rows]
         return list(self._cache[split])
 
@@ -259,17 +277,38 @@ class Task:
         context = self.description + self._text.render(doc, path, row)
         if self.kind == "generation":
             return Example(context, [], None, self._answers(doc, path, row), doc, ref)
-        choices = self.label_words or [t.render(doc, path, row) for t in self._choices]
+        choices = self.label_words or self._row_choices(doc, path, row)
         target = self._target_index(self._raw_target(doc, path, row), choices, path, row)
         return Example(context, choices, target, [choices[target]], doc, ref)
+
+    def _row_choices(self, doc: dict, path: str, row: int) -> list[str]:
+        if self._choice_source is None:
+            return [t.render(doc, path, row) for t in self._choices]
+        if self._choice_template is not None:
+            text = self._choice_template.render(doc, path, row)
+            try:
+                choices = ast.literal_eval(text.strip())
+            except (ValueError, SyntaxError):
+                raise DataError(f"doc_to_choice rendered {excerpt(text)!r}, not a list literal", path, row,
+                                "doc_to_choice") from None
+        else:
+            choices = field_value(doc, self._choice_source)
+            if choices is None:
+                raise DataError("missing or null in this row (used by doc_to_choice)", path, row,
+                                self._choice_source)
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise DataError("doc_to_choice must give a list of at least two strings", path, row,
+                            self._choice_source)
+        return choices
 
     def _raw_target(self, doc: dict, path: str, row: int) -> Any:
         if self._target is not None:
             return self._target.render(doc, path, row)
-        if doc.get(self._target_field) is None:
+        value = field_value(doc, self._target_field)
+        if value is None:
             raise DataError("missing or null in this row (used by doc_to_target)", path, row,
                             self._target_field)
-        return doc[self._target_field]
+        return value
 
     def _answers(self, doc: dict, path: str, row: int) -> list[str]:
         if self.answers_field is None:
@@ -282,23 +321,32 @@ class Task:
         return answers
 
     def _target_index(self, raw: Any, choices: list[str], path: str, row: int) -> int:
-        """Maps a raw label to a choice index: via class_labels, an int index, or a choice string."""
+        """Maps a raw label to a choice index: via class_labels, an int index, or a choice string.
+
+        A boolean is an index, as in lm-evaluation-harness (Python's False == 0, True == 1): with
+        ``doc_to_choice: ["no", "yes"]`` false picks "no". So is the text "true"/"false" (a CSV
+        cell, a rendered template) unless it is itself one of the choices.
+        """
         field = self._target_field or "doc_to_target"
+        stripped = [c.strip() for c in choices]
         if self.class_labels is not None:
             for i, label in enumerate(self.class_labels):
                 # Also compare as text: CSV gives "true" where YAML gives True.
                 if raw == label or str(raw).strip().lower() == str(label).strip().lower():
                     return i
             raise DataError(f"unknown label {raw!r} (expected one of {self.class_labels})", path, row, field)
+        if isinstance(raw, str) and raw.strip().lower() in BOOLEAN_TEXT and raw.strip() not in stripped:
+            raw = BOOLEAN_TEXT[raw.strip().lower()]
+        if isinstance(raw, bool):
+            raw = int(raw)
         if (isinstance(raw, int) and not isinstance(raw, bool)) or (isinstance(raw, str) and raw.strip().isdigit()):
             if 0 <= int(raw) < len(choices):
                 return int(raw)
             raise DataError(f"label index {raw!r} out of range for {len(choices)} choices", path, row, field)
-        stripped = [c.strip() for c in choices]
         if isinstance(raw, str) and raw.strip() in stripped:
             return stripped.index(raw.strip())
-        raise DataError(f"unknown label {raw!r} (expected an index below {len(choices)} or one of "
-                        f"{choices})", path, row, field)
+        raise DataError(f"unknown label {excerpt(raw)!r}: expected a choice index (true/false count as 1/0) or one "
+                        f"of the choices {choices}; map other labels to choices with class_labels", path, row, field)
 
 
 def list_tasks() -> list[str]:

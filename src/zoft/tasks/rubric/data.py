@@ -435,3 +435,38 @@ def read_table(path: str | Path, mapping: Mapping[str, Any] | str | Path) -> lis
                                   second, split, item_id, f"{p}:{row}"))
     _check_unique([r for _, rs in groups.values() for r in rs], m["id"])
     return list(groups.values())
+
+
+def read_tables(files: Mapping[str, Sequence[str | Path]], mapping: Mapping[str, Any] | str | Path) -> list[Group]:
+    """Reads responses from one or more files per split (``{"train": [a.jsonl], "test": [b.jsonl, c.jsonl]}``).
+
+    Every file is read by :func:`read_table` with the same mapping; a response's split is the
+    key its file is listed under. Items with the same ``item_id`` in several files are one item.
+    Without ``levels`` in the mapping, every item gets ``"0"`` to the highest score of all files.
+
+    Raises:
+        DataError: what :func:`read_table` raises, a split column in the mapping (the files are
+            the splits), or one item described differently by two files.
+    """
+    if not isinstance(mapping, Mapping):
+        mapping_dict, _, _ = _load_mapping(mapping, Path("."))
+    else:
+        mapping_dict = dict(mapping)
+    if "split" in mapping_dict:
+        raise DataError("the files name the splits (data_files); drop the split column from the mapping",
+                        str(mapping) if not isinstance(mapping, Mapping) else "mapping", field="split")
+    groups: dict[str, Group] = {}
+    for split, paths in files.items():
+        for path in paths:
+            for item, responses in read_table(path, mapping):
+                first = groups.setdefault(item.item_id, (item, []))
+                for key in ("question", "rubric", "reference_answers"):
+                    if getattr(first[0], key) != getattr(item, key):
+                        raise DataError(f"item '{item.item_id}' differs from its description in "
+                                        f"{first[1][0].ref.rpartition(':')[0] if first[1] else path}",
+                                        responses[0].ref.rpartition(":")[0], int(responses[0].ref.rpartition(":")[2]),
+                                        mapping_dict.get(key, f"item.{key}"))
+                first[1].extend(replace(r, split=split) for r in responses)
+    levels = max((item.score_levels for item, _ in groups.values()), key=len, default=[])
+    return [(replace(item, score_levels=levels) if not mapping_dict.get("levels") else item, responses)
+            for item, responses in groups.values()]

@@ -177,7 +177,13 @@ def response_context(header: str, text: str, max_words: int = BUDGET["response"]
 # ---------------------------------------------------------------- the chat prompt
 
 def system_prompt(item: ScoringItem) -> str:
-    """Scoring instructions for an item: rubric, reference answers, examples, output format."""
+    """Scoring instructions for an item: rubric, reference answers, examples, output format.
+
+    An item read from someone else's chat file keeps that file's system prompt
+    (``metadata["system_prompt"]``), so ``zoft serve`` recognises requests that send it.
+    """
+    if "system_prompt" in item.metadata:
+        return item.metadata["system_prompt"]
     parts = ["You score student responses to a science item against its scoring rubric."]
     if item.rubric:
         parts.append("Rubric:\n" + item.rubric)

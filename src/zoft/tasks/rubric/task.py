@@ -39,7 +39,7 @@ import yaml
 from zoft.errors import DataError, ZoftError
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.readers import data_dir
-from zoft.tasks.rubric.data import Response, ScoringItem, read_asap, read_semeval, read_table
+from zoft.tasks.rubric.data import Response, ScoringItem, read_asap, read_semeval, read_table, read_tables
 from zoft.tasks.rubric.metrics import human_agreement
 from zoft.tasks.rubric.prompts import BUDGET, chat_response, item_header, response_context
 from zoft.tasks.sampling import sample_task_data
@@ -261,10 +261,14 @@ class ScoringTask:
     # -- constructors ------------------------------------------------------------------
 
     @classmethod
-    def from_table(cls, path: str | Path, mapping: Mapping[str, Any] | str | Path, *,
+    def from_table(cls, path: str | Path | Mapping[str, Sequence[str | Path]],
+                   mapping: Mapping[str, Any] | str | Path, *,
                    name: str | None = None, train_split: str = "train", eval_split: str = "test",
                    prompt: Mapping[str, int] | None = None) -> ScoringTask:
         """A task from any CSV or JSONL file, read by :func:`zoft.tasks.rubric.data.read_table`.
+
+        ``path`` may also map split names to lists of files (:func:`~zoft.tasks.rubric.data.read_tables`):
+        each file's rows then belong to the split it is listed under.
 
         If the mapping names a ``split`` column, rows of ``train_split`` give train/dev
         and rows of ``eval_split`` give eval (other rows are unused); without one, all
@@ -273,8 +277,12 @@ class ScoringTask:
         Raises:
             DataError: a bad file or mapping (see ``read_table``), or a split column without rows of ``train_split`` or ``eval_split``.
         """
-        path = Path(path)
-        groups = read_table(path, mapping)
+        if isinstance(path, Mapping):   # one or more files per split
+            groups = read_tables({k: [Path(p) for p in v] for k, v in path.items()}, mapping)
+            path = Path(next(iter(path.values()))[0])
+        else:
+            path = Path(path)
+            groups = read_table(path, mapping)
         items = [item for item, _ in groups]
         responses = [r for _, rs in groups for r in rs]
         name = name or path.stem
@@ -290,13 +298,14 @@ class ScoringTask:
         return cls(name, items, train, evals, source=str(path), prompt=prompt)
 
 
-SCORING_YAML_KEYS = {"table", "mapping", "train_split", "eval_split", "prompt"}
+SCORING_YAML_KEYS = {"table", "data_files", "mapping", "train_split", "eval_split", "prompt"}
 
 
 def load_scoring_yaml(path: str | Path) -> ScoringTask:
     """A scoring task described by a YAML file, for ``task=path/to/task.yaml``::
 
-        table: responses.jsonl        # CSV or JSONL, relative to this file
+        table: responses.jsonl        # CSV or JSONL, relative to this file; or, one file (or a list) per split:
+        # data_files: {train: train.jsonl, test: [test-a.jsonl, test-b.jsonl]}
         mapping: responses.yaml       # the column mapping of read_table (a file, or inline keys)
         train_split: train            # optional, as in ScoringTask.from_table
         eval_split: test
@@ -314,24 +323,39 @@ def load_scoring_yaml(path: str | Path) -> ScoringTask:
     if unknown:
         raise DataError(f"unknown key (a scoring task has {', '.join(sorted(SCORING_YAML_KEYS))})", str(path),
                         field=unknown[0])
-    for key in ("table", "mapping"):
-        if not spec.get(key):
-            raise DataError("missing key", str(path), field=key)
+    if ("table" in spec) == ("data_files" in spec):
+        raise DataError("give either table (one file) or data_files (files per split)", str(path),
+                        field="data_files" if "table" in spec else "table")
+    if not spec.get("mapping"):
+        raise DataError("missing key", str(path), field="mapping")
     mapping = spec["mapping"]
     if isinstance(mapping, str):
         mapping = path.parent / mapping
-    return ScoringTask.from_table(path.parent / spec["table"], mapping, name=path.stem,
+    table = spec.get("table")
+    if "data_files" in spec:
+        files = spec["data_files"]
+        if not isinstance(files, dict) or not files or not all(
+                isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(f, str) for f in v))
+                for v in files.values()):
+            raise DataError("expected split names mapped to a file or a list of files, e.g. "
+                            "{train: train.jsonl, test: test.jsonl}", str(path), field="data_files")
+        table = {str(k): [path.parent / f for f in ([v] if isinstance(v, str) else v)] for k, v in files.items()}
+    elif not table:
+        raise DataError("missing key", str(path), field="table")
+    else:
+        table = path.parent / table
+    return ScoringTask.from_table(table, mapping, name=path.stem,
                                   train_split=spec.get("train_split", "train"),
                                   eval_split=spec.get("eval_split", "test"), prompt=spec.get("prompt"))
 
 
 def is_scoring_yaml(path: str | Path) -> bool:
-    """Whether a YAML file describes a scoring task (it has a top-level ``table`` key)."""
+    """Whether a YAML file describes a scoring task (it has a top-level ``table`` or ``mapping`` key)."""
     try:
         spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False   # Task.from_yaml reports the problem
-    return isinstance(spec, dict) and "table" in spec
+    return isinstance(spec, dict) and ("table" in spec or "mapping" in spec)
 
 
 def _by_response(examples: list[Example]) -> dict[str, list[Example]]:
