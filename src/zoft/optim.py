@@ -173,7 +173,10 @@ class MeZO(torch.optim.Optimizer):
         state = super().state_dict()
         state["zo"] = {"step": self._step_count, "seed": self._settings.seed,
                        "settings": {k: getattr(self._settings, k) for k in _IDENTITY},
-                       "groups": [opt.state_dict() for opt in self._group_optimizers]}
+                       # without the empty buffers of other groups' placeholders (lossless: an empty
+                       # buffer and a missing one update alike)
+                       "groups": [{k: v for k, v in opt.state_dict().items() if v.numel()}
+                                  for opt in self._group_optimizers]}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
