@@ -69,6 +69,8 @@ class ZOTrainerMixin:
                 groups = [{"params": [p for _, p in named]}]
             options = {"seed": self.args.seed, **self.zo_options}
             self.optimizer = MeZO(groups, lr=self.args.learning_rate, ignore_step_without_closure=True, **options)
+        elif isinstance(self.optimizer, MeZO):   # the user's, through Trainer(optimizers=(MeZO(...), None))
+            self.optimizer.ignore_step_without_closure = True   # Trainer's step() comes after ours
         return self.optimizer
 
     @property
