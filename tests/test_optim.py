@@ -154,6 +154,15 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, over):
     assert not torch.equal(fresh.lm_head.weight, straight.lm_head.weight)
 
 
+@pytest.mark.parametrize("bad, match", [({"estimator": "spsa2"}, "unknown estimator 'spsa2'"),
+                                        ({"optimizer": "adam"}, "unknown ZO optimizer 'adam'"),
+                                        ({"distribution": "uniform"}, "unknown distribution"),
+                                        ({"eps": 0.0}, "eps > 0")])
+def test_refuses_unknown_settings_at_construction(bad, match):
+    with pytest.raises(ZoftError, match=match):
+        MeZO(tiny_lm().parameters(), **bad)
+
+
 def test_load_refuses_other_settings_and_foreign_dicts():
     model = tiny_lm()
     saved = MeZO(model.parameters(), optimizer="zo-adam").state_dict()

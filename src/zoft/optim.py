@@ -42,8 +42,9 @@ import torch
 
 from zoft.errors import ZoftError
 from zoft.zo.build import build_components, build_stepper
-from zoft.zo.estimator import Estimate, Objective
+from zoft.zo.estimator import ESTIMATORS, Estimate, Objective
 from zoft.zo.optim import ZOSGD, ZOSGDConservative, build_optimizer
+from zoft.zo.perturb import BACKEND_NAMES, DISTRIBUTIONS
 from zoft.zo.schedule import direction_seed
 from zoft.zo.step import Stepper, zo_step
 
@@ -111,7 +112,11 @@ class MeZO(torch.optim.Optimizer):
                             f"n_directions={n_directions})")
         self._settings = _Settings(estimator, eps, n_directions, distribution, one_sided, backend, lozo_rank,
                                    lozo_nu, optimizer, fused, seed)
-        build_optimizer(optimizer)   # an unknown name fails here, not at the first step
+        build_optimizer(optimizer)   # unknown names fail here, not at the first step
+        for what, name, known in (("estimator", estimator, ESTIMATORS), ("distribution", distribution, DISTRIBUTIONS),
+                                  ("backend", backend, BACKEND_NAMES)):
+            if name not in known:
+                raise ZoftError(f"unknown {what} '{name}'; choose from {', '.join(known)}")
         self.ignore_step_without_closure = ignore_step_without_closure
         self._group_optimizers: list[ZOSGD] = []   # one per group, in param_groups order: holds its state
         self._step_count = 0
