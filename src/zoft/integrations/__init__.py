@@ -1,0 +1,1 @@
+"""zoft inside other libraries' training loops (``hf``: transformers' Trainer)."""
