@@ -332,13 +332,12 @@ def plot_score_distributions(runs: list[RunScores], path: Path, task: str) -> Pa
 # ---------------------------------------------------------------- subgroups
 
 def subgroup_tables(runs: list[RunScores]) -> list[dict]:
-    """Per subgroup column the runs share: each group × system, with n and RSMTool's measures."""
-    columns = [c for c in dict.fromkeys(c for s in runs for c in s.subgroups) if all(c in s.subgroups for s in runs)]
+    """Per subgroup column: each group × system whose data has that column, with n and RSMTool's measures."""
     tables = []
-    for column in columns:
-        rows = []
-        for group in sorted({g for s in runs for g in s.subgroups[column]}):
-            for s in runs:
+    for column in dict.fromkeys(c for s in runs for c in s.subgroups):
+        rows, having = [], [s for s in runs if column in s.subgroups]
+        for group in sorted({g for s in having for g in s.subgroups[column]}):
+            for s in having:
                 picked = [i for i, g in enumerate(s.subgroups[column]) if g == group]
                 if not picked:
                     continue
