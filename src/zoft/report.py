@@ -160,9 +160,10 @@ class RunScores:
 def _scale(levels: Sequence[str]) -> list[float]:
     """Score values of the levels: the numbers ASAP's "0".."3" name, else 0..K-1 (SemEval's words)."""
     try:
-        return [float(v) for v in levels]
+        values = [float(v) for v in levels]
     except ValueError:
-        return [float(i) for i in range(len(levels))]
+        return list(range(len(levels)))
+    return [int(v) if v.is_integer() else v for v in values]   # 2, not 2.0, on axes and in exports
 
 
 def run_scores(result: dict, name: str) -> RunScores:
@@ -173,7 +174,7 @@ def run_scores(result: dict, name: str) -> RunScores:
     if not targets or not all(isinstance(t, int) and isinstance(p, int) for t, p in zip(targets, preds)):
         return scores   # a generation task, or a run from before eval.json kept predictions
     k = max(len(outputs.get("levels") or []), max(targets) + 1, max(preds) + 1)
-    scale = _scale(outputs["levels"]) if outputs.get("levels") else [float(i) for i in range(k)]
+    scale = _scale(outputs["levels"]) if outputs.get("levels") else list(range(k))
     scores.levels = scale
     scores.human = [scale[t] for t in targets]
     scores.system = [scale[p] for p in preds]

@@ -172,7 +172,7 @@ def test_rsmtool_export_holds_each_runs_scores(tmp_path, capsys):
     config = json.loads((rep / "rsmtool" / "asap-1-mezo.json").read_text())
     assert config == {"experiment_id": "asap_1_mezo", "predictions_file": "asap-1-mezo.csv",
                       "system_score_column": "system", "human_score_column": "sc1", "id_column": "spkitemid",
-                      "trim_min": 0.0, "trim_max": 3.0, "exclude_zero_scores": False,
+                      "trim_min": 0, "trim_max": 3, "exclude_zero_scores": False,
                       "description": "asap-1: mezo", "second_human_score_column": "sc2", "subgroups": ["school"]}
     assert "rsmtool/asap-1-mezo.csv" in (rep / "report.html").read_text()
 
