@@ -363,6 +363,7 @@ def write_rsmtool_input(s: RunScores, csv_path: Path) -> Path:
         second = [] if not has_second else ["" if s.second[i] is None else f"{s.second[i]:g}"]
         writer.writerow([item, f"{s.human[i]:g}", *second, f"{s.system[i]:g}",
                          *(values[i] for values in s.subgroups.values())])
+    csv_path.parent.mkdir(exist_ok=True)
     atomic_write_text(csv_path, buffer.getvalue())
     config = {"experiment_id": re.sub(r"[^A-Za-z0-9_]", "_", csv_path.stem), "predictions_file": csv_path.name,
               "system_score_column": "system", "human_score_column": "sc1", "id_column": "spkitemid",
@@ -434,7 +435,6 @@ def write_report(results: list[dict], out_dir: Path, title: str = "zoft report")
     File names are slugs of the task and run folder (see :func:`slug`), always inside ``out_dir``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "rsmtool").mkdir(exist_ok=True)
     used: set[str] = set()
     sections = [task_section(task, [r for r in results if r["task"] == task], out_dir, used)
                 for task in dict.fromkeys(r["task"] for r in results)]
