@@ -175,12 +175,24 @@ def run_scores(result: dict, name: str) -> RunScores:
         return scores   # a generation task, or a run from before eval.json kept predictions
     k = max(len(outputs.get("levels") or []), max(targets) + 1, max(preds) + 1)
     scale = _scale(outputs["levels"]) if outputs.get("levels") else list(range(k))
+    second = outputs.get("second_targets") or [None] * len(targets)
+    ids = outputs.get("ids") or list(range(len(targets)))
+    groups = outputs.get("subgroups") or {}
+    where = Path(result["run_dir"]) / "eval.json" if result.get("run_dir") else run
+    if len(preds) != len(targets) or min(targets + preds) < 0 or k > len(scale):
+        raise ZoftError(f"{where}: corrupt eval_outputs (predictions and targets must be score indices, "
+                        "one each per response)")
+    if (len(second) != len(targets) or len(ids) != len(targets) or not isinstance(groups, dict)
+            or any(not isinstance(v, list) or len(v) != len(targets) for v in groups.values())
+            or any(b is not None and not (isinstance(b, int) and 0 <= b < len(scale)) for b in second)):
+        raise ZoftError(f"{where}: corrupt eval_outputs (ids, second_targets and subgroups need one entry "
+                        "per response)")
     scores.levels = scale
     scores.human = [scale[t] for t in targets]
     scores.system = [scale[p] for p in preds]
-    scores.ids = [str(i) for i in outputs.get("ids") or range(len(targets))]
-    scores.second = [None if s is None else scale[s] for s in outputs.get("second_targets") or [None] * len(targets)]
-    scores.subgroups = dict(outputs.get("subgroups") or {})
+    scores.ids = [str(i) for i in ids]
+    scores.second = [None if b is None else scale[b] for b in second]
+    scores.subgroups = {str(c): [str(g) for g in v] for c, v in groups.items()}
     return scores
 
 
@@ -233,7 +245,7 @@ def system_row(s: RunScores) -> dict:
     cells = [_cell(s.name), _cell(str(r.get("n_eval", ""))), _cell(_pct(ev.get("acc"))), _cell(""),
              _cell(_num(ev["qwk"]) if "qwk" in ev else ""), _cell(""), _cell(""), _cell(""),
              _cell(_pct(ev.get("f1"))), *tail]
-    return {"kind": "system", "cells": cells, "note": "no saved predictions"}
+    return {"kind": "system", "cells": cells}
 
 
 SYSTEM_HEAD = ["system", *MEASURE_HEAD, "macro-F1 %", "best dev", "best step", "train s"]
@@ -387,9 +399,9 @@ def _names(results: list[dict]) -> list[str]:
             for lab, r in zip(labels, results)]
 
 
-def task_section(task: str, results: list[dict], out_dir: Path, used: set[str]) -> dict:
+def task_section(task: str, runs: list[RunScores], out_dir: Path, used: set[str]) -> dict:
     """Everything the page shows for one item set: the table, its notes, figures, subgroups, exports."""
-    runs = [run_scores(r, name) for r, name in zip(results, _names(results))]
+    results = [s.result for s in runs]
     scored = [s for s in runs if s.scored]
     humans, notes = human_rows(task, scored)
     if any(not s.scored for s in runs):
@@ -434,10 +446,14 @@ def write_report(results: list[dict], out_dir: Path, title: str = "zoft report")
 
     File names are slugs of the task and run folder (see :func:`slug`), always inside ``out_dir``.
     """
+    by_task = {}
+    for task in dict.fromkeys(r["task"] for r in results):
+        rows = [r for r in results if r["task"] == task]
+        # every run's predictions are read (and checked) before the first file is written
+        by_task[task] = [run_scores(r, name) for r, name in zip(rows, _names(rows))]
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    sections = [task_section(task, [r for r in results if r["task"] == task], out_dir, used)
-                for task in dict.fromkeys(r["task"] for r in results)]
+    sections = [task_section(task, runs, out_dir, used) for task, runs in by_task.items()]
     env = _templates()
     context = {"title": title, "sections": sections, "smd_flag": SMD_FLAG}
     atomic_write_text(out_dir / "report.md", env.get_template("report.md.j2").render(context))

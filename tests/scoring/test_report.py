@@ -306,3 +306,19 @@ def test_a_result_without_a_task_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"zoft: error: {tmp_path / 'run' / 'eval.json'}: corrupt (a result without 'task')\n"
     assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("outputs, what", [
+    ({"targets": [0, 1], "predictions": [0]}, "predictions and targets must be score indices"),
+    ({"targets": [0, 7], "predictions": [0, 1], "levels": ["0", "1"]}, "predictions and targets must be"),
+    ({"targets": [0, 1], "predictions": [0, 1], "ids": ["a"]}, "ids, second_targets and subgroups"),
+    ({"targets": [0, 1], "predictions": [0, 1], "subgroups": {"school": ["n"]}}, "ids, second_targets"),
+])
+def test_corrupt_eval_outputs_are_one_line(tmp_path, capsys, outputs, what):
+    run = fake_run(tmp_path / "run")
+    result = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps(result | {"eval_outputs": outputs}))
+    assert main(["report", str(run), "--output-dir", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"zoft: error: {run / 'eval.json'}: corrupt eval_outputs (" + what) and err.count("\n") == 1
+    assert not (tmp_path / "rep").exists()
