@@ -95,11 +95,20 @@ def cmd_report(args) -> None:
             found = _read_json(path / "comparison.json", list)
             if not all(isinstance(r, dict) for r in found):
                 raise ZoftError(f"{path / 'comparison.json'}: corrupt (expected a list of results)")
-            results += found
+            for r in found:   # a comparison folder that was moved: its runs are still inside it
+                moved = path / Path(str(r.get("run_dir", ""))).name
+                if r.get("run_dir") and not Path(r["run_dir"]).is_dir() and moved.is_dir():
+                    r["run_dir"] = str(moved)
+            results += [(path / "comparison.json", r) for r in found]
         elif (path / "eval.json").is_file():
-            results.append(_read_json(path / "eval.json", dict) | {"run_dir": str(path)})
+            results.append((path / "eval.json", _read_json(path / "eval.json", dict) | {"run_dir": str(path)}))
         else:
             raise ZoftError(f"{path}: neither a run (eval.json) nor a comparison (comparison.json)")
+    for source, r in results:
+        missing = next((key for key in ("task", "method", "eval") if key not in r), None)
+        if missing:
+            raise ZoftError(f"{source}: corrupt (a result without '{missing}')")
+    results = [r for _, r in results]
     out = Path(args.output_dir or (Path(args.runs[0]) / "report"))
     page = write_report(results, out, title=args.title)
     print(f"report: {page} and {page.with_suffix('.html')}")
@@ -176,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_compare)
-    p = sub.add_parser("report", help="a markdown + HTML page from runs or comparisons")
+    p = sub.add_parser("report", help="an RSMTool-style scoring report (HTML + markdown) and RSMTool input files "
+                       "from runs or comparisons")
     p.add_argument("runs", nargs="+", help="run directories and/or compare output directories")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--title", default="zoft report")

@@ -216,6 +216,7 @@ def test_table_csv_with_dict_mapping_and_rubric_file(tmp_path):
     ("id,answer\n1,a\n", {}, 1, "score", "missing column"),
     ("id,answer,score\n1,a,1\n1,b,0\n", {}, 2, "id", "duplicate response id '1'"),
     ("id,answer,score\n1,a,good\n", {"levels": ["poor", "fair"]}, 1, "score", "score 'good' is not one of"),
+    ("id,answer,score\n1,a,1\n", {"subgroups": ["school"]}, 1, "school", "missing column"),
 ])
 def test_table_bad_rows(tmp_path, text, mapping, row, field, reason):
     path = tmp_path / "t.csv"
@@ -224,6 +225,14 @@ def test_table_bad_rows(tmp_path, text, mapping, row, field, reason):
         read_table(path, {"id": "id", "text": "answer", "score": "score", **mapping})
     where = f"{path}:{row}: " + (f"field '{field}': " if field else "")
     assert one_line(e).startswith(where + reason)
+
+
+def test_table_subgroup_columns_are_kept_per_response(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("id,answer,score,school,gender\n1,a,1,north,f\n2,b,0, south ,m\n")
+    groups = read_table(path, {"id": "id", "text": "answer", "score": "score", "subgroups": ["school", "gender"]})
+    assert [r.subgroups for r in groups[0][1]] == [{"school": "north", "gender": "f"},
+                                                   {"school": "south", "gender": "m"}]
 
 
 def test_table_item_rows_disagree(tmp_path):
@@ -249,6 +258,7 @@ def test_table_jsonl_row_missing_aspect(tmp_path):
     ({"id": "id", "text": "answer", "score": "s", "scores": ["a", "b"]}, "scores"),
     ({"id": "id", "text": "answer", "levels": ["a", "a"]}, "levels"),
     ({"id": "id", "text": "answer", "item": {"rubrik": "x"}}, "item"),
+    ({"id": "id", "text": "answer", "subgroups": "school"}, "subgroups"),
 ])
 def test_table_bad_mapping(tmp_path, mapping, field):
     path = tmp_path / "t.csv"

@@ -67,3 +67,26 @@ def test_registry_and_errors():
     with pytest.raises(ValueError):
         compute_metric("acc", [0], [])
     assert compute_metric("acc", [], []) == 0.0
+
+
+def test_agreement_measures_follow_rsmtools_definitions():
+    from scipy.stats import pearsonr
+    from sklearn.metrics import cohen_kappa_score
+    from zoft.tasks.metrics import agreement_measures, standardized_mean_difference
+    human = [0, 1, 2, 3, 2, 1, 0, 3, 2, 2]
+    system = [0, 2, 2, 3, 0, 1, 1, 3, 3, 2]
+    h, s = np.array(human, float), np.array(system, float)
+    m = agreement_measures(human, system, [0, 1, 2, 3])
+    assert m["n"] == 10
+    assert m["exact"] == pytest.approx(0.6) and m["adjacent"] == pytest.approx(0.9)   # one response 2 apart
+    assert m["qwk"] == pytest.approx(cohen_kappa_score(human, system, weights="quadratic"))
+    assert m["r"] == pytest.approx(pearsonr(h, s)[0])
+    # SMD: (mean(system) - mean(human)) / sd(human), sd with ddof 1 (RSMTool's "unpooled")
+    assert m["smd"] == pytest.approx((1.7 - 1.6) / np.std(h, ddof=1))
+    assert m["rmse"] == pytest.approx(np.sqrt((4 + 1 + 1 + 1) / 10))
+    # between two humans RSMTool pools the two sds
+    pooled = np.sqrt((np.var(h, ddof=1) + np.var(s, ddof=1)) / 2)
+    assert standardized_mean_difference(human, system, pooled=True) == pytest.approx(0.1 / pooled)
+    # constant scores: no correlation and no SMD rather than a division by zero
+    flat = agreement_measures([1, 1, 1], [0, 1, 2])
+    assert flat["r"] is None and flat["smd"] is None and flat["exact"] == pytest.approx(1 / 3)

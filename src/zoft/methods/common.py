@@ -97,9 +97,15 @@ def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, t
                               batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
     """Metrics plus the predictions and gold targets behind them (for confusion matrices)."""
     preds = predictions(scorer, enc, task, batch_size)
+    return metrics_and_outputs(task, preds, examples)
+
+
+def metrics_and_outputs(task: Task, preds: list, examples) -> tuple[dict[str, float], dict[str, list]]:
+    """Every metric of the task, and what eval.json keeps for a report: predictions, gold
+    targets and the task's per-response columns (ids, second rater, subgroups)."""
     metrics = {name: compute_metric(name, preds, examples) for name in task.metrics}
-    return metrics, {"predictions": preds, "targets": [ex.target if ex.target is not None else ex.answers
-                                                        for ex in examples]}
+    targets = [ex.target if ex.target is not None else ex.answers for ex in examples]
+    return metrics, {"predictions": preds, "targets": targets, **task.response_columns(examples)}
 
 
 def best_or_last_weights(run_dir):

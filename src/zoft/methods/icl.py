@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from zoft.adapters import MODES
-from zoft.methods.common import Setup, evaluate
+from zoft.methods.common import Setup, evaluate, evaluate_with_predictions
 from zoft.methods.registry import Method, register_method
 
 
@@ -30,11 +30,14 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     scorer = setup.scorer()
     setup.loaded.model.eval()
     evals = {}
-    for split, examples in (("eval", data.eval), ("dev", data.dev)):
-        prompted = with_demonstrations(examples, demos, task.target_delimiter)
-        evals[split] = evaluate(scorer, scorer.encode(prompted), prompted, task, cfg.eval_batch_size)
+    prompted = with_demonstrations(data.eval, demos, task.target_delimiter)
+    evals["eval"], outputs = evaluate_with_predictions(scorer, scorer.encode(prompted), prompted, task,
+                                                       cfg.eval_batch_size)
+    prompted = with_demonstrations(data.dev, demos, task.target_delimiter)
+    evals["dev"] = evaluate(scorer, scorer.encode(prompted), prompted, task, cfg.eval_batch_size)
     result = {"method": "icl", "k": len(demos), "task": task.name, "model": cfg.model,
-              "metric": task.metric, **evals, "n_eval": len(data.eval), "compute_dtype": scorer.compute_dtype}
+              "metric": task.metric, **evals, "n_eval": len(data.eval), "compute_dtype": scorer.compute_dtype,
+              "eval_outputs": outputs}
     run_dir.write_json("eval.json", result)
     return result
 

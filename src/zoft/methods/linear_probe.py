@@ -19,9 +19,8 @@ from sklearn.preprocessing import StandardScaler
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.adapters import MODES
-from zoft.methods.common import Setup
+from zoft.methods.common import Setup, metrics_and_outputs
 from zoft.methods.registry import Method, register_method
-from zoft.tasks import compute_metric
 
 MAX_ITER = 5000   # lbfgs on a few thousand standardised features converges well before this
 
@@ -54,10 +53,6 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, c: float, seed: int = 0,
     return probe.fit(features, labels)
 
 
-def metrics_of(task, preds: list[int], examples) -> dict[str, float]:
-    return {name: compute_metric(name, preds, examples) for name in task.metrics}
-
-
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     """Fit the probe on the train sample; report dev and eval metrics (eval.json, method "lp").
 
@@ -75,13 +70,14 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     probe = fit_probe(x_train, y_train, cfg.lp_c, cfg.seed)
     train_seconds = time.perf_counter() - start
 
-    splits = {}
+    splits, outputs = {}, {}
     for name, examples in (("dev", data.dev), ("eval", data.eval)):
         if not examples:
             splits[name] = {}
             continue
         x = extract_features(scorer, scorer.encode(examples), cfg.eval_batch_size)
-        splits[name] = metrics_of(task, [int(p) for p in probe.predict(x)], examples)
+        # the eval split's predictions are kept, as every method keeps them, for zoft report
+        splits[name], outputs = metrics_and_outputs(task, [int(p) for p in probe.predict(x)], examples)
 
     result = {
         "method": "lp", "task": task.name, "model": cfg.model, "metric": task.metric,
@@ -89,6 +85,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
         "train_acc": float((probe.predict(x_train) == y_train).mean()),
         "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
         "train_seconds": round(train_seconds, 1), "compute_dtype": scorer.compute_dtype,
+        "eval_outputs": outputs,
     }
     run_dir.write_json("eval.json", result)
     return result

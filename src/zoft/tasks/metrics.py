@@ -226,3 +226,44 @@ def quadratic_weighted_kappa(y_true: Sequence[Hashable], y_pred: Sequence[Hashab
     if disagreement == 0:
         return 1.0
     return float(1 - (weights * observed).sum() / disagreement)
+
+
+# ---------------------------------------------------------------- RSMTool's agreement measures
+
+def standardized_mean_difference(human: Sequence[float], system: Sequence[float],
+                                 pooled: bool = False) -> float | None:
+    """SMD as RSMTool defines it: ``(mean(system) - mean(human)) / sd(human)`` (ddof 1).
+
+    ``pooled`` divides by ``sqrt((sd(human)^2 + sd(system)^2) / 2)`` instead: RSMTool's SMD
+    between two human raters. None where the denominator is 0 (every score the same).
+    """
+    h, s = np.asarray(human, dtype=float), np.asarray(system, dtype=float)
+    if len(h) < 2:
+        return None
+    sd = np.sqrt((h.var(ddof=1) + s.var(ddof=1)) / 2) if pooled else h.std(ddof=1)
+    return float((s.mean() - h.mean()) / sd) if sd > 0 else None
+
+
+def agreement_measures(human: Sequence[float], system: Sequence[float], labels: Sequence[int] | None = None,
+                       pooled_smd: bool = False) -> dict[str, float | int | None]:
+    """The measures RSMTool reports for one system against human scores.
+
+    ``n``; ``exact`` and ``adjacent`` (fractions of responses with ``|system - human|`` 0 and at
+    most 1); ``qwk`` (over ``labels``, default the scores that occur); ``r`` (Pearson, None when
+    either side is constant); ``smd`` (:func:`standardized_mean_difference`, ``pooled_smd`` for
+    human-human); ``rmse``.
+
+    Raises:
+        DataError: different lengths or no scores.
+    """
+    check_scores(human, system)
+    from scipy.stats import pearsonr   # imported lazily, as sklearn: slow to import
+
+    h, s = np.asarray(human, dtype=float), np.asarray(system, dtype=float)
+    diff = np.abs(s - h)
+    constant = h.std() == 0 or s.std() == 0
+    return {"n": len(h), "exact": float((diff == 0).mean()), "adjacent": float((diff <= 1).mean()),
+            "qwk": quadratic_weighted_kappa(list(human), list(system), labels),
+            "r": None if constant else float(pearsonr(h, s)[0]),
+            "smd": standardized_mean_difference(h, s, pooled=pooled_smd),
+            "rmse": float(np.sqrt(((s - h) ** 2).mean()))}

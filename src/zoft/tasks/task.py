@@ -270,6 +270,11 @@ class Task:
         return sample_task_data(train_pool, eval_pool, same_split=same, n_train=n_train, n_dev=n_dev,
                                 n_eval=n_eval, seed=seed, k_per_class=k_per_class, name=self.name)
 
+    def response_columns(self, examples: list[Example]) -> dict[str, Any]:
+        """Per-response columns a report needs beside the predictions (ids, second rater,
+        subgroups): none for a plain task; :class:`zoft.tasks.rubric.ScoringTask` has them."""
+        return {}
+
     # -- row conversion --------------------------------------------------------------
 
     def _to_example(self, doc: dict, path: str, row: int) -> Example:

@@ -63,6 +63,8 @@ class Response:
         split: The source's split name ("train", "test", a SemEval file stem), or None.
         item_id: The :class:`ScoringItem` this responds to.
         ref: ``"path:row"`` of the source row, for error messages.
+        subgroups: Column -> value of the columns a report groups by (the mapping's
+            ``subgroups``, RSMTool's name), e.g. ``{"gender": "f"}``.
     """
 
     id: str
@@ -72,6 +74,7 @@ class Response:
     split: str | None = None
     item_id: str = ""
     ref: str = ""
+    subgroups: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 # ---------------------------------------------------------------- labels
@@ -321,10 +324,13 @@ def _load_mapping(mapping: Mapping[str, Any] | str | Path, data_path: Path) -> t
 
 
 def _check_mapping(m: dict, where: str) -> None:
-    unknown = set(m) - set(COLUMN_KEYS) - {"levels", "item"}
+    unknown = set(m) - set(COLUMN_KEYS) - {"levels", "item", "subgroups"}
     if unknown:
-        raise DataError(f"unknown key (use {', '.join(COLUMN_KEYS)}, levels, item)", where,
+        raise DataError(f"unknown key (use {', '.join(COLUMN_KEYS)}, levels, item, subgroups)", where,
                         field=sorted(unknown)[0])
+    if "subgroups" in m and (not isinstance(m["subgroups"], list)
+                             or not all(isinstance(c, str) for c in m["subgroups"])):
+        raise DataError("expected a list of column names", where, field="subgroups")
     for key in ("id", "text"):
         if not isinstance(m.get(key), str):
             raise DataError("required: the name of a column", where, field=key)
@@ -360,6 +366,8 @@ def read_table(path: str | Path, mapping: Mapping[str, Any] | str | Path) -> lis
       (a list of columns, one per rubric aspect: multi-label); ``second_score``,
       ``split``, ``item_id`` (per row, to group by item), ``question``, ``rubric``,
       ``reference_answers`` (text or, in JSONL, a list), all optional;
+    * ``subgroups``: a list of columns to break results down by in ``zoft report``
+      (e.g. ``[gender, school]``), optional;
     * ``levels``: the labels, lowest first; default ``"0"`` to the highest integer in
       the data (scores must then be integers);
     * ``item``: constants for every item: ``item_id`` (default the file stem),
@@ -386,7 +394,8 @@ def read_table(path: str | Path, mapping: Mapping[str, Any] | str | Path) -> lis
         const["rubric"] = read_text_file(base / const.pop("rubric_file")).strip()
     rows, p = read_rows(path), str(path)
     score_cols = m["scores"] if "scores" in m else [m["score"]] if "score" in m else []
-    _require(rows, [m[k] for k in COLUMN_KEYS if isinstance(m.get(k), str)] + score_cols, p)
+    _require(rows, [m[k] for k in COLUMN_KEYS if isinstance(m.get(k), str)] + score_cols
+             + m.get("subgroups", []), p)
 
     levels = [str(v) for v in m["levels"]] if m.get("levels") else None
     if levels is None and score_cols:  # integers 0..max, checked row by row for a precise error
@@ -432,7 +441,8 @@ def read_table(path: str | Path, mapping: Mapping[str, Any] | str | Path) -> lis
         split = (str(d[m["split"]]).strip() or None) if "split" in m else None
         responses.append(Response(str(d[m["id"]]), str(d[m["text"]]),
                                   scores if "scores" in m else scores[0] if scores else None,
-                                  second, split, item_id, f"{p}:{row}"))
+                                  second, split, item_id, f"{p}:{row}",
+                                  {c: str(d[c]).strip() for c in m.get("subgroups", [])}))
     _check_unique([r for _, rs in groups.values() for r in rs], m["id"])
     return list(groups.values())
 

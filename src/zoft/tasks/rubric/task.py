@@ -183,7 +183,7 @@ class ScoringTask:
                             response.ref or None, field="score")
         target = response.score
         doc = {"item_id": item.item_id, "id": response.id, "text": response.text, "split": response.split,
-               "score": target, "second_score": response.second_score}
+               "score": target, "second_score": response.second_score, "subgroups": dict(response.subgroups)}
         return Example(self.context(item, response.text), list(self.levels), target,
                        [self.levels[target]] if target is not None else [], doc, response.ref)
 
@@ -206,7 +206,8 @@ class ScoringTask:
         for k, aspect in enumerate(self.aspects):
             target = scores[k] if scores is not None else None
             doc = {"item_id": item.item_id, "id": response.id, "text": response.text, "split": response.split,
-                   "aspect": aspect, "score": target, "response_key": f"{item.item_id}/{response.id}"}
+                   "aspect": aspect, "score": target, "response_key": f"{item.item_id}/{response.id}",
+                   "subgroups": dict(response.subgroups)}
             out.append(Example(self.context(item, response.text, aspect), list(self.levels), target,
                                [self.levels[target]] if target is not None else [], doc, response.ref))
         return out
@@ -257,6 +258,36 @@ class ScoringTask:
         if not both:
             return None
         return human_agreement(both, list(range(len(self.levels))))
+
+    def train_rater_pairs(self) -> list[tuple[int, int]]:
+        """``(score, second_score)`` of the training responses a second human rater scored
+        (ASAP: Score1, Score2 on the train rows; its public test rows have no Score2)."""
+        return [(r.score, r.second_score) for r in self._train
+                if isinstance(r.score, int) and r.second_score is not None]
+
+    def response_columns(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """What a report needs beside each prediction, one entry per example, for eval.json.
+
+        ``ids`` (the response id; ``item/id`` when the task has several items, ``/aspect``
+        added for multi-label), ``levels``, ``second_targets`` (the second rater's score
+        index or None; only when some response has one) and ``subgroups`` (column -> values:
+        the mapping's ``subgroups``, plus ``item`` when the examples span several items).
+        """
+        docs = [ex.doc for ex in examples]
+        several_items = len(self.items) > 1
+        ids = [(f"{d['item_id']}/{d['id']}" if several_items else str(d["id"]))
+               + (f"/{d['aspect']}" if "aspect" in d else "") for d in docs]
+        columns: dict[str, Any] = {"ids": ids, "levels": list(self.levels)}
+        second = [d.get("second_score") for d in docs]
+        if any(s is not None for s in second):
+            columns["second_targets"] = second
+        groups = {name: [d["subgroups"].get(name, "") for d in docs]
+                  for name in dict.fromkeys(k for d in docs for k in d.get("subgroups", {}))}
+        if len({d["item_id"] for d in docs}) > 1:
+            groups["item"] = [d["item_id"] for d in docs]
+        if groups:
+            columns["subgroups"] = groups
+        return columns
 
     # -- constructors ------------------------------------------------------------------
 
