@@ -32,7 +32,8 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     evals = {}
     for split, examples in (("eval", data.eval), ("dev", data.dev)):
         prompted = with_demonstrations(examples, demos, task.target_delimiter)
-        evals[split] = evaluate(scorer, scorer.encode(prompted), prompted, task, cfg.eval_batch_size)
+        evals[split] = evaluate(scorer, scorer.encode(prompted), prompted, task, cfg.eval_batch_size,
+                                 cfg.progress, label=split)
     result = {"method": "icl", "k": len(demos), "task": task.name, "model": cfg.model,
               "metric": task.metric, **evals, "n_eval": len(data.eval), "compute_dtype": scorer.compute_dtype}
     run_dir.write_json("eval.json", result)
