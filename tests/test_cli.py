@@ -215,10 +215,9 @@ def test_each_run_starts_with_a_line_naming_task_model_method_and_run_dir(tmp_pa
     out = tmp_path / "cmp"
     assert main(["compare", "--methods", "zero-shot,mezo:prefix", "--output-dir", str(out), *SMALL]) == 0
     starts = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zoft: train: ")]
-    assert starts == [f"zoft: train: task sst2, model tiny-llama, method zero-shot, mode full, run directory "
-                      f"{out / 'zero-shot'}",
-                      f"zoft: train: task sst2, model tiny-llama, method mezo, mode prefix, run directory "
-                      f"{out / 'mezo-prefix'}"]
+    assert starts == [f"zoft: train: task sst2, model tiny-llama, method {method}, mode {mode}, run directory "
+                      f"{out / folder}" for method, mode, folder in (("zero-shot", "full", "zero-shot"),
+                                                                     ("mezo", "prefix", "mezo-prefix"))]
 
 
 def test_progress_false_prints_one_line_per_evaluation(tmp_path, capsys):
@@ -233,6 +232,18 @@ def test_progress_false_prints_one_line_per_evaluation(tmp_path, capsys):
         assert line.startswith(f"dev step {step}: acc {dev[step]:.4f}, best {max(dev[s] for s in dev if s <= step):.4f}")
     acc = json.loads((run / "eval.json").read_text())["eval"]["acc"]
     assert lines[2].startswith(f"eval: acc {acc:.4f} (8 examples, ")
+
+
+@pytest.mark.parametrize("method", ["zero-shot", "lp"])
+def test_progress_false_prints_one_line_per_split_of_an_untrained_method(tmp_path, capsys, method):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, f"method={method}", f"output_dir={run}"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("dev:", "eval:"))]
+    result = json.loads((run / "eval.json").read_text())
+    assert len(lines) == 2, lines
+    for split in ("dev", "eval"):
+        line = next(line for line in lines if line.startswith(f"{split}:"))
+        assert line.startswith(f"{split}: acc {result[split]['acc']:.4f} (8 examples, "), line
 
 
 def test_progress_shows_an_evaluation_bar(tmp_path, capsys):

@@ -9,8 +9,8 @@ from zoft import api
 from zoft.methods import load_run
 from zoft.models import tiny_random_model
 
-SMALL = dict(task="sst2", n_train=16, n_dev=8, n_eval=8, max_length=48, progress=False, steps=4, eval_every=2,
-             eps=1e-1)
+SMALL = {"task": "sst2", "n_train": 16, "n_dev": 8, "n_eval": 8, "max_length": 48, "progress": False, "steps": 4,
+         "eval_every": 2, "eps": 1e-1}
 
 
 @pytest.fixture
