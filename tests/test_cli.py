@@ -227,7 +227,7 @@ def test_progress_false_prints_one_line_per_evaluation(tmp_path, capsys):
     dev = {r["step"]: r["dev"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
            if "dev" in r}
     lines = [line for line in err if line.startswith(("dev step", "eval:"))]
-    assert len(lines) == 3, err
+    assert len(lines) == 3 and len(err) == 4 and err[0].startswith("zoft: train: "), err   # nothing else
     for line, step in zip(lines, (2, 4)):
         assert line.startswith(f"dev step {step}: acc {dev[step]:.4f}, best {max(dev[s] for s in dev if s <= step):.4f}")
     acc = json.loads((run / "eval.json").read_text())["eval"]["acc"]

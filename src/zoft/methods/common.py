@@ -156,9 +156,16 @@ def hf_export(model, tokenizer, base: LoadedModel | None = None) -> Callable[[Pa
     from peft import PeftModel
 
     def export(folder: Path) -> None:
-        with warnings.catch_warnings():   # transformers' deprecation notices on peft's save path, every save
-            warnings.simplefilter("ignore", FutureWarning)
-            save(folder)
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()   # a "Writing model shards" bar at every new best is noise
+        try:
+            with warnings.catch_warnings():   # transformers' deprecation notices on peft's save path, every save
+                warnings.simplefilter("ignore", FutureWarning)
+                save(folder)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
 
     def save(folder: Path) -> None:
         if isinstance(model, PeftModel):
