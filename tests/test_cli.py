@@ -1,5 +1,6 @@
 """The command line: compare writes a table and a plot; bad input is one line on stderr, exit 2."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -104,10 +105,18 @@ def test_unusable_output_dirs_are_one_line_before_the_model_loads(tmp_path, caps
     assert err == f"zoft: error: {tmp_path / 'ro' / 'run'}: cannot write: Permission denied"
 
 
+def error_after_start(capsys, argv) -> str:
+    """A run that fails once started: its start line, then one error line."""
+    assert main(argv) == 2
+    start, *errors = capsys.readouterr().err.splitlines()
+    assert start.startswith("zoft: train: ") and len(errors) == 1 and errors[0].startswith("zoft: error: "), errors
+    return errors[0]
+
+
 def test_an_overflowing_update_is_one_line(tmp_path, capsys):
-    err = one_line_error(capsys, ["train", *SMALL, "method=ft", "lr=3e38", f"output_dir={tmp_path / 'ft'}"])
+    err = error_after_start(capsys, ["train", *SMALL, "method=ft", "lr=3e38", f"output_dir={tmp_path / 'ft'}"])
     assert "step 1: the update overflows" in err or "step 1: loss is nan" in err
-    err = one_line_error(capsys, ["train", *SMALL, "method=mezo", "lr=3e38", f"output_dir={tmp_path / 'mezo'}"])
+    err = error_after_start(capsys, ["train", *SMALL, "method=mezo", "lr=3e38", f"output_dir={tmp_path / 'mezo'}"])
     assert "step 2: loss is nan" in err or "overflows" in err
 
 
@@ -178,3 +187,133 @@ def test_train_help_lists_every_config_key(capsys):
     out = capsys.readouterr().out
     assert all(f"{f.name}=" in out for f in dataclasses.fields(Config))
     assert "lr=1e-06" in out and "overwrite_output_dir=False" in out
+
+
+def test_train_help_gives_each_keys_meaning(capsys):
+    """Each key's line carries its one-line meaning, taken from zoft.config.KEY_HELP."""
+    import dataclasses
+
+    from zoft.config import KEY_HELP, Config
+    assert set(KEY_HELP) == {f.name for f in dataclasses.fields(Config)}   # a new key needs its line
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for f in dataclasses.fields(Config):
+        line = next(line for line in lines if line.strip().startswith(f"{f.name}="))
+        assert line.rstrip().endswith(KEY_HELP[f.name]), line
+    assert any(line.split() == ["lr=1e-06", *KEY_HELP["lr"].split()] for line in lines)
+
+
+def test_each_run_starts_with_a_line_naming_task_model_method_and_run_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "method=mezo", "mode=lora", f"output_dir={run}"]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == f"zoft: train: task sst2, model tiny-llama, method mezo, mode lora, run directory {run}"
+    assert main(["eval", "--model", str(run), "n_eval=4"]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == f"zoft: eval: task sst2, model tiny-llama, method mezo, mode lora, run directory {run}"
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "zero-shot,mezo:prefix", "--output-dir", str(out), *SMALL]) == 0
+    starts = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zoft: train: ")]
+    assert starts == [f"zoft: train: task sst2, model tiny-llama, method {method}, mode {mode}, run directory "
+                      f"{out / folder}" for method, mode, folder in (("zero-shot", "full", "zero-shot"),
+                                                                     ("mezo", "prefix", "mezo-prefix"))]
+
+
+def test_progress_false_prints_one_line_per_evaluation(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "steps=4", "lr=5e-2", "eps=1e-1", f"output_dir={run}"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    dev = {r["step"]: r["dev"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+           if "dev" in r}
+    lines = [line for line in err if line.startswith(("dev step", "eval:"))]
+    assert len(lines) == 3 and len(err) == 4 and err[0].startswith("zoft: train: "), err   # nothing else
+    for line, step in zip(lines, (2, 4)):
+        assert line.startswith(f"dev step {step}: acc {dev[step]:.4f}, best {max(dev[s] for s in dev if s <= step):.4f}")
+    acc = json.loads((run / "eval.json").read_text())["eval"]["acc"]
+    assert lines[2].startswith(f"eval: acc {acc:.4f} (8 examples, ")
+
+
+@pytest.mark.parametrize("method", ["zero-shot", "lp"])
+def test_progress_false_prints_one_line_per_split_of_an_untrained_method(tmp_path, capsys, method):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, f"method={method}", f"output_dir={run}"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("dev:", "eval:"))]
+    result = json.loads((run / "eval.json").read_text())
+    assert len(lines) == 2, lines
+    for split in ("dev", "eval"):
+        line = next(line for line in lines if line.startswith(f"{split}:"))
+        assert line.startswith(f"{split}: acc {result[split]['acc']:.4f} (8 examples, "), line
+
+
+def test_progress_shows_an_evaluation_bar(tmp_path, capsys):
+    assert main(["train", *SMALL, "method=zero-shot", "progress=true", f"output_dir={tmp_path / 'run'}"]) == 0
+    err = capsys.readouterr().err
+    assert "eval: 100%" in err and "8/8" in err
+    assert "eval: acc" not in err   # the bar replaces the summary line
+
+
+def test_threads_sets_torchs_cpu_threads(tmp_path, capsys):
+    import torch
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    try:
+        assert main(["train", *SMALL, "method=zero-shot", f"threads={wanted}", f"output_dir={tmp_path / 'run'}"]) == 0
+        assert torch.get_num_threads() == wanted
+        capsys.readouterr()
+    finally:
+        torch.set_num_threads(before)
+    assert "threads must be >= 1" in one_line_error(capsys, ["train", *SMALL, "threads=0"])
+
+
+def test_eval_of_a_model_name_without_a_task_uses_sst2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "tiny-llama", "n_train=4", "n_dev=4", "n_eval=4", "max_length=48",
+                 "progress=false"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["task"] == "sst2"
+
+
+def test_report_to_tensorboard_needs_the_package(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "tensorboard", None)   # as if not installed
+    err = one_line_error(capsys, ["train", *SMALL, "report_to=tensorboard", f"output_dir={tmp_path / 'run'}"])
+    assert "pip install tensorboard" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_to_tensorboard_logs_loss_lr_and_dev_per_step(tmp_path, monkeypatch):
+    """A stand-in SummaryWriter (the package is an extra) records what the loop hands TensorBoard."""
+    import importlib.machinery
+    import sys
+    import types
+    written, dirs = [], []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            dirs.append(log_dir)
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step, value))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            written.append("closed")
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = SummaryWriter
+    package = types.ModuleType("tensorboard")
+    package.__spec__ = importlib.machinery.ModuleSpec("tensorboard", None)
+    monkeypatch.setitem(sys.modules, "tensorboard", package)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "steps=4", "lr=5e-2", "eps=1e-1", "report_to=tensorboard",
+                 f"output_dir={run}"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert written[-1] == "closed"
+    assert [(s, v) for t, s, v in written[:-1] if t == "train/loss"] == [(r["step"], r["loss"]) for r in records]
+    assert [(s, v) for t, s, v in written[:-1] if t == "train/learning_rate"] == [(r["step"], 5e-2) for r in records]
+    assert [(s, v) for t, s, v in written[:-1] if t == "eval/acc"] == [(r["step"], r["dev"]) for r in records
+                                                                        if "dev" in r]
+    assert len(dirs) == 1 and Path(dirs[0]).parent == run / "tensorboard"

@@ -129,6 +129,7 @@ def test_the_callers_own_flag_does_turn_remote_code_on(run_asking_for_remote_cod
 def test_eval_of_a_run_with_missing_truncated_or_corrupt_best_weights_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     train(out, steps=3)
+    capsys.readouterr()
     weights = out / "best" / "trainable.safetensors"
     good = weights.read_bytes()
     for damage, expected in ((lambda: weights.unlink(), "missing"),
@@ -144,10 +145,12 @@ def test_eval_of_a_run_with_missing_truncated_or_corrupt_best_weights_is_one_lin
 def test_resume_from_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     train(out, steps=3)
+    capsys.readouterr()
     (out / "checkpoint-3" / "trainable.safetensors").write_bytes(b"{not safetensors")
     assert cli.main(["train", "--resume", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"zoft: error: {out}/checkpoint-3/trainable.safetensors: ") and err.count("\n") == 1
+    start, *errors = capsys.readouterr().err.splitlines()   # the run it resumes, then one error line
+    assert start.startswith("zoft: resume: ") and str(out) in start
+    assert len(errors) == 1 and errors[0].startswith(f"zoft: error: {out}/checkpoint-3/trainable.safetensors: ")
     (out / "checkpoint-3" / "trainable.safetensors").unlink()
     (out / "checkpoint-3" / "trainer_state.json").write_text("[1, 2]")
     assert cli.main(["train", "--resume", str(out)]) == 2

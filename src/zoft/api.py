@@ -1,6 +1,7 @@
 """The public Python API: ``zoft.train(config)`` and ``zoft.evaluate(...)``."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,16 @@ def _as_config(config: Config | dict | str | Path | None, overrides: dict[str, A
     if isinstance(config, dict):
         return load_config(overrides={**config, **(overrides or {})})
     return load_config(config, overrides or {})
+
+
+def start_line(verb: str, cfg: Config, where: Path, model: str | None = None) -> str:
+    """One line naming what a run uses, so a forgotten ``task=`` or a wrong model shows at once."""
+    return (f"zoft: {verb}: task {cfg.task}, model {model or cfg.model}, method {cfg.method}, "
+            f"mode {cfg.mode}, run directory {where}")
+
+
+def _announce(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def train(config: Config | dict | str | Path | None = None, resume: str | Path | None = None,
@@ -57,6 +68,9 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
         run_dir.write_config(cfg.to_dict())
     elif writes:
         run_dir.sweep()              # temps of writes a kill cut short
+    if writes:
+        _announce(start_line("resume" if resume is not None else "train", cfg, run_dir.path,
+                             None if method.loads_lm else cfg.encoder))
     parallel = {"par": par} if par else {}
     result = method.run(setup, run_dir, resume=resume is not None, **parallel)
     result["run_dir"] = str(run_dir.path)
@@ -75,7 +89,9 @@ def evaluate(model: str | Path = "smollm2-135m", task: str | None = None, **over
     if (path / "config.yaml").is_file():   # a zoft run: rebuild its model and load its best weights
         from zoft.methods.common import evaluate as evaluate_split
         setup, scorer = load_run(path, task=task if task else None, **overrides)
+        _announce(start_line("eval", setup.cfg, path, setup.cfg.model if setup.loaded else setup.cfg.encoder))
         enc = scorer.encode(setup.data.eval)
         return {"model": str(path), "task": setup.task.name, "compute_dtype": scorer.compute_dtype,
-                "eval": evaluate_split(scorer, enc, setup.data.eval, setup.task, setup.cfg.eval_batch_size)}
+                "eval": evaluate_split(scorer, enc, setup.data.eval, setup.task, setup.cfg.eval_batch_size,
+                                       progress=setup.cfg.progress, label="eval")}
     return train(method="zero-shot", model=str(model), task=task or "sst2", **overrides)

@@ -147,15 +147,15 @@ def cmd_demo(args) -> None:
 
 
 def _config_keys() -> str:
-    """Every config key with its default, for ``zoft train --help`` (the same keys a YAML config takes)."""
+    """Every config key with its default and meaning, for ``zoft train --help`` (the keys a YAML config takes)."""
     import dataclasses
-    import textwrap
 
-    from zoft.config import Config
-    keys = "  ".join(f"{f.name}={'' if f.default is None else f.default}" for f in dataclasses.fields(Config)
-                     if f.default is not dataclasses.MISSING)
-    return "config keys, as key=value or in a YAML config (defaults shown):\n" + textwrap.fill(
-        keys, width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+    from zoft.config import KEY_HELP, Config
+    keys = [(f"{f.name}={'' if f.default is None else f.default}", KEY_HELP.get(f.name, ""))
+            for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING]
+    width = max(len(k) for k, _ in keys) + 2
+    return "config keys, as key=value or in a YAML config (defaults shown):\n" + "\n".join(
+        f"  {key:<{width}}{meaning}" for key, meaning in keys)
 
 
 TRUST_HELP = ("run the Python code a model folder ships (transformers' trust_remote_code); "

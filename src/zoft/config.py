@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ def yaml_load(text: str) -> Any:
 
 
 OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
+REPORT_TO = ("none", "tensorboard")  # where training metrics go besides metrics.jsonl (HF's report_to)
 
 
 @dataclass
@@ -114,6 +116,8 @@ class Config:
     output_dir: str | None = None
     overwrite_output_dir: bool = False   # replace an earlier run in output_dir (else a fresh run there is refused)
     progress: bool = True
+    threads: int | None = None       # torch CPU threads (torch.set_num_threads); empty: torch's own choice
+    report_to: str = "none"          # none | tensorboard: train loss, lr and dev metric under RUN_DIR/tensorboard/
 
     def validate(self) -> "Config":
         # allowed values come from the registries that implement them (the method is checked by
@@ -123,7 +127,7 @@ class Config:
                              ("lr_schedule", tuple(SCHEDULES)),
                              ("distribution", DISTRIBUTIONS),
                              ("backend", BACKEND_NAMES),
-                             ("parallel", ("none", "data", "direction")),
+                             ("parallel", ("none", "data", "direction")), ("report_to", REPORT_TO),
                              ("optimizer", tuple(OPTIMIZERS)), ("estimator", tuple(ESTIMATORS)),
                              ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):
             if getattr(self, key) not in allowed:
@@ -132,7 +136,7 @@ class Config:
                     "n_train", "n_dev", "n_eval", "lora_r", "num_virtual_tokens", "lozo_rank", "lozo_nu"):
             if getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
-        for key in ("save_every", "k_per_class"):
+        for key in ("save_every", "k_per_class", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1 (or empty for the default), got {getattr(self, key)}")
         for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
@@ -164,6 +168,8 @@ class Config:
         if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
             raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
                             "flat_params=false")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ZoftError("config: report_to=tensorboard needs the tensorboard package: pip install tensorboard")
         return self
 
     def resolved_output_dir(self) -> Path:
@@ -175,6 +181,73 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# One line per key for `zoft train --help`; tests/test_cli.py checks that every Config field has one.
+KEY_HELP: dict[str, str] = {
+    "method": "what to run: zero-shot, icl, lp, ft, lp-ft, mezo, bert-cls",
+    "model": "builtin name (smollm2-135m, gemma3-270m, tiny-llama, tiny-bert), HF folder, .gguf file or hub id",
+    "dtype": "weight dtype: fp32 | bf16 | fp16",
+    "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights)",
+    "device": "where the model runs, e.g. cpu or cuda",
+    "trust_remote_code": "run the Python a model folder ships (never taken from a run's own config.yaml)",
+    "task": "builtin task (sst2, rte, cb, boolq, copa, ...) or a task YAML in lm-eval-harness style",
+    "data_dir": "folder of the builtin datasets (default: $ZOFT_DATA_DIR, else ../shared/data)",
+    "n_train": "training examples sampled from the training split",
+    "n_dev": "dev examples (model selection), sampled from the training split",
+    "n_eval": "eval examples sampled from the validation split",
+    "k_per_class": "sample k training examples per class instead of n_train",
+    "data_seed": "seed of the data sampling",
+    "max_length": "longest prompt in tokens (longer ones are cut from the left)",
+    "seed": "seed of batches, directions, dropout and adapter init",
+    "mode": "what trains: full | lora | prefix",
+    "steps": "training steps",
+    "batch_size": "training examples per step",
+    "eval_batch_size": "examples per forward pass when evaluating",
+    "lr": "learning rate (the peak, with warm-up or a schedule)",
+    "lr_schedule": "constant | linear (decay to 0 at the last step)",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "weight decay",
+    "eval_every": "evaluate on dev (and keep the best weights) every N steps",
+    "save_every": "checkpoint every N steps (default: eval_every)",
+    "load_best": "evaluate the best dev weights at the end (else the last ones)",
+    "eps": "MeZO perturbation scale",
+    "n_directions": "random directions per MeZO step (n-SPSA)",
+    "distribution": "direction distribution: gaussian | rademacher",
+    "backend": "perturbation backend: auto | torch | cpu-fast | triton | triton-fast",
+    "objective": "what MeZO minimises: loss, or minus acc or f1 on the batch",
+    "optimizer": "ZO optimizer: zo-sgd | zo-sgd-momentum | zo-sgd-sign | zo-sgd-cons | zo-adam",
+    "estimator": "gradient estimator: spsa | fzoo | lozo",
+    "one_sided": "SPSA with (L(θ+εz) − L(θ))/ε instead of the two-sided difference",
+    "momentum": "momentum of zo-sgd-momentum",
+    "adam_beta1": "zo-adam's first-moment decay",
+    "adam_beta2": "zo-adam's second-moment decay",
+    "lozo_rank": "rank of LOZO's low-rank directions",
+    "lozo_nu": "steps between LOZO's resampling of V",
+    "flat_params": "trainable tensors as views of one buffer (faster small-model steps)",
+    "compile": "compiled fixed-shape loss: off | default | reduce-overhead | cuda-graph",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA scaling alpha",
+    "lora_targets": "LoRA target modules, comma-separated (default: peft's for the architecture)",
+    "num_virtual_tokens": "prefix-tuning virtual tokens",
+    "icl_k": "demonstrations per prompt for icl",
+    "lp_c": "inverse L2 strength of the linear probe (scikit-learn C)",
+    "lp_ft_probe_steps": "LP-FT: first steps that train the head only",
+    "encoder": "bert-cls encoder: builtin name (minilm-l6) or HF folder",
+    "trajectory": "write trajectory.safetensors (seeds, g, lr per step) at each checkpoint",
+    "save_weights": "false: checkpoints are the trajectory only (resume replays it)",
+    "parallel": "under torchrun: none | data (shard the batch) | direction (one seed per rank)",
+    "dist_timeout": "seconds a rank waits for the others before failing",
+    "offload": "stream decoder layers from CPU memory to the GPU (ZO2-style)",
+    "offload_dual": "offload: L+ and L− in one forward, so each layer streams once per step",
+    "fused": "plain MeZO in 2 weight passes per step where it applies",
+    "device_map": "auto | balanced: split the layers over several GPUs (accelerate)",
+    "output_dir": "run directory (default: runs/TASK-METHOD-MODE-TIME)",
+    "overwrite_output_dir": "replace an earlier run in output_dir",
+    "progress": "progress bars; false: one line per evaluation instead",
+    "threads": "CPU threads for torch (default: torch's own choice)",
+    "report_to": "none | tensorboard: log loss, lr and dev metric under RUN_DIR/tensorboard/",
+}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

@@ -42,6 +42,8 @@ class LoadedModel:
         is_masked_lm: True for BERT-style models scored at a mask token.
         identity: ``name@sha`` where ``sha`` hashes the weights' source (GGUF file, weight
             files, hub commit) or the config and state dict; stable for the same base model.
+        source: what ``from_pretrained`` opens to get these weights: an absolute HF folder (for a
+            GGUF, its dequantised cache entry) or a hub id; None for the tiny random models.
     """
 
     model: torch.nn.Module
@@ -49,6 +51,7 @@ class LoadedModel:
     name: str
     is_masked_lm: bool
     identity: str
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,9 @@ def _load_pretrained(name: str, source: str, kind: str, dtype: torch.dtype, trus
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs one line
         raise ZoftError(f"{source}: could not load model: {_one_line(e)}") from None
     sha = sha or _state_sha(model)
-    return LoadedModel(model, tokenizer, name, masked, f"{_short_name(name)}@{sha}")
+    local = Path(source).expanduser()
+    return LoadedModel(model, tokenizer, name, masked, f"{_short_name(name)}@{sha}",
+                       source=str(local.resolve()) if local.is_dir() else source)
 
 
 def _load_builtin_gguf(name: str, spec: BuiltinModel, kind: str, dtype: torch.dtype, cache: Path) -> LoadedModel:
@@ -278,7 +283,8 @@ def _load_gguf(name: str, path: Path | None, file_name: str, kind: str, dtype: t
     except Exception as e:  # noqa: BLE001
         raise ZoftError(f"{entry}: cached model is unreadable ({_one_line(e)}); delete this folder to rebuild it") \
             from None
-    return LoadedModel(model, tokenizer, name, False, f"{_short_name(name)}@{meta['sha256'][:12]}")
+    return LoadedModel(model, tokenizer, name, False, f"{_short_name(name)}@{meta['sha256'][:12]}",
+                       source=str(Path(entry).resolve()))
 
 
 def gguf_fingerprint(path: Path) -> str:

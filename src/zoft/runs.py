@@ -5,8 +5,10 @@ Layout (HF-style)::
     RUN_DIR/
       config.yaml          the resolved config
       metrics.jsonl        one JSON object per logged step
-      checkpoint-N/        trainable.safetensors + optimizer.safetensors + trainer_state.json
-      best/                trainable weights of the best dev step
+      checkpoint-N/        trainable.safetensors + optimizer.safetensors + trainer_state.json (with log_history)
+      best/                trainable weights of the best dev step, and the model (full mode) or PEFT
+                           adapter (LoRA, prefix) with its tokenizer, as ``from_pretrained`` loads them
+      runs/                TensorBoard event files (report_to=tensorboard)
       eval.json            final results
       curve.png            dev metric and loss against step
 """
@@ -16,6 +18,7 @@ import fnmatch
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +31,20 @@ from zoft.atomic import atomic_dir, atomic_file, atomic_write_text, one_line_wri
 from zoft.errors import ZoftError
 
 
-def _owned(t: torch.Tensor) -> torch.Tensor:
+def owned_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t``, copied if it is a view into a larger storage (flat_params): safetensors refuses shared memory."""
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
-def save_tensors_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], state: dict | None = None) -> None:
-    """Write a folder of safetensors files (+ trainer_state.json) atomically (zoft.atomic.atomic_dir)."""
+def save_tensors_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], state: dict | None = None,
+                     export: Callable[[Path], None] | None = None) -> None:
+    """Write a folder of safetensors files (+ trainer_state.json) atomically (zoft.atomic.atomic_dir);
+    ``export(folder)`` adds files of its own (an HF model folder) inside the same atomic write."""
     with atomic_dir(path) as tmp:
         for name, tensors in files.items():
-            save_file({k: _owned(v.detach().contiguous().cpu()) for k, v in tensors.items()}, str(tmp / name))
+            save_file({k: owned_tensor(v.detach().contiguous().cpu()) for k, v in tensors.items()}, str(tmp / name))
+        if export is not None:
+            export(tmp)
         if state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
@@ -45,7 +52,7 @@ def save_tensors_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], stat
 # What a run (or a comparison of runs) writes into its folder; an overwrite removes these and
 # nothing else, so a user's own files next to them survive.
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "eval.json", "curve.png", "trajectory.safetensors", "best",
-               "checkpoint-*", "probe_head.safetensors", "events.out.tfevents.*", "comparison.*", "report")
+               "checkpoint-*", "probe_head.safetensors", "events.out.tfevents.*", "tensorboard", "comparison.*", "report")
 OVERWRITE_MARKER = ".zoft-overwrite-in-progress"
 
 
@@ -198,8 +205,9 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
-    def save_best(self, trainable: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        save_tensors_dir(self.path / "best", {"trainable.safetensors": trainable}, state)
+    def save_best(self, trainable: dict[str, torch.Tensor], state: dict[str, Any],
+                  export: Callable[[Path], None] | None = None) -> None:
+        save_tensors_dir(self.path / "best", {"trainable.safetensors": trainable}, state, export)
 
     def load_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
         """Weights, trainer state and optimizer state of ``checkpoint-N/`` or ``best/``; a missing,

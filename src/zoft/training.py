@@ -11,8 +11,10 @@ replays steps N, N+1, ... exactly as the uninterrupted run did.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,6 +25,7 @@ from zoft import faults
 from zoft.errors import ZoftError
 from zoft.atomic import WriteError
 from zoft.runs import RunDir
+from zoft.tracking import metric_writer
 
 
 class DivergedError(ZoftError):
@@ -57,6 +60,29 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
+# what HF's trainer_state.json has beside our fields; written for HF tools, recomputed on resume
+HF_STATE_KEYS = ("global_step", "max_steps", "best_model_checkpoint", "log_history")
+
+
+def log_history(records: list[dict], metric_name: str) -> list[dict]:
+    """metrics.jsonl as HF's ``log_history``: a training entry per step, an ``eval_*`` entry per evaluation."""
+    history = []
+    for r in records:
+        train = {"step": r["step"], **{("learning_rate" if k == "lr" else k): v for k, v in r.items()
+                                       if k not in ("step", "dev")}}
+        history.append(train)
+        if r.get("dev") is not None:
+            history.append({"step": r["step"], f"eval_{metric_name}": r["dev"]})
+    return history
+
+
+def hf_trainer_state(state: TrainState, run: RunDir, steps: int, metric_name: str) -> dict:
+    """``state`` plus the fields of HF's trainer_state.json, so HF tools can read a checkpoint's history."""
+    best = str(run.path / "best") if state.best_step is not None else None
+    return {**state.__dict__, "global_step": state.step, "max_steps": steps, "best_model_checkpoint": best,
+            "log_history": log_history(run.read_metrics(), metric_name)}
+
+
 @dataclass
 class Trainable:
     """The tensors a method trains, by name, plus optional optimizer state accessors."""
@@ -88,13 +114,19 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
                resume: bool = False, progress: bool = True, metric_name: str = "acc",
                on_save: Callable[[int, dict], None] | None = None,
                on_resume: Callable[[TrainState | None], TrainState | None] | None = None,
-               save_weights: bool = True) -> TrainState:
+               save_weights: bool = True, writer: bool = True, report_to: str = "none",
+               export: Callable[[Path], None] | None = None) -> TrainState:
     """Run ``step_fn`` for steps [start, steps), evaluating, logging and checkpointing.
 
     ``on_save(step, state)`` runs at every checkpoint, before the weights are written (MeZO writes
     its trajectory there). On resume, ``on_resume(state)`` gets the state of the last weight
     checkpoint (None if there is none) and returns the state to continue from (or its dict): MeZO
     rebuilds the weights by replaying its trajectory when no weight checkpoint exists.
+
+    ``writer`` is False on torchrun ranks > 0, which show no bar and print nothing. With
+    ``progress`` off, each dev evaluation prints one line to stderr instead of the bar.
+    ``report_to="tensorboard"`` also logs every record as TensorBoard scalars under ``run/runs/``.
+    ``export(folder)`` writes a model folder HF loads into ``best/`` beside its tensors.
 
     Returns the final state; the best weights are in ``run.path / "best"``.
     """
@@ -109,7 +141,7 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             if optimizer and trainable.set_optimizer_state:
                 trainable.set_optimizer_state(optimizer)
             try:
-                loaded = TrainState(**saved)
+                loaded = TrainState(**{k: v for k, v in saved.items() if k not in HF_STATE_KEYS})
             except TypeError:
                 raise ZoftError(f"{last / 'trainer_state.json'}: corrupt (unexpected fields)") from None
         if on_resume is not None:
@@ -124,10 +156,12 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             on_save(step, dict(state.__dict__))
         if save_weights:
             optimizer = trainable.get_optimizer_state() if trainable.get_optimizer_state else None
-            run.save_checkpoint(step, trainable.tensors, state.__dict__, optimizer)
+            run.save_checkpoint(step, trainable.tensors, hf_trainer_state(state, run, steps, metric_name), optimizer)
 
     start_time = time.perf_counter() - state.elapsed
+    progress = progress and writer
     bar = tqdm(total=steps, initial=state.step, disable=not progress, dynamic_ncols=True, desc="train")
+    metrics_out = metric_writer(report_to if writer else "none", run.path, metric_name)
     def kept() -> str:
         last = run.checkpoints()
         return f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
@@ -147,11 +181,19 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             if done % eval_every == 0 or done % save_every == 0 or done == steps:
                 trainable.settle()   # eval and checkpoints must see θ, not a pending perturbation
             if done % eval_every == 0 or done == steps:
+                eval_start = time.perf_counter()
                 record["dev"] = dev = dev_fn()
+                eval_seconds = time.perf_counter() - eval_start
                 if state.best_metric is None or dev > state.best_metric:
                     state.best_metric, state.best_step = dev, done
-                    run.save_best(trainable.tensors, {"step": done, "dev": dev})
+                    run.save_best(trainable.tensors, {"step": done, "dev": dev, "global_step": done,
+                                                      "best_metric": dev}, export=export)
+                if writer and not progress:
+                    print(f"dev step {done}: {metric_name} {dev:.4f}, best {state.best_metric:.4f} at step "
+                          f"{state.best_step} ({eval_seconds:.1f} s)", file=sys.stderr, flush=True)
             run.log(record)
+            if metrics_out is not None:
+                metrics_out.write(record)
             state.elapsed = time.perf_counter() - start_time
             bar.set_postfix({"loss": f"{record['loss']:.4f}",
                              f"best dev {metric_name}": f"{state.best_metric or 0:.3f}"}, refresh=False)
@@ -161,6 +203,8 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
         except (DivergedError, WriteError) as e:
             bar.close()
             raise type(e)(f"{e}; {kept()}") from None
+    if metrics_out is not None:   # each write was flushed: an exception above loses nothing
+        metrics_out.close()
     bar.close()
     state.step = steps
     return state

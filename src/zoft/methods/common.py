@@ -1,15 +1,23 @@
 """Set-up and evaluation shared by every method: one task, one model, one eval path."""
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from zoft.adapters import apply_mode
 from zoft.config import Config
 from zoft.lm import CandidateScorer, Encoded, batches, resolve_compute_dtype
 from zoft.models import LoadedModel, load_model
+from zoft.runs import owned_tensor
 from zoft.tasks import Task, TaskData, compute_metric, load_task
 
 
@@ -52,6 +60,8 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True
     ``Method.loads_lm``: bert-cls trains an encoder).
     """
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        set_threads(cfg.threads)
     if cfg.data_dir:   # where builtin tasks (and relative dataset paths) find their files
         os.environ["ZOFT_DATA_DIR"] = cfg.data_dir
     task = load_task(cfg.task)
@@ -66,14 +76,25 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True
     return Setup(cfg, task, data, loaded)
 
 
+def set_threads(n: int) -> None:
+    """``threads=N``: torch's intra-op CPU threads, and its inter-op pool where that is still possible."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:   # allowed once per process, before any inter-op work (e.g. the second run of a compare)
+        pass
+
+
 @torch.no_grad()
-def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int) -> list:
+def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int, progress: bool = False,
+                desc: str = "eval") -> list:
     """Choice indices (classification, multiple choice) or generated strings (generation)."""
     was_training = scorer.model.training
     scorer.model.eval()
     # Batch examples of similar length together: padding is wasted compute on a CPU.
     order = sorted(range(len(enc)), key=lambda i: len(enc.context_ids[i]))
     out: list = [None] * len(enc)
+    bar = tqdm(total=len(order), disable=not progress, desc=desc, unit="ex", leave=False, dynamic_ncols=True)
     for chunk in batches(len(order), batch_size):
         idx = [order[i] for i in chunk]
         if task.kind == "generation":
@@ -84,20 +105,38 @@ def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: i
             preds = scorer.predict(enc, idx)
         for i, p in zip(idx, preds):
             out[i] = p
+        bar.update(len(idx))
+    bar.close()
     scorer.model.train(was_training)
     return out
 
 
-def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int) -> dict[str, float]:
+def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int,
+             progress: bool = False, label: str | None = None) -> dict[str, float]:
     """Every metric of the task on a split, e.g. ``{"acc": 0.81}``."""
-    return evaluate_with_predictions(scorer, enc, examples, task, batch_size)[0]
+    return evaluate_with_predictions(scorer, enc, examples, task, batch_size, progress, label)[0]
 
 
-def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, task: Task,
-                              batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
-    """Metrics plus the predictions and gold targets behind them (for confusion matrices)."""
-    preds = predictions(scorer, enc, task, batch_size)
-    return metrics_and_outputs(task, preds, examples)
+def evaluation_line(label: str, metrics: dict[str, float], n: int, seconds: float) -> str:
+    """``eval: acc 0.8120 (500 examples, 12.3 s)``: what progress=false prints for an evaluation."""
+    values = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    return f"{label}: {values} ({n} examples, {seconds:.1f} s)"
+
+
+def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int,
+                              progress: bool = False, label: str | None = None
+                              ) -> tuple[dict[str, float], dict[str, list]]:
+    """Metrics plus what eval.json keeps for a report (:func:`metrics_and_outputs`).
+
+    ``progress`` shows a bar over the examples; without it, a ``label`` prints one summary line
+    (:func:`evaluation_line`) to stderr, so a long quiet evaluation still says what it found.
+    """
+    start = time.perf_counter()
+    preds = predictions(scorer, enc, task, batch_size, progress, desc=label or "eval")
+    metrics, outputs = metrics_and_outputs(task, preds, examples)
+    if label and not progress:
+        print(evaluation_line(label, metrics, len(examples), time.perf_counter() - start), file=sys.stderr, flush=True)
+    return metrics, outputs
 
 
 def metrics_and_outputs(task: Task, preds: list, examples) -> tuple[dict[str, float], dict[str, list]]:
@@ -106,6 +145,50 @@ def metrics_and_outputs(task: Task, preds: list, examples) -> tuple[dict[str, fl
     metrics = {name: compute_metric(name, preds, examples) for name in task.metrics}
     targets = [ex.target if ex.target is not None else ex.answers for ex in examples]
     return metrics, {"predictions": preds, "targets": targets, **task.response_columns(examples)}
+
+
+BASE_MODEL_FILE = "zoft_base_model.json"   # in an adapter folder: zoft's name of the base and where it loads from
+
+
+def hf_export(model, tokenizer, base: LoadedModel | None = None) -> Callable[[Path], None]:
+    """``export(folder)``: ``model`` as HF loads it, for ``best/``.
+
+    A peft model (LoRA, prefix) writes its adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``), whose ``base_model_name_or_path`` is the folder the base
+    loads from (a builtin GGUF model's dequantised cache entry), so ``PeftModel.from_pretrained``
+    finds it; zoft's own name of the base goes to ``zoft_base_model.json``. Any other model writes
+    itself whole (``config.json`` + ``model.safetensors``) for ``AutoModel*.from_pretrained``.
+    The tokenizer goes with either.
+    """
+    from peft import PeftModel
+
+    def export(folder: Path) -> None:
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()   # a "Writing model shards" bar at every new best is noise
+        try:
+            with warnings.catch_warnings():   # transformers' deprecation notices on peft's save path, every save
+                warnings.simplefilter("ignore", FutureWarning)
+                save(folder)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+
+    def save(folder: Path) -> None:
+        if isinstance(model, PeftModel):
+            if base is not None:
+                for adapter in model.peft_config.values():
+                    adapter.base_model_name_or_path = base.source or base.name
+                (folder / BASE_MODEL_FILE).write_text(json.dumps(
+                    {"name": base.name, "identity": base.identity, "source": base.source}, indent=1))
+            # False: no full embedding matrices (zoft never resizes the vocabulary), and no hub
+            # lookup of the base's config, which peft's "auto" would try
+            model.save_pretrained(str(folder), save_embedding_layers=False)
+        else:   # tensors that are views of one flat buffer (flat_params) are copied: safetensors refuses them
+            state = {k: owned_tensor(v.detach()) for k, v in model.state_dict().items()}
+            model.save_pretrained(str(folder), state_dict=state)
+        tokenizer.save_pretrained(str(folder))
+    return export
 
 
 def best_or_last_weights(run_dir):
@@ -137,7 +220,7 @@ def finish(setup: Setup, run_dir, scorer, trainable, state, model_name: str | No
     if cfg.load_best and (run_dir.path / "best").exists():
         trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
     metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
-                                                 cfg.eval_batch_size)
+                                                 cfg.eval_batch_size, cfg.progress, label="eval")
     return write_result(setup, run_dir, state, metrics, outputs, model_name)
 
 

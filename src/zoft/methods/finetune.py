@@ -37,7 +37,7 @@ from zoft.adapters import MODES, named_trainable
 from zoft.atomic import atomic_write_bytes
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
-from zoft.methods.common import Setup, evaluate, finish, load_trained_lm
+from zoft.methods.common import Setup, evaluate, finish, hf_export, load_trained_lm
 from zoft.methods.linear_probe import fit_probe, require_classification
 from zoft.methods.registry import Method, register_method
 from zoft.training import Trainable, batch_indices, check_finite, train_loop
@@ -165,12 +165,13 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
                           scorer.device, frozen)
 
     def dev_fn() -> float:
-        return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
+        return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size, cfg.progress)[task.metric]
 
     trainable = adamw_trainable(named, optimizer, params)
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
-                       progress=cfg.progress, metric_name=task.metric)
+                       progress=cfg.progress, metric_name=task.metric, report_to=cfg.report_to,
+                       export=hf_export(model, scorer.tokenizer, setup.loaded))
     model.eval()
     return finish(setup, run_dir, scorer, trainable, state, model_name)
 

@@ -8,6 +8,7 @@ zero-shot, ICL, FT and MeZO. Classification tasks only: the probe needs a fixed 
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -15,11 +16,12 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
 
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.adapters import MODES
-from zoft.methods.common import Setup, metrics_and_outputs
+from zoft.methods.common import Setup, evaluation_line, metrics_and_outputs
 from zoft.methods.registry import Method, register_method
 
 MAX_ITER = 5000   # lbfgs on a few thousand standardised features converges well before this
@@ -32,12 +34,16 @@ def require_classification(task, method: str = "LP") -> None:
 
 
 @torch.no_grad()
-def extract_features(scorer: CandidateScorer, enc: Encoded, batch_size: int) -> np.ndarray:
+def extract_features(scorer: CandidateScorer, enc: Encoded, batch_size: int, progress: bool = False,
+                     desc: str = "features") -> np.ndarray:
     """(N, H) float64 features of a split, in batches, with the model in eval mode."""
     was_training = scorer.model.training
     scorer.model.eval()
+    chunks = batches(len(enc), batch_size)
     try:
-        out = [scorer.features(enc, idx).cpu() for idx in batches(len(enc), batch_size)]
+        out = [scorer.features(enc, idx).cpu()
+               for idx in tqdm(chunks, total=-(-len(enc) // batch_size), desc=desc, unit="batch",
+                               disable=not progress, leave=False, dynamic_ncols=True)]
     finally:
         scorer.model.train(was_training)
     return torch.cat(out).double().numpy()
@@ -65,7 +71,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     model = setup.loaded.model
     model.eval()
     scorer = setup.scorer(model)
-    x_train = extract_features(scorer, scorer.encode(data.train), cfg.eval_batch_size)
+    x_train = extract_features(scorer, scorer.encode(data.train), cfg.eval_batch_size, cfg.progress, "train")
     y_train = np.array([ex.target for ex in data.train])
     probe = fit_probe(x_train, y_train, cfg.lp_c, cfg.seed)
     train_seconds = time.perf_counter() - start
@@ -75,9 +81,13 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
         if not examples:
             splits[name] = {}
             continue
-        x = extract_features(scorer, scorer.encode(examples), cfg.eval_batch_size)
+        split_start = time.perf_counter()
+        x = extract_features(scorer, scorer.encode(examples), cfg.eval_batch_size, cfg.progress, name)
         # the eval split's predictions are kept, as every method keeps them, for zoft report
         splits[name], outputs = metrics_and_outputs(task, [int(p) for p in probe.predict(x)], examples)
+        if not cfg.progress:
+            print(evaluation_line(name, splits[name], len(examples), time.perf_counter() - split_start),
+                  file=sys.stderr, flush=True)
 
     result = {
         "method": "lp", "task": task.name, "model": cfg.model, "metric": task.metric,

@@ -15,7 +15,7 @@ import torch
 from zoft import distributed
 from zoft.adapters import MODES, named_trainable
 from zoft.errors import ZoftError
-from zoft.methods.common import Setup, evaluate, finish, load_trained_lm
+from zoft.methods.common import Setup, evaluate, finish, hf_export, load_trained_lm
 from zoft.methods.registry import Method, register_method
 from zoft.offload import Offloader
 from zoft.tasks import compute_metric
@@ -134,7 +134,7 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     def dev_fn() -> float:
         if not writer:   # only rank 0 keeps the best weights; the others would evaluate for nothing
             return 0.0
-        metric = evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size)[task.metric]
+        metric = evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size, cfg.progress)[task.metric]
         settle()   # the best weights are saved from the CPU copies next
         return metric
 
@@ -149,9 +149,10 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
 
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=zo.step_fn, dev_fn=dev_fn, trainable=zo.trainable, resume=resume,
-                       progress=cfg.progress and writer, metric_name=task.metric,
+                       progress=cfg.progress, writer=writer, metric_name=task.metric,
                        on_save=on_save,
-                       on_resume=recorder.resume if recorder else None, save_weights=cfg.save_weights)
+                       on_resume=recorder.resume if recorder else None, save_weights=cfg.save_weights,
+                       report_to=cfg.report_to, export=hf_export(model, setup.loaded.tokenizer, setup.loaded))
     settle()
     if not writer:
         return {"rank": par.rank}
