@@ -11,7 +11,7 @@ from zoft.models import tiny_random_model
 
 SMALL = dict(task="sst2", n_train=32, n_dev=16, n_eval=16, batch_size=8, eval_batch_size=16, max_length=48,
              progress=False, method="mezo", model="tiny-llama", lr=1e-3, steps=4, eval_every=4, load_best=False,
-             dist_timeout=60)
+             dist_timeout=60, compute_dtype="fp32")   # fp32: g is compared within a few fp32 ulps
 
 if __name__ == "__main__":
     out = sys.argv[1]

@@ -78,7 +78,8 @@ def test_step_equals_zoft_mezo_step_bit_for_bit(case, mode):
     before = weights(ours)
     ids = token_batch(ours)
     cfg = load_config(overrides={"model": "tiny-llama", "lr": 1e-2, "eps": 1e-2, "batch_size": BATCH,
-                                 "steps": 1000, "fused": False, **over})
+                                 "steps": 1000, "fused": False,
+                                 "distribution": "gaussian", **over})   # MeZO's own default z
     zoft_step = build_step(cfg, theirs, Objective(lambda idx: lm_loss(theirs, ids, idx).item()), N_TRAIN)
     for step in range(3):
         zoft_step.step_fn(step)

@@ -161,7 +161,8 @@ def test_resume_refuses_a_backend_other_than_the_recorded_one(tmp_path):
     from zoft import api
     from zoft.errors import ZoftError
     opts = dict(method="mezo", model="tiny-llama", task="sst2", n_train=16, n_dev=8, n_eval=8, max_length=48,
-                batch_size=8, steps=2, eval_every=2, lr=1e-3, progress=False, output_dir=str(tmp_path / "run"))
+                batch_size=8, steps=2, eval_every=2, lr=1e-3, progress=False, output_dir=str(tmp_path / "run"),
+                distribution="gaussian")   # CPU + Gaussian: "auto" resolves to torch
     api.train(opts)
     with pytest.raises(ZoftError, match="backend 'torch', this resume would use 'cpu-fast'; resume with backend=torch"):
         api.train(resume=tmp_path / "run", steps=4, backend="cpu-fast")

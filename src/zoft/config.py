@@ -49,7 +49,7 @@ class Config:
     method: str = "mezo"
     model: str = "smollm2-135m"
     dtype: str = "fp32"
-    compute_dtype: str = "fp32"      # fp32 | bf16 | auto: matmuls in bf16 over fp32 weights (zoft.lm.resolve_compute_dtype)
+    compute_dtype: str = "auto"      # fp32 | bf16 | auto: bf16 matmuls over fp32 weights on a CPU with native bf16 (zoft.lm.resolve_compute_dtype)
     device: str = "cpu"
     trust_remote_code: bool = False
     task: str = "sst2"
@@ -77,7 +77,7 @@ class Config:
     # MeZO
     eps: float = 1e-3
     n_directions: int = 1
-    distribution: str = "gaussian"
+    distribution: str = "auto"       # gaussian | rademacher | auto: rademacher on a CPU, gaussian on a GPU
     backend: str = "auto"
     objective: str = "loss"
     # ZO optimizer family and estimators (zoft.zo.OPTIMIZERS / ESTIMATORS; README "ZO optimizers")
@@ -125,13 +125,15 @@ class Config:
         for key, allowed in (("mode", MODES), ("objective", OBJECTIVES),
                              ("dtype", ("fp32", "bf16", "fp16")), ("compute_dtype", COMPUTE_DTYPES),
                              ("lr_schedule", tuple(SCHEDULES)),
-                             ("distribution", DISTRIBUTIONS),
+                             ("distribution", (*DISTRIBUTIONS, "auto")),
                              ("backend", BACKEND_NAMES),
                              ("parallel", ("none", "data", "direction")), ("report_to", REPORT_TO),
                              ("optimizer", tuple(OPTIMIZERS)), ("estimator", tuple(ESTIMATORS)),
                              ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
+        if self.distribution == "auto":   # resolved here, so config.yaml (and a resume) names the real one
+            self.distribution = "rademacher" if self.device == "cpu" else "gaussian"
         for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length",
                     "n_train", "n_dev", "n_eval", "lora_r", "num_virtual_tokens", "lozo_rank", "lozo_nu"):
             if getattr(self, key) < 1:
@@ -188,7 +190,7 @@ KEY_HELP: dict[str, str] = {
     "method": "what to run: zero-shot, icl, lp, ft, lp-ft, mezo, bert-cls",
     "model": "builtin name (smollm2-135m, gemma3-270m, tiny-llama, tiny-bert), HF folder, .gguf file or hub id",
     "dtype": "weight dtype: fp32 | bf16 | fp16",
-    "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights)",
+    "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights on a CPU with native bf16, else the weights' dtype)",
     "device": "where the model runs, e.g. cpu or cuda",
     "trust_remote_code": "run the Python a model folder ships (never taken from a run's own config.yaml)",
     "task": "builtin task (sst2, rte, cb, boolq, copa, ...) or a task YAML in lm-eval-harness style",
@@ -213,7 +215,7 @@ KEY_HELP: dict[str, str] = {
     "load_best": "evaluate the best dev weights at the end (else the last ones)",
     "eps": "MeZO perturbation scale",
     "n_directions": "random directions per MeZO step (n-SPSA)",
-    "distribution": "direction distribution: gaussian | rademacher",
+    "distribution": "direction distribution: gaussian | rademacher | auto (rademacher on a CPU, where z comes from random bits, else gaussian)",
     "backend": "perturbation backend: auto | torch | cpu-fast | triton | triton-fast",
     "objective": "what MeZO minimises: loss, or minus acc or f1 on the batch",
     "optimizer": "ZO optimizer: zo-sgd | zo-sgd-momentum | zo-sgd-sign | zo-sgd-cons | zo-adam",

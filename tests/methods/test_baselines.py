@@ -28,7 +28,8 @@ def sst2():
 def make_setup(sst2, kind="causal", **overrides):
     task, data = sst2
     options = {"method": "ft", "model": "tiny", "steps": 4, "batch_size": 8, "eval_batch_size": 16,
-               "eval_every": 2, "lr": 1e-3, "progress": False, **overrides}
+               "eval_every": 2, "lr": 1e-3, "progress": False,
+               "compute_dtype": "fp32", **overrides}   # fp32: the checks compare features to 1e-5
     return Setup(load_config(overrides=options), task, data, tiny_random_model(kind, seed=0))
 
 

@@ -20,7 +20,7 @@ from zoft.zo.step import Check, FusedStep, PlainStep, Stepper
 
 def build_components(cfg, device: torch.device | str):
     """The estimator (on the settings' perturbation backend for ``device``) and the optimizer."""
-    backend = get_backend(cfg.backend, device)
+    backend = get_backend(cfg.backend, device, cfg.distribution)
     if cfg.estimator == "fzoo":
         estimator = FZOO(eps=cfg.eps, n_directions=cfg.n_directions, backend=backend)
     elif cfg.estimator == "lozo":
