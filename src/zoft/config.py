@@ -18,6 +18,7 @@ import yaml
 from zoft.adapters import MODES
 from zoft.errors import ZoftError
 from zoft.lm import COMPUTE_DTYPES
+from zoft.shared_prefix import SHARED_PREFIX_MODES
 from zoft.zo import BACKEND_NAMES, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
 
 OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
@@ -73,6 +74,7 @@ class Config:
     # small-model speed: trainable tensors as views of one buffer; compiled fixed-shape loss
     flat_params: bool = False
     compile: str = "off"
+    shared_prefix: str = "auto"      # auto | on | off: run a rubric item's header once per batch (zoft.shared_prefix)
     # adapters (peft)
     lora_r: int = 8
     lora_alpha: int = 16
@@ -108,7 +110,8 @@ class Config:
                              ("backend", BACKEND_NAMES),
                              ("parallel", ("none", "data", "direction")),
                              ("optimizer", tuple(OPTIMIZERS)), ("estimator", tuple(ESTIMATORS)),
-                             ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):
+                             ("compile", ("off", "default", "reduce-overhead", "cuda-graph")),
+                             ("shared_prefix", SHARED_PREFIX_MODES)):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
         for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length",

@@ -8,6 +8,7 @@ import torch
 
 from zoft.adapters import apply_mode
 from zoft.config import Config
+from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches, resolve_compute_dtype
 from zoft.models import LoadedModel, load_model
 from zoft.tasks import Task, TaskData, compute_metric, load_task
@@ -37,7 +38,19 @@ class Setup:
     def scorer(self, model=None) -> CandidateScorer:
         return CandidateScorer(model if model is not None else self.loaded.model, self.loaded.tokenizer,
                                self.task.kind, self.loaded.is_masked_lm, self.cfg.max_length,
-                               self.task.target_delimiter, compute_dtype=self.compute_dtype)
+                               self.task.target_delimiter, compute_dtype=self.compute_dtype,
+                               shared_prefix=self.shared_prefix)
+
+    @property
+    def shared_prefix(self) -> str:
+        """The config's shared_prefix, "off" under offload or device_map: they stream or split the
+        layers per forward, and a shared header costs a second forward's worth of moves."""
+        cfg = self.cfg
+        if cfg.offload or cfg.device_map:
+            if cfg.shared_prefix == "on":
+                raise ZoftError("shared_prefix=on does not combine with offload or device_map; use auto or off")
+            return "off"
+        return cfg.shared_prefix
 
     @property
     def compute_dtype(self) -> str | None:
@@ -74,16 +87,17 @@ def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: i
     # Batch examples of similar length together: padding is wasted compute on a CPU.
     order = sorted(range(len(enc)), key=lambda i: len(enc.context_ids[i]))
     out: list = [None] * len(enc)
-    for chunk in batches(len(order), batch_size):
-        idx = [order[i] for i in chunk]
-        if task.kind == "generation":
-            gen = task.generation_kwargs or {}
-            preds = scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
-                                    until=tuple(gen.get("until", ["\n"])))
-        else:
-            preds = scorer.predict(enc, idx)
-        for i, p in zip(idx, preds):
-            out[i] = p
+    with scorer.frozen_weights():   # a header's keys and values serve every batch of this pass
+        for chunk in batches(len(order), batch_size):
+            idx = [order[i] for i in chunk]
+            if task.kind == "generation":
+                gen = task.generation_kwargs or {}
+                preds = scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
+                                        until=tuple(gen.get("until", ["\n"])))
+            else:
+                preds = scorer.predict(enc, idx)
+            for i, p in zip(idx, preds):
+                out[i] = p
     scorer.model.train(was_training)
     return out
 
