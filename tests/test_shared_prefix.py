@@ -168,3 +168,40 @@ def test_mezo_steps_match_with_and_without_sharing(tmp_path):
         losses[share] = [x["loss"] for x in lines if "loss" in x]
     assert len(losses["auto"]) == 3
     assert losses["auto"] == pytest.approx(losses["off"], abs=TOL)
+
+
+def test_serve_runs_an_items_header_once_for_all_requests():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from zoft.scoring.serve import create_app
+    from zoft.tasks.rubric.prompts import system_prompt, user_prompt
+
+    task = two_item_task()
+    item = task.items["q0"]
+    loaded = tiny_random_model("causal", seed=2, vocab_texts=[ex.context for ex in task.load_split("train")])
+    shared, whole = scorers(loaded.model, loaded.tokenizer)
+    header = task.header(item)
+    apps = {"shared": create_app(shared, ["0", "1"], task.context_from_chat, "m", headers=list(task.header(i)
+                                 for i in task.items.values())),
+            "whole": create_app(whole, ["0", "1"], task.context_from_chat, "m")}
+    tokens = count_tokens(loaded.model)
+
+    def ask(app, text):
+        messages = [{"role": "system", "content": system_prompt(item)},
+                    {"role": "user", "content": user_prompt(item, Response("x", text, None, item_id="q0"))}]
+        reply = TestClient(app).post("/v1/chat/completions", json={"model": "m", "messages": messages,
+                                                                   "logprobs": True}).json()
+        return {e["token"]: e["logprob"] for e in reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+
+    with shared.frozen_weights():
+        first = ask(apps["shared"], "it is heavy")
+        header_and_row = sum(tokens)
+        tokens.clear()
+        second = ask(apps["shared"], "the stone is dense so it sinks")
+        row_only = sum(tokens)
+    n_header = len(loaded.tokenizer(header).input_ids)
+    assert header_and_row > n_header and row_only < header_and_row - n_header + 10
+    assert first == pytest.approx(ask(apps["whole"], "it is heavy"), abs=TOL)
+    assert second == pytest.approx(ask(apps["whole"], "the stone is dense so it sinks"), abs=TOL)

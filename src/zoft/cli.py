@@ -115,7 +115,7 @@ def cmd_score(args) -> None:
     if "review" in summary:
         print(f"{summary['review']} least confident rows marked needs_review")
     if "coverage" in summary:
-        from zoft.scoring.confidence import coverage_table
+        from zoft.tasks.rubric.confidence import coverage_table
         print(coverage_table(summary["coverage"]) + f"coverage: {', '.join(summary['coverage_files'])}")
     for error in summary["errors"]:
         print(f"  {error}", file=sys.stderr)

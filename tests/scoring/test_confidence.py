@@ -1,5 +1,6 @@
 """Confidence routing: the confidence order, the review fraction, and QWK against coverage."""
 import csv
+import json
 import math
 
 import pytest
@@ -7,9 +8,9 @@ from sklearn.metrics import cohen_kappa_score
 
 from zoft import api, cli
 from zoft.errors import ZoftError
-from zoft.scoring.confidence import (confidence, coverage_curve, coverage_table, needs_review, review_count,
-                                     review_order)
 from zoft.scoring.score import score_file
+from zoft.tasks.rubric.confidence import (confidence, coverage_curve, coverage_table, eval_coverage,
+                                          needs_review, review_count, review_order)
 from zoft.tasks.readers import data_dir
 
 DATA = data_dir()
@@ -118,3 +119,14 @@ def test_bad_review_fraction_and_gold_are_one_line_errors(asap_run, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"zoft: error: {src}:11: field 'human': gold score '7' is not a level (0, 1, 2, 3)"]
     assert not out.exists()
+
+
+@needs_asap
+def test_eval_json_keeps_confidences_and_its_full_coverage_qwk_is_the_runs(asap_run):
+    saved = json.loads((asap_run / "eval.json").read_text())
+    outputs = saved["eval_outputs"]
+    assert len(outputs["confidences"]) == len(outputs["predictions"]) == 4
+    assert all(0.25 <= c <= 1.0 for c in outputs["confidences"])      # max of 4 probabilities
+    curve = eval_coverage(outputs, levels=range(4))
+    assert curve[0]["n_auto"] == 4 and curve[0]["qwk"] == pytest.approx(saved["eval"]["qwk"])
+    assert eval_coverage({"predictions": [0], "targets": [0]}) is None

@@ -79,14 +79,22 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True
     return Setup(cfg, task, data, loaded)
 
 
-@torch.no_grad()
 def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int) -> list:
     """Choice indices (classification, multiple choice) or generated strings (generation)."""
+    return predictions_with_confidence(scorer, enc, task, batch_size)[0]
+
+
+@torch.no_grad()
+def predictions_with_confidence(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int
+                                ) -> tuple[list, list[float] | None]:
+    """:func:`predictions`, and for classification each prediction's probability among the
+    candidates (the confidence that :mod:`zoft.tasks.rubric.confidence` routes by), else None."""
     was_training = scorer.model.training
     scorer.model.eval()
     # Batch examples of similar length together: padding is wasted compute on a CPU.
     order = sorted(range(len(enc)), key=lambda i: len(enc.context_ids[i]))
     out: list = [None] * len(enc)
+    confidences: list[float] = [0.0] * len(enc)
     with scorer.frozen_weights():   # a header's keys and values serve every batch of this pass
         for chunk in batches(len(order), batch_size):
             idx = [order[i] for i in chunk]
@@ -94,12 +102,17 @@ def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: i
                 gen = task.generation_kwargs or {}
                 preds = scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
                                         until=tuple(gen.get("until", ["\n"])))
+            elif task.kind == "classification":   # predict's argmax, with the probability behind it
+                probs = scorer.candidate_logprobs(enc, idx)[0].double().softmax(-1)
+                preds = probs.argmax(-1).tolist()
+                for i, q in zip(idx, probs.max(-1).values.tolist()):
+                    confidences[i] = q
             else:
                 preds = scorer.predict(enc, idx)
             for i, p in zip(idx, preds):
                 out[i] = p
     scorer.model.train(was_training)
-    return out
+    return out, (confidences if task.kind == "classification" else None)
 
 
 def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int) -> dict[str, float]:
@@ -109,11 +122,15 @@ def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_
 
 def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, task: Task,
                               batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
-    """Metrics plus the predictions and gold targets behind them (for confusion matrices)."""
-    preds = predictions(scorer, enc, task, batch_size)
+    """Metrics plus the predictions and gold targets behind them (for confusion matrices), and for
+    classification each prediction's confidence (for QWK against coverage: ``zoft.tasks.rubric.confidence``)."""
+    preds, confidences = predictions_with_confidence(scorer, enc, task, batch_size)
     metrics = {name: compute_metric(name, preds, examples) for name in task.metrics}
-    return metrics, {"predictions": preds, "targets": [ex.target if ex.target is not None else ex.answers
-                                                        for ex in examples]}
+    outputs = {"predictions": preds, "targets": [ex.target if ex.target is not None else ex.answers
+                                                 for ex in examples]}
+    if confidences is not None:
+        outputs["confidences"] = [round(c, 6) for c in confidences]
+    return metrics, outputs
 
 
 def best_or_last_weights(run_dir):

@@ -39,7 +39,7 @@ import torch
 
 from zoft.atomic import atomic_write_text
 from zoft.errors import DataError, ZoftError, excerpt
-from zoft.scoring.confidence import confidence, coverage_curve, coverage_png, needs_review, review_count
+from zoft.tasks.rubric.confidence import confidence, coverage_curve, coverage_png, needs_review, review_count
 from zoft.tasks.readers import read_csv_records
 from zoft.tasks.rubric import Response, ScoringTask
 

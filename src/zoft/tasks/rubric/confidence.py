@@ -10,7 +10,8 @@ how it is calibrated does not matter for routing, only the order.
 the rest are scored automatically. With gold scores, :func:`coverage_curve` measures QWK on the
 automatically scored part against **coverage** (the fraction scored automatically): the curve a
 teacher reads to choose F. :func:`coverage_table` and :func:`coverage_png` are what ``zoft score``
-writes and what a report can show.
+writes; :func:`eval_coverage` gives a run's curve on its eval split (eval.json keeps each prediction's
+confidence), for a report to show.
 """
 from __future__ import annotations
 
@@ -75,6 +76,16 @@ def coverage_curve(confidences: Sequence[float], predicted: Sequence[Hashable], 
                      "qwk": quadratic_weighted_kappa(y_true, y_pred, list(levels)),
                      "acc": sum(t == p for t, p in zip(y_true, y_pred)) / len(auto)})
     return rows
+
+
+def eval_coverage(outputs: dict, levels: Sequence[Hashable] | None = None) -> list[dict] | None:
+    """The coverage curve of a run's eval split, from its eval.json ``eval_outputs`` (predictions,
+    targets and confidences; level indices), or None for a run without confidences: the report's hook."""
+    if not outputs.get("confidences"):
+        return None
+    preds, targets = outputs["predictions"], outputs["targets"]
+    labels = list(levels) if levels is not None else sorted(set(targets) | set(preds))
+    return coverage_curve(outputs["confidences"], preds, targets, labels)
 
 
 def coverage_table(curve: Sequence[dict]) -> str:
