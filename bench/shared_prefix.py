@@ -57,8 +57,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compute-dtype", default="fp32")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (on a CPU shared with other jobs, 1 stalls less than 2)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model, dtype="fp32")
     model = loaded.model.eval()
