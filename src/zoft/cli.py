@@ -117,9 +117,15 @@ def cmd_report(args) -> None:
 def cmd_score(args) -> None:
     from zoft.scoring.score import score_file
     summary = score_file(args.model, args.input, args.output, batch_size=args.batch_size,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, review_fraction=args.review_fraction,
+                         gold_column=args.gold_column)
     print(f"scored {summary['scored']} of {summary['rows']} rows -> {summary['output']}; "
           f"score counts {summary['score_counts']}")
+    if "review" in summary:
+        print(f"{summary['review']} least confident rows marked needs_review")
+    if "coverage" in summary:
+        from zoft.tasks.rubric.confidence import coverage_table
+        print(coverage_table(summary["coverage"]) + f"coverage: {', '.join(summary['coverage_files'])}")
     for error in summary["errors"]:
         print(f"  {error}", file=sys.stderr)
     if summary["failed"]:
@@ -197,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--review-fraction", type=float, default=None, metavar="F",
+                   help="mark the ceil(F*n) least confident rows needs_review (0 <= F <= 1)")
+    p.add_argument("--gold-column", default=None, metavar="NAME",
+                   help="a column of human scores: write QWK of the automatic part against coverage")
     p.set_defaults(fn=cmd_score)
     p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions endpoint for a trained scorer")
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained zoft run on a scoring task")

@@ -20,6 +20,7 @@ import yaml
 from zoft.adapters import MODES
 from zoft.errors import ZoftError
 from zoft.lm import COMPUTE_DTYPES
+from zoft.shared_prefix import SHARED_PREFIX_MODES
 from zoft.zo import BACKEND_NAMES, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
 
 class _YamlLoader(yaml.SafeLoader):
@@ -92,6 +93,7 @@ class Config:
     # small-model speed: trainable tensors as views of one buffer; compiled fixed-shape loss
     flat_params: bool = False
     compile: str = "off"
+    shared_prefix: str = "auto"      # auto | on | off: run a rubric item's header once per batch (zoft.shared_prefix)
     # adapters (peft)
     lora_r: int = 8
     lora_alpha: int = 16
@@ -129,7 +131,8 @@ class Config:
                              ("backend", BACKEND_NAMES),
                              ("parallel", ("none", "data", "direction")), ("report_to", REPORT_TO),
                              ("optimizer", tuple(OPTIMIZERS)), ("estimator", tuple(ESTIMATORS)),
-                             ("compile", ("off", "default", "reduce-overhead", "cuda-graph"))):
+                             ("compile", ("off", "default", "reduce-overhead", "cuda-graph")),
+                             ("shared_prefix", SHARED_PREFIX_MODES)):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
         if self.distribution == "auto":   # resolved here, so config.yaml (and a resume) names the real one
@@ -249,6 +252,7 @@ KEY_HELP: dict[str, str] = {
     "progress": "progress bars; false: one line per evaluation instead",
     "threads": "CPU threads for torch (default: torch's own choice)",
     "report_to": "none | tensorboard: log loss, lr and dev metric under RUN_DIR/tensorboard/",
+    "shared_prefix": "auto | on | off: run a rubric item's shared header once per batch and reuse its keys and values",
 }
 
 

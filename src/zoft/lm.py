@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from zoft.errors import ZoftError
+from zoft.shared_prefix import (HeaderCache, cache_argument, expand_cache, header_spans, output_cache,
+                                resolve_shared_prefix, shared_groups)
 
 
 COMPUTE_DTYPES = ("auto", "fp32", "bf16")
@@ -61,6 +63,9 @@ class Encoded:
             token (classification fast path: one row per example instead of one per
             candidate), else None.
         mask_positions: masked LMs only, the index of the mask token in each context row.
+        header_groups: per example, which shared header its context starts with (-1: none), when
+            the scorer shares prefixes (:mod:`zoft.shared_prefix`), else None.
+        header_lens: per example, that header's length in tokens (0: none).
     """
 
     context_ids: list[list[int]]
@@ -68,6 +73,8 @@ class Encoded:
     targets: torch.Tensor
     label_ids: torch.Tensor | None = None
     mask_positions: list[int] | None = None
+    header_groups: list[int] | None = None
+    header_lens: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.context_ids)
@@ -86,10 +93,14 @@ class CandidateScorer:
         compute_dtype: "fp32" (the weights' own dtype), "bf16" (matmuls under bf16 autocast,
             the weights stay as they are, so MeZO's ±εz and update stay exact in fp32) or
             "auto" (see :func:`resolve_compute_dtype`). Log-softmax and losses run in fp32.
+        shared_prefix: "auto" (run each shared header once per batch where the model allows:
+            a causal LM, see :mod:`zoft.shared_prefix`), "on" (the same, refused where it
+            cannot apply) or "off" (every row read whole).
     """
 
     def __init__(self, model, tokenizer, kind: str, is_masked_lm: bool = False,
-                 max_length: int = 256, target_delimiter: str = " ", compute_dtype: str = "fp32"):
+                 max_length: int = 256, target_delimiter: str = " ", compute_dtype: str = "fp32",
+                 shared_prefix: str = "auto"):
         self.model, self.tokenizer, self.kind = model, tokenizer, kind
         self.compute_dtype = resolve_compute_dtype(compute_dtype, model)
         # autocast only where it changes something: bf16 compute over fp32 weights
@@ -103,6 +114,10 @@ class CandidateScorer:
         self._pass_positions = (not prompt_learning and not is_masked_lm
                                 and "position_ids" in inspect.signature(forward).parameters)
         self._can_keep_logits = "logits_to_keep" in inspect.signature(forward).parameters
+        self._prompt_learning = prompt_learning
+        self.shares_prefix = resolve_shared_prefix(shared_prefix, model, is_masked_lm)
+        self._cache_argument = cache_argument(getattr(model, "get_base_model", lambda: model)())
+        self._header_cache: HeaderCache | None = None   # only inside frozen_weights()
 
     # ---------------------------------------------------------------- encoding
     def encode(self, examples) -> Encoded:
@@ -114,15 +129,19 @@ class CandidateScorer:
         targets = torch.tensor([ex.target if ex.target is not None else 0 for ex in examples])
         if self.is_masked_lm:
             return self._encode_masked(examples, choice_ids, targets)
-        context_ids = []
+        context_ids, truncated = [], []
         for ex, cands in zip(examples, choice_ids):
             ids = tok(ex.context).input_ids
             room = self.max_length - max((len(c) for c in cands), default=0)
             context_ids.append(ids[-room:] if room > 0 else ids[-1:])
+            truncated.append(len(context_ids[-1]) < len(ids))
         label_ids = None
         if self.kind == "classification" and all(len(c) == 1 for cs in choice_ids for c in cs):
             label_ids = torch.tensor([c[0] for c in choice_ids[0]])
-        return Encoded(context_ids, choice_ids, targets, label_ids)
+        groups = lens = None
+        if self.shares_prefix:
+            groups, lens = header_spans(tok, examples, context_ids, truncated)
+        return Encoded(context_ids, choice_ids, targets, label_ids, header_groups=groups, header_lens=lens)
 
     def _encode_masked(self, examples, choice_ids, targets) -> Encoded:
         tok = self.tokenizer
@@ -177,7 +196,76 @@ class CandidateScorer:
             out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
         return out if keep is None else (out, out.logits[:, -keep:])
 
-    def _label_logprobs(self, enc: Encoded, idx: list[int]) -> torch.Tensor:
+    @contextlib.contextmanager
+    def frozen_weights(self):
+        """Inside, the weights do not change: each shared header's keys and values are kept
+        (the last few) and reused across batches, so a header runs once per item. Never
+        around a training step, whose forwards see different weights."""
+        self._header_cache = HeaderCache()
+        try:
+            yield self
+        finally:
+            self._header_cache = None
+
+    def _shared_forward(self, header: list[int], tails: list[list[int]], keep: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, keep) last ids and (G, keep, V) logits of ``header + tail`` for each tail, the header run once."""
+        device, key = self.device, tuple(header)
+        cache = self._header_cache.get(key) if self._header_cache is not None else None
+        if cache is None:
+            head = torch.tensor([header], device=device)
+            kwargs = {"logits_to_keep": 1} if self._can_keep_logits else {}
+            if not self._prompt_learning:   # peft's prefix tuning places the header after its virtual tokens
+                kwargs["position_ids"] = torch.arange(len(header), device=device)[None]
+            with self.compute():
+                cache = output_cache(self.model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True,
+                                                **kwargs))
+            if self._header_cache is not None:
+                self._header_cache.put(key, cache)
+        ids, mask = self._pad(tails, left=True)                       # (G, S): pads sit between header and tail
+        past = cache.get_seq_length()                                 # prefix tuning's virtual tokens + header
+        kwargs = {"logits_to_keep": keep} if self._can_keep_logits else {}
+        # the rows go to the base model under prefix tuning: peft would replace the cache with its own
+        forward = self.model.get_base_model() if self._prompt_learning else self.model
+        kwargs[self._cache_argument] = expand_cache(cache, len(tails))
+        with self.compute():
+            out = forward(input_ids=ids, attention_mask=torch.cat([mask.new_ones(len(tails), past), mask], dim=1),
+                          position_ids=past + (mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **kwargs)
+        return ids[:, -keep:], out.logits[:, -keep:]
+
+    def _tail_logits(self, rows: list[list[int]], keep: int, groups: list[int] | None = None,
+                     header_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, keep) left-padded last ids of each row and (R, keep, V) their logits.
+
+        Rows with a header ``groups`` shares with another row run on that header's cache; the rest
+        run whole, in one padded batch. Rows come back in their given order.
+        """
+        if groups is None:
+            shared, whole = [], list(range(len(rows)))
+        else:   # with frozen weights a header's cache outlives the batch: even one row is worth it
+            shared, whole = shared_groups(groups, min_rows=1 if self._header_cache is not None else 2)
+        parts, order = [], []
+        if whole:
+            ids, mask = self._pad([rows[r] for r in whole], left=True)
+            parts.append((ids[:, -keep:], self._forward(ids, mask, keep=keep)[1]))
+            order += whole
+        for members in shared:
+            n = header_lens[members[0]]
+            parts.append(self._shared_forward(rows[members[0]][:n], [rows[r][n:] for r in members], keep))
+            order += members
+        if len(parts) == 1 and order == sorted(order):
+            return parts[0]
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))          # back[row] = its place in the parts
+        back = back.to(self.device)
+        return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
+
+    def _groups(self, enc: Encoded, idx: list[int], share: bool) -> tuple[list[int] | None, list[int] | None]:
+        if not share or enc.header_groups is None:
+            return None, None
+        return [enc.header_groups[i] for i in idx], [enc.header_lens[i] for i in idx]
+
+    def _label_logprobs(self, enc: Encoded, idx: list[int], share: bool = True) -> torch.Tensor:
         """(B, C) log-probs of the single-token label words at the scoring position."""
         rows = [enc.context_ids[i] for i in idx]
         if self.is_masked_lm:
@@ -187,39 +275,43 @@ class CandidateScorer:
             pos = torch.tensor([enc.mask_positions[i] for i in idx], device=ids.device)
             logits = logits[torch.arange(len(idx), device=ids.device), pos]
         else:
-            ids, mask = self._pad(rows, left=True)
-            logits = self._forward(ids, mask, keep=1)[1][:, -1]
+            logits = self._tail_logits(rows, 1, *self._groups(enc, idx, share))[1][:, -1]
         return _upcast(logits).log_softmax(-1)[:, enc.label_ids.to(logits.device)]
 
-    def _continuation_logprobs(self, rows: list[list[int]], cont_lens: list[int]) -> torch.Tensor:
+    def _continuation_logprobs(self, rows: list[list[int]], cont_lens: list[int], groups: list[int] | None = None,
+                               header_lens: list[int] | None = None) -> torch.Tensor:
         """(R,) summed log-prob of the last ``cont_lens[r]`` tokens of each row."""
-        ids, mask = self._pad(rows, left=True)
         k = max(cont_lens)
-        logits = _upcast(self._forward(ids, mask, keep=k + 1)[1][:, :-1])   # (R, k, V): predicts the last k tokens
+        ids, logits = self._tail_logits(rows, k + 1, groups, header_lens)
+        logits = _upcast(logits[:, :-1])                                   # (R, k, V): predicts the last k tokens
         logprobs = logits.log_softmax(-1).gather(-1, ids[:, -k:, None]).squeeze(-1)
         in_cont = torch.arange(k, device=ids.device)[None, :] >= (k - torch.tensor(cont_lens, device=ids.device))[:, None]
         return (logprobs * in_cont).sum(-1)
 
-    def candidate_logprobs(self, enc: Encoded, idx: list[int], only_target: bool = False
+    def candidate_logprobs(self, enc: Encoded, idx: list[int], only_target: bool = False, share: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of candidates for examples ``idx``.
+
+        ``share=False`` reads every row whole even where the scorer shares prefixes (one forward
+        over the whole batch: offload's dual forward and LP-FT's head capture need that).
 
         Returns:
             (scores, lengths): summed log-probs and token counts, both (B, C); with
             ``only_target`` both are (B, 1) for the gold candidate only (teacher forcing).
         """
         if enc.label_ids is not None and not only_target:
-            scores = self._label_logprobs(enc, idx)
+            scores = self._label_logprobs(enc, idx, share)
             return scores, torch.ones_like(scores)
-        rows, lens, shape = [], [], []
+        rows, lens, shape, row_of = [], [], [], []
         for i in idx:
             cands = [enc.choice_ids[i][int(enc.targets[i])]] if only_target else enc.choice_ids[i]
             shape.append(len(cands))
             rows += [enc.context_ids[i] + c for c in cands]
             lens += [len(c) for c in cands]
+            row_of += [i] * len(cands)
         if len(set(shape)) != 1:
             raise ZoftError("examples in one batch have different numbers of options")
-        scores = self._continuation_logprobs(rows, lens).view(len(idx), shape[0])
+        scores = self._continuation_logprobs(rows, lens, *self._groups(enc, row_of, share)).view(len(idx), shape[0])
         lengths = torch.tensor(lens, device=scores.device, dtype=scores.dtype).view_as(scores)
         return scores, lengths
 
@@ -243,9 +335,9 @@ class CandidateScorer:
         model whose layers use different weights for each half (offload's dual forward)."""
         targets, n = enc.targets[idx].to(self.device), len(idx)
         if self.kind == "classification":
-            scores, _ = self.candidate_logprobs(enc, idx + idx)
+            scores, _ = self.candidate_logprobs(enc, idx + idx, share=False)
             return F.cross_entropy(scores[:n], targets), F.cross_entropy(scores[n:], targets)
-        scores, lengths = self.candidate_logprobs(enc, idx + idx, only_target=True)
+        scores, lengths = self.candidate_logprobs(enc, idx + idx, only_target=True, share=False)
         per_token = scores / lengths
         return -per_token[:n].mean(), -per_token[n:].mean()
 

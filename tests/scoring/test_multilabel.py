@@ -98,8 +98,9 @@ def test_score_file_writes_each_aspect_and_reports_bad_rows(multilabel_run, tmp_
     with open(tmp_path / "scored.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     header = list(rows[0])
-    assert header[-len(ASPECTS) * 3 - 2:] == (["score", *ASPECTS]
-                                             + [f"p_{a}_{lv}" for a in ASPECTS for lv in "01"] + ["error"])
+    assert header[-len(ASPECTS) * 3 - 3:] == (["score", *ASPECTS]
+                                             + [f"p_{a}_{lv}" for a in ASPECTS for lv in "01"]
+                                             + ["confidence", "error"])
     for row in (rows[0], rows[2]):
         levels = []
         for a in ASPECTS:

@@ -61,7 +61,7 @@ def test_score_file_scores_good_rows_and_reports_bad_ones(asap_run, tmp_path):
     assert summary["task"] == "asap-1" and summary["levels"] == LEVELS
     assert summary["errors"] == ["row 2: empty text", "row 3: missing id", "row 5: empty text"]
     rows = read_csv(out)
-    assert list(rows[0]) == ["id", "text", "note", "score", "p_0", "p_1", "p_2", "p_3", "error"]
+    assert list(rows[0]) == ["id", "text", "note", "score", "p_0", "p_1", "p_2", "p_3", "confidence", "error"]
     # every input row, in input order, with its own columns unchanged
     assert [(r["id"], r["text"], r["note"]) for r in rows] == list(INPUT)
     bad = {1: "empty text", 2: "missing id", 4: "empty text"}
@@ -144,7 +144,7 @@ def test_multi_item_task_needs_item_id_and_non_scoring_run_is_refused(tmp_path):
                     [("1", "it has seeds", qid), ("2", "it has seeds", "")])
     summary = score_file(run, src, tmp_path / "out.csv")
     rows = read_csv(tmp_path / "out.csv")
-    assert list(rows[0])[-3:] == ["p_incorrect", "p_correct", "error"]
+    assert list(rows[0])[-4:] == ["p_incorrect", "p_correct", "confidence", "error"]
     assert rows[0]["error"] == "" and rows[0]["score"] in ("incorrect", "correct")
     assert rows[1]["error"].startswith("no item_id: task 'scientsbank' has ")
     assert (summary["scored"], summary["failed"]) == (1, 1)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from zoft.adapters import apply_mode
 from zoft.config import Config
+from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches, resolve_compute_dtype
 from zoft.models import LoadedModel, load_model
 from zoft.runs import owned_tensor
@@ -45,7 +46,19 @@ class Setup:
     def scorer(self, model=None) -> CandidateScorer:
         return CandidateScorer(model if model is not None else self.loaded.model, self.loaded.tokenizer,
                                self.task.kind, self.loaded.is_masked_lm, self.cfg.max_length,
-                               self.task.target_delimiter, compute_dtype=self.compute_dtype)
+                               self.task.target_delimiter, compute_dtype=self.compute_dtype,
+                               shared_prefix=self.shared_prefix)
+
+    @property
+    def shared_prefix(self) -> str:
+        """The config's shared_prefix, "off" under offload or device_map: they stream or split the
+        layers per forward, and a shared header costs a second forward's worth of moves."""
+        cfg = self.cfg
+        if cfg.offload or cfg.device_map:
+            if cfg.shared_prefix == "on":
+                raise ZoftError("shared_prefix=on does not combine with offload or device_map; use auto or off")
+            return "off"
+        return cfg.shared_prefix
 
     @property
     def compute_dtype(self) -> str | None:
@@ -85,30 +98,44 @@ def set_threads(n: int) -> None:
         pass
 
 
-@torch.no_grad()
 def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int, progress: bool = False,
                 desc: str = "eval") -> list:
     """Choice indices (classification, multiple choice) or generated strings (generation)."""
+    return predictions_with_confidence(scorer, enc, task, batch_size, progress, desc)[0]
+
+
+@torch.no_grad()
+def predictions_with_confidence(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int,
+                                progress: bool = False, desc: str = "eval") -> tuple[list, list[float] | None]:
+    """:func:`predictions`, and for classification each prediction's probability among the
+    candidates (the confidence that :mod:`zoft.tasks.rubric.confidence` routes by), else None."""
     was_training = scorer.model.training
     scorer.model.eval()
     # Batch examples of similar length together: padding is wasted compute on a CPU.
     order = sorted(range(len(enc)), key=lambda i: len(enc.context_ids[i]))
     out: list = [None] * len(enc)
+    confidences: list[float] = [0.0] * len(enc)
     bar = tqdm(total=len(order), disable=not progress, desc=desc, unit="ex", leave=False, dynamic_ncols=True)
-    for chunk in batches(len(order), batch_size):
-        idx = [order[i] for i in chunk]
-        if task.kind == "generation":
-            gen = task.generation_kwargs or {}
-            preds = scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
-                                    until=tuple(gen.get("until", ["\n"])))
-        else:
-            preds = scorer.predict(enc, idx)
-        for i, p in zip(idx, preds):
-            out[i] = p
-        bar.update(len(idx))
+    with scorer.frozen_weights():   # a header's keys and values serve every batch of this pass
+        for chunk in batches(len(order), batch_size):
+            idx = [order[i] for i in chunk]
+            if task.kind == "generation":
+                gen = task.generation_kwargs or {}
+                preds = scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
+                                        until=tuple(gen.get("until", ["\n"])))
+            elif task.kind == "classification":   # predict's argmax, with the probability behind it
+                probs = scorer.candidate_logprobs(enc, idx)[0].double().softmax(-1)
+                preds = probs.argmax(-1).tolist()
+                for i, q in zip(idx, probs.max(-1).values.tolist()):
+                    confidences[i] = q
+            else:
+                preds = scorer.predict(enc, idx)
+            for i, p in zip(idx, preds):
+                out[i] = p
+            bar.update(len(idx))
     bar.close()
     scorer.model.train(was_training)
-    return out
+    return out, (confidences if task.kind == "classification" else None)
 
 
 def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int,
@@ -126,14 +153,17 @@ def evaluation_line(label: str, metrics: dict[str, float], n: int, seconds: floa
 def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int,
                               progress: bool = False, label: str | None = None
                               ) -> tuple[dict[str, float], dict[str, list]]:
-    """Metrics plus what eval.json keeps for a report (:func:`metrics_and_outputs`).
+    """Metrics plus what eval.json keeps for a report (:func:`metrics_and_outputs`), and for
+    classification each prediction's confidence.
 
     ``progress`` shows a bar over the examples; without it, a ``label`` prints one summary line
     (:func:`evaluation_line`) to stderr, so a long quiet evaluation still says what it found.
     """
     start = time.perf_counter()
-    preds = predictions(scorer, enc, task, batch_size, progress, desc=label or "eval")
+    preds, confidences = predictions_with_confidence(scorer, enc, task, batch_size, progress, desc=label or "eval")
     metrics, outputs = metrics_and_outputs(task, preds, examples)
+    if confidences is not None:   # for QWK against coverage (zoft.tasks.rubric.confidence)
+        outputs["confidences"] = [round(c, 6) for c in confidences]
     if label and not progress:
         print(evaluation_line(label, metrics, len(examples), time.perf_counter() - start), file=sys.stderr, flush=True)
     return metrics, outputs

@@ -24,6 +24,7 @@ safetensors), so a killed run resumes exactly. Only ``mode=full``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ def batch_loss(model, tok: Tokenized, idx: list[int], pad_id: int) -> torch.Tens
 
 class EncoderScorer:
     """A fine-tuned encoder classifier behind the :class:`zoft.lm.CandidateScorer` interface
-    (``encode``, ``loss``, ``predict``, ``candidate_logprobs``, ``model``, ``device``), so the
+    (``encode``, ``loss``, ``predict``, ``candidate_logprobs``, ``frozen_weights``, ``model``, ``device``), so the
     shared backprop loop trains it and ``zoft eval``/``score``/``serve`` use it like an LM
     scorer. A class's "log-prob" is its log-softmax.
     """
@@ -203,6 +204,10 @@ class EncoderScorer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def frozen_weights(self):
+        """As :meth:`zoft.lm.CandidateScorer.frozen_weights`; an encoder shares no headers."""
+        return contextlib.nullcontext(self)
 
     def encode(self, examples) -> Tokenized:
         return tokenize(self.tokenizer, input_texts(self.task, examples), [ex.target for ex in examples],

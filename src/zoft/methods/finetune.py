@@ -199,7 +199,7 @@ def head_inputs(scorer: CandidateScorer, enc: Encoded, batch_size: int) -> np.nd
     try:
         for idx in batches(len(enc), batch_size):
             captured.clear()
-            scorer.candidate_logprobs(enc, idx)   # the label-word path: one head call
+            scorer.candidate_logprobs(enc, idx, share=False)   # the label-word path: one head call
             h = captured[-1]                        # (B, T', H)
             if scorer.is_masked_lm:
                 pos = torch.tensor([enc.mask_positions[i] for i in idx], device=h.device)

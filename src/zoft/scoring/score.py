@@ -8,7 +8,15 @@ input row, in input order, plus:
 * ``score``: the most probable score level ("" if the row could not be scored);
 * ``p_<level>``: the probability of each level (softmax of the model's log-likelihoods
   of the levels after the prompt), one column per level, lowest level first;
+* ``confidence``: the probability of the predicted level (multi-label: the least confident
+  aspect's), see :mod:`zoft.scoring.confidence`;
+* ``needs_review`` (with ``review_fraction`` F): ``yes`` for the ceil(F·n) least confident scored
+  rows, a teacher's to check, else ``no``;
 * ``error``: why the row was not scored (one line), "" for scored rows.
+
+With ``gold_column`` (a column of human scores, e.g. for a pilot batch), QWK on the automatically
+scored part against coverage is written next to the output as ``<name>.coverage.csv`` and
+``<name>.coverage.png``, so a teacher can choose F.
 
 For a multi-label task (rubric aspects, e.g. claim/evidence/reasoning), ``score`` is the
 aspects' levels joined by commas (``"1,0,1"``, as in OpenAI chat JSONL), and the extra
@@ -31,6 +39,7 @@ import torch
 
 from zoft.atomic import atomic_write_text
 from zoft.errors import DataError, ZoftError, excerpt
+from zoft.tasks.rubric.confidence import confidence, coverage_curve, coverage_png, needs_review, review_count
 from zoft.tasks.readers import read_csv_records
 from zoft.tasks.rubric import Response, ScoringTask
 
@@ -39,12 +48,18 @@ ITEM_COLUMN = "item_id"
 _ERRORS_SHOWN = 5
 
 
-def output_columns(levels: list[str], aspects: list[str] | None = None) -> list[str]:
-    """The columns score_file adds to the input's: ``score``, ``p_<level>`` per level, ``error``
-    (multi-label: ``score``, each aspect, ``p_<aspect>_<level>``, ``error``)."""
+def output_columns(levels: list[str], aspects: list[str] | None = None, review: bool = False) -> list[str]:
+    """The columns score_file adds to the input's: ``score``, ``p_<level>`` per level, ``confidence``,
+    [``needs_review``], ``error`` (multi-label: ``score``, each aspect, ``p_<aspect>_<level>``, ...)."""
+    routing = ["confidence", *(["needs_review"] if review else []), "error"]
     if aspects:
-        return ["score", *aspects, *(f"p_{a}_{level}" for a in aspects for level in levels), "error"]
-    return ["score", *(f"p_{level}" for level in levels), "error"]
+        return ["score", *aspects, *(f"p_{a}_{level}" for a in aspects for level in levels), *routing]
+    return ["score", *(f"p_{level}" for level in levels), *routing]
+
+
+def coverage_paths(output_path: Path) -> tuple[Path, Path]:
+    """Where the coverage table and curve of a scored CSV go: ``<name>.coverage.csv`` and ``.png``."""
+    return output_path.with_suffix(".coverage.csv"), output_path.with_suffix(".coverage.png")
 
 
 def _read_input(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -86,7 +101,8 @@ def _check_output(path: Path) -> None:
 
 
 def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path,
-               batch_size: int = 16, trust_remote_code: bool = False) -> dict[str, Any]:
+               batch_size: int = 16, trust_remote_code: bool = False, review_fraction: float | None = None,
+               gold_column: str | None = None) -> dict[str, Any]:
     """Scores every response of a CSV with a trained scoring run and writes a scored CSV.
 
     Args:
@@ -99,11 +115,16 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         batch_size: Responses per forward pass.
         trust_remote_code: Run the Python a model folder ships; the caller's choice alone
             (the run's config.yaml cannot turn it on).
+        review_fraction: Mark the ceil(F·n) least confident scored rows ``needs_review``.
+        gold_column: A column of human scores (levels; empty cells are left out): write QWK on
+            the automatically scored part against coverage (single-label tasks).
 
     Returns:
         A summary: ``run_dir``, ``task``, ``input``, ``output``, ``levels``, ``rows``,
         ``scored``, ``failed``, ``score_counts`` (predicted level -> rows) and
-        ``errors`` (the first few ``"row N: reason"``).
+        ``errors`` (the first few ``"row N: reason"``); with ``review_fraction``, ``review``
+        (rows marked); with ``gold_column``, ``coverage`` (:func:`~zoft.scoring.confidence.coverage_curve`)
+        and ``coverage_files``.
 
     Raises:
         ZoftError: the run's task is not a scoring task, batch_size < 1, or the output
@@ -116,18 +137,25 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
 
     if batch_size < 1:
         raise ZoftError(f"batch_size must be >= 1, got {batch_size}")
+    if review_fraction is not None:
+        review_count(review_fraction, 0)     # checks 0 <= F <= 1
     input_path, output_path = Path(input_path), Path(output_path)
     header, rows = _read_input(input_path)   # a bad file or output path fails before the model loads
+    if gold_column is not None and gold_column not in header:
+        raise DataError(f"no gold column (has: {excerpt(', '.join(header))})", str(input_path), field=gold_column)
     _check_output(output_path)
     setup, scorer = load_run(run_dir, trust_remote_code=trust_remote_code)
     task = setup.task
     if not isinstance(task, ScoringTask):
         raise ZoftError(f"{run_dir}: task '{task.name}' is not a scoring task (use asap-<N> or scientsbank)")
-    added = output_columns(task.levels, task.aspects)
+    added = output_columns(task.levels, task.aspects, review=review_fraction is not None)
     clash = next((c for c in added if c in header), None)
     if clash is not None:
         raise DataError(f"input already has the column '{clash}' that scoring writes; rename it",
                         str(input_path), field=clash)
+    if gold_column is not None and task.aspects:
+        raise ZoftError(f"{input_path}: a gold column's coverage curve needs a single-label task; "
+                        f"'{task.name}' scores aspects")
 
     p = str(input_path)
     records: list[dict[str, str]] = []
@@ -164,6 +192,10 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
                 item = next(iter(task.items.values()))
             else:
                 error = f"no item_id: task '{task.name}' has {len(task.items)} items"
+        gold = record.get(gold_column, "").strip() if gold_column is not None else ""
+        if error is None and gold and gold not in task.levels:
+            raise DataError(f"gold score '{excerpt(gold)}' is not a level ({', '.join(task.levels)})", p, row=row,
+                            field=gold_column)
         if error is None:
             seen[rid] = row
             response = Response(rid, text, None, None, None, item.item_id, f"{p}:{row}")
@@ -179,7 +211,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         scorer.model.eval()
         # Similar lengths together: padding is wasted compute.
         order = sorted(range(len(examples)), key=lambda i: len(enc.context_ids[i]))
-        with torch.no_grad():
+        with torch.no_grad(), scorer.frozen_weights():   # each item's header runs once
             for chunk in batches(len(order), batch_size):
                 idx = [order[i] for i in chunk]
                 logprobs, _ = scorer.candidate_logprobs(enc, idx)
@@ -188,16 +220,25 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         probs = [[dist for _, dist in sorted(per)] for per in probs]   # aspects back in their order
         scorer.model.train(was_training)
 
+    scored = [r for r, dists in enumerate(probs) if dists]
+    confidences = {r: confidence(probs[r]) for r in scored}
+    flagged: set[int] = set()
+    if review_fraction is not None:
+        marks = needs_review([confidences[r] for r in scored], review_fraction)
+        flagged = {r for r, mark in zip(scored, marks) if mark}
     counts: Counter[str] = Counter()
-    out_rows = []
-    for record, error, dists in zip(records, errors, probs):
+    out_rows, predicted = [], {}
+    for r, (record, error, dists) in enumerate(zip(records, errors, probs)):
         if not dists:
             extra = [""] * (len(added) - 1) + [error]
         else:
             bests = [task.levels[max(range(len(d)), key=d.__getitem__)] for d in dists]
             best = ",".join(bests)
             counts[best] += 1
-            extra = [best, *(bests if task.aspects else []), *(f"{q:.6f}" for d in dists for q in d), ""]
+            predicted[r] = best
+            routing = [f"{confidences[r]:.6f}", *(["yes" if r in flagged else "no"] if review_fraction is not None
+                                                   else [])]
+            extra = [best, *(bests if task.aspects else []), *(f"{q:.6f}" for d in dists for q in d), *routing, ""]
         out_rows.append([record.get(c, "") for c in header] + extra)
     try:
         _write_csv(output_path, header + added, out_rows)
@@ -205,7 +246,21 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         raise ZoftError(f"{output_path}: cannot write the output: {e.strerror or e}") from None
 
     failed = [f"row {row}: {e}" for row, e in zip(row_numbers, errors) if e]
-    return {"run_dir": str(run_dir), "task": task.name, "input": str(input_path), "output": str(output_path),
+    routing: dict[str, Any] = {}
+    if review_fraction is not None:
+        routing["review"] = len(flagged)
+    if gold_column is not None:
+        with_gold = [r for r in scored if records[r].get(gold_column, "").strip()]
+        curve = coverage_curve([confidences[r] for r in with_gold], [predicted[r] for r in with_gold],
+                               [records[r][gold_column].strip() for r in with_gold], task.levels) if with_gold else []
+        table_path, png_path = coverage_paths(output_path)
+        _write_csv(table_path, list(curve[0]) if curve else ["coverage"],
+                   [[f"{v:.6g}" if isinstance(v, float) else v for v in row.values()] for row in curve])
+        if curve:
+            coverage_png(curve, png_path, title=f"{task.name}: {len(with_gold)} responses with gold scores",
+                         human_qwk=getattr(task, "human_qwk", None))
+        routing |= {"coverage": curve, "coverage_files": [str(table_path)] + ([str(png_path)] if curve else [])}
+    return routing | {"run_dir": str(run_dir), "task": task.name, "input": str(input_path), "output": str(output_path),
             "levels": list(task.levels), "rows": len(records), "scored": len(records) - len(failed),
             "failed": len(failed), "score_counts": (dict(sorted(counts.items())) if task.aspects
                                                         else {lv: counts[lv] for lv in task.levels}),

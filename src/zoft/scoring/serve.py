@@ -59,7 +59,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ import torch
 
 from zoft.errors import ZoftError
 from zoft.tasks.example import Example
+from zoft.tasks.rubric import ScoringTask
 from zoft.tasks.rubric.prompts import ChatError, default_context, message_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -188,7 +189,7 @@ def _logprob_entry(token: str, logprob: float) -> dict:
 
 
 def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], str], model_name: str,
-               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, headers: Sequence[str] = ()):
     """The FastAPI app serving ``scorer`` (a :class:`zoft.lm.CandidateScorer`) over ``levels``.
 
     Args:
@@ -201,6 +202,10 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         api_key: if set (non-empty), every request needs ``Authorization: Bearer <api_key>``
             (else 401, ``code: "invalid_api_key"``).
         max_body_bytes: larger request bodies are refused with 413.
+        headers: the shared headers a context may start with (a scoring task's item headers):
+            marked as the example's ``shared_prefix``, so a scorer inside
+            :meth:`~zoft.lm.CandidateScorer.frozen_weights` runs each item's header once for
+            every request (``serve`` does; the weights never change while served).
 
     Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``.
     """
@@ -223,7 +228,8 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
 
     def score(context: str) -> tuple[list[float], int, list[int]]:
         """Log-probs normalised over the levels, the prompt's token count, each level's tokens."""
-        ex = Example(context, levels, 0, [levels[0]], {}, "request")
+        header = next((h for h in headers if context.startswith(h)), "")
+        ex = Example(context, levels, 0, [levels[0]], {}, "request", shared_prefix=header)
         with lock, torch.no_grad():
             was_training = scorer.model.training
             scorer.model.eval()
@@ -357,10 +363,13 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
     build_context = (getattr(task, "contexts_from_chat", None) if getattr(task, "aspects", None) else None) \
         or getattr(task, "context_from_chat", None) or default_context
     name = model_name or Path(run_dir).resolve().name
-    app = create_app(scorer, levels, build_context, name, api_key=api_key, max_body_bytes=max_body_bytes)
+    headers = [task.header(item) for item in task.items.values()] if isinstance(task, ScoringTask) else []
+    app = create_app(scorer, levels, build_context, name, api_key=api_key, max_body_bytes=max_body_bytes,
+                     headers=headers)
     print(f"zoft serve: model '{name}', levels {levels}, at http://{host}:{port}/v1, "
           f"{'API key required' if api_key else 'no API key'}", flush=True)
     if not api_key and not _is_loopback(host):
         print(f"zoft serve: warning: serving on {host} without an API key: anyone who can reach port {port} "
               "can use the model (set --api-key or ZOFT_API_KEY)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    with scorer.frozen_weights():   # each item's header runs once, for its first request
+        uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -19,6 +19,9 @@ class Example:
             answers for generation.
         doc: The raw row.
         ref: ``"path:row"`` of the row, for error messages.
+        shared_prefix: The start of ``context`` that many examples share word for word (a
+            scoring item's header: item text and rubric), or ``""``. A causal LM may run it
+            once for all of them (:mod:`zoft.shared_prefix`); the prompt is the same either way.
     """
 
     context: str
@@ -27,6 +30,7 @@ class Example:
     answers: list[str]
     doc: dict
     ref: str
+    shared_prefix: str = ""
 
 
 @dataclass

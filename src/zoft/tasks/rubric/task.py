@@ -185,7 +185,8 @@ class ScoringTask:
         doc = {"item_id": item.item_id, "id": response.id, "text": response.text, "split": response.split,
                "score": target, "second_score": response.second_score, "subgroups": dict(response.subgroups)}
         return Example(self.context(item, response.text), list(self.levels), target,
-                       [self.levels[target]] if target is not None else [], doc, response.ref)
+                       [self.levels[target]] if target is not None else [], doc, response.ref,
+                       shared_prefix=self.header(item))
 
     def examples(self, response: Response, item: ScoringItem | None = None) -> list[Example]:
         """A response as its examples: one, or one per aspect for a multi-label item.
@@ -209,7 +210,8 @@ class ScoringTask:
                    "aspect": aspect, "score": target, "response_key": f"{item.item_id}/{response.id}",
                    "subgroups": dict(response.subgroups)}
             out.append(Example(self.context(item, response.text, aspect), list(self.levels), target,
-                               [self.levels[target]] if target is not None else [], doc, response.ref))
+                               [self.levels[target]] if target is not None else [], doc, response.ref,
+                               shared_prefix=self.header(item)))
         return out
 
     # -- data --------------------------------------------------------------------------
