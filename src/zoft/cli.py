@@ -71,7 +71,9 @@ def cmd_compare(args) -> None:
         loaded = load_model(base.model, dtype=base.dtype, device=base.device,
                             trust_remote_code=base.trust_remote_code)
         print(f"== {spec}", flush=True)
-        results.append(api.train(base.to_dict() | overrides, loaded=loaded))
+        # lr=auto is MeZO's default, not FT's: an lr left at "auto" takes each method's own default
+        results.append(api.train(base.to_dict() | {"lr": None if base.lr == "auto" else base.lr} | overrides,
+                                 loaded=loaded))
     table, plot = write_comparison(results, out)
     print(table.read_text())
     print(f"table: {table}\nplot: {plot}")

@@ -20,7 +20,9 @@ from zoft.errors import ZoftError
 from zoft.lm import COMPUTE_DTYPES
 from zoft.zo import BACKEND_NAMES, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
 
-OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
+OBJECTIVES = ("loss", "acc", "f1")
+AUTO = "auto"        # lr=auto: MeZO probes its step size (zoft.zo.auto_lr)
+DEFAULT_LR = 1e-6    # the numeric default of the methods without lr=auto   # what MeZO minimises: the LM loss, or minus a batch metric
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Config:
     steps: int = 1000
     batch_size: int = 16
     eval_batch_size: int = 32
-    lr: float = 1e-6
+    lr: float | str | None = None    # None: the method's default (MeZO "auto", see zoft.zo.auto_lr; others 1e-6)
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -70,6 +72,7 @@ class Config:
     adam_beta2: float = 0.999
     lozo_rank: int = 2
     lozo_nu: int = 50
+    smezo_fraction: float = 0.25     # estimator=smezo: the fraction of each tensor's weights perturbed (smallest |θ|)
     # small-model speed: trainable tensors as views of one buffer; compiled fixed-shape loss
     flat_params: bool = False
     compile: str = "off"
@@ -97,6 +100,10 @@ class Config:
     output_dir: str | None = None
     overwrite_output_dir: bool = False   # replace an earlier run in output_dir (else a fresh run there is refused)
     progress: bool = True
+    # divergence guard (zoft.guard): roll back to the last good checkpoint and halve the lr
+    guard: bool = True
+    guard_factor: float = 1.5        # roll back when the loss EMA exceeds its best by this factor
+    guard_max_rollbacks: int = 3     # then stop with one line
 
     def validate(self) -> "Config":
         # allowed values come from the registries that implement them (the method is checked by
@@ -121,8 +128,18 @@ class Config:
         for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise ZoftError(f"config: {key} must be >= 0, got {getattr(self, key)}")
+        if self.lr is None:   # the method's default
+            self.lr = AUTO if self.method == "mezo" else DEFAULT_LR
+        if isinstance(self.lr, str) and (self.lr != AUTO or self.method != "mezo"):
+            raise ZoftError(f"config: lr must be a number{' or auto' if self.method == 'mezo' else ''}, got '{self.lr}'")
+        if not self.guard_factor > 1 or not math.isfinite(self.guard_factor):
+            raise ZoftError(f"config: guard_factor must be a finite number > 1, got {self.guard_factor}")
+        if self.guard_max_rollbacks < 0:
+            raise ZoftError(f"config: guard_max_rollbacks must be >= 0, got {self.guard_max_rollbacks}")
+        if not 0 < self.smezo_fraction <= 1:
+            raise ZoftError(f"config: smezo_fraction must be in (0, 1], got {self.smezo_fraction}")
         # NaN passes every comparison, so each float is checked for finiteness before its range
-        for key in ("lr", "eps", "lp_c", "dist_timeout"):
+        for key in ("lr", "eps", "lp_c", "dist_timeout")[int(self.lr == AUTO):]:
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
                 raise ZoftError(f"config: {key} must be a finite number > 0, got {value}")
@@ -144,6 +161,8 @@ class Config:
         if (self.offload or self.device_map) and self.compile != "off":
             raise ZoftError("config: compile needs the weights at fixed addresses on one device; "
                             "offload and device_map move them: set compile=off")
+        if self.offload and self.lr == AUTO:
+            raise ZoftError("config: lr=auto probes the weights in place, which offload streams; set lr to a number")
         if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
             raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
                             "flat_params=false")
@@ -180,6 +199,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                 raise ValueError
             return int(value)
         if type_text.startswith("float"):
+            if "str" in type_text and isinstance(value, str) and value.strip().lower() == AUTO:
+                return AUTO
             return float(value)
         if type_text.startswith("list"):
             return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]

@@ -10,7 +10,7 @@ from zoft.zo.perturb import (BACKEND_NAMES, BACKENDS, DISTRIBUTIONS, TorchBacken
                              tensor_seed)
 from zoft.zo.schedule import SCHEDULES, direction_seed, learning_rate
 
-__all__ = ["ESTIMATORS", "SPSA", "FZOO", "LOZO", "LowRankBackend", "Estimate", "Objective", "spsa",
+__all__ = ["ESTIMATORS", "SPSA", "FZOO", "LOZO", "LowRankBackend", "SparseMeZO", "SparseBackend", "Estimate", "Objective", "spsa",
            "OPTIMIZERS", "ZOSGD", "ZOSGDMomentum", "ZOSGDSign", "ZOSGDConservative", "ZOAdam",
            "build_optimizer", "decay_mask",
            "BACKEND_NAMES", "BACKENDS", "DISTRIBUTIONS", "TorchBackend", "CPUFastBackend", "get_backend", "register_backend",

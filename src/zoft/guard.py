@@ -1,0 +1,86 @@
+"""The divergence guard: notice a run going bad, beyond a NaN, while it can still be saved.
+
+Three signs, checked by the training loop (:mod:`zoft.training`):
+
+- the loss: its exponential moving average (β = 0.9, bias-corrected, so about the last 10
+  steps; a MeZO batch loss is too noisy to judge one step at a time) climbs above
+  ``best + (factor − 1)·|best|``, where ``best`` is the lowest EMA seen after the first 10 steps
+  (for a positive loss: factor × best; for minus a metric, e.g. −accuracy, the same margin);
+- a loss (or projected gradient) that is NaN or inf, or an update that overflows the weights;
+- the weights, at every eval or checkpoint: non-finite, or an L2 norm more than 10× the initial.
+
+The loop then rolls back to the last good state, halves the lr for the rest of the run, logs
+``{"step": N, "event": "rollback", ...}`` in metrics.jsonl and a console line, and after
+``max_rollbacks`` rollbacks stops with one line. Everything here is a pure function of the
+losses seen, and :class:`GuardState` is saved in trainer_state.json, so a resumed run takes the
+same decisions at the same steps as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+
+BETA = 0.9          # EMA decay of the training loss: an average over about 1/(1 − β) = 10 steps
+WARMUP = 10         # steps before the EMA counts as a "best" (its first values average few batches)
+NORM_FACTOR = 10.0  # weights whose norm grew this much beyond the start have blown up
+
+
+@dataclass
+class GuardState:
+    """What the guard knows at a step; JSON-able, stored in trainer_state.json."""
+
+    ema: float = 0.0            # uncorrected EMA of the loss
+    seen: int = 0               # losses in the EMA
+    best: float | None = None   # lowest bias-corrected EMA after WARMUP steps
+    norm0: float | None = None  # L2 norm of the trained weights at the start
+    lr_scale: float = 1.0       # 0.5 per rollback, for the rest of the run
+    rollbacks: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The guard's settings (config ``guard_factor``, ``guard_max_rollbacks``)."""
+
+    factor: float = 1.5
+    max_rollbacks: int = 3
+
+    def observe(self, state: GuardState, loss: float) -> str | None:
+        """Add a step's loss to the EMA; the reason to roll back, or None."""
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        state.seen += 1
+        state.ema = BETA * state.ema + (1 - BETA) * loss
+        smoothed = state.ema / (1 - BETA ** state.seen)
+        if state.seen < WARMUP:
+            return None
+        if state.best is None or smoothed < state.best:
+            state.best = smoothed
+            return None
+        limit = state.best + (self.factor - 1) * abs(state.best)
+        if smoothed > limit:
+            return f"loss EMA {smoothed:.4g} > {limit:.4g} ({self.factor:g}× its best, {state.best:.4g})"
+        return None
+
+    def check_weights(self, state: GuardState, tensors: Iterable[torch.Tensor]) -> str | None:
+        """The weights' L2 norm (recorded as ``norm0`` on the first call); the reason to roll back, or None."""
+        norm = weight_norm(tensors)
+        if not math.isfinite(norm):
+            return f"the weights hold {norm}"
+        if state.norm0 is None:
+            state.norm0 = norm
+        elif state.norm0 > 0 and norm > NORM_FACTOR * state.norm0:
+            return f"weight norm {norm:.4g} > {NORM_FACTOR:g}× its initial {state.norm0:.4g}"
+        return None
+
+
+@torch.no_grad()
+def weight_norm(tensors: Iterable[torch.Tensor]) -> float:
+    """L2 norm over all tensors, accumulated in float64 (inf or NaN if any entry is)."""
+    total = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors)
+    return math.sqrt(total)
