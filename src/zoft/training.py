@@ -249,6 +249,7 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
                 reason = e.reason
             if reason is None:
                 faults.step_done(done)
+                record["loss"] = faults.loss(done, record["loss"], guarded.lr_scale)
                 last_lr = record.get("lr", last_lr)
                 record = {"step": done, **record, "elapsed": round(time.perf_counter() - start_time, 3)}
                 if guard:
