@@ -206,7 +206,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
         return str(value)
     except (TypeError, ValueError):
-        raise ZoftError(f"{source}: '{key}' expects {type_text}, got {value!r}") from None
+        expected = "a number or auto" if type_text.startswith("float | str") else type_text
+        raise ZoftError(f"{source}: '{key}' expects {expected}, got {value!r}") from None
 
 
 def _did_you_mean(key: str, known: set[str]) -> str:

@@ -3,7 +3,8 @@
 Config-free: :mod:`zoft.zo.build` turns any object with the needed attributes into a stepper.
 """
 from zoft.zo.cpu_backend import CPUFastBackend
-from zoft.zo.estimator import ESTIMATORS, FZOO, LOZO, SPSA, Estimate, LowRankBackend, Objective, spsa
+from zoft.zo.estimator import (ESTIMATORS, FZOO, LOZO, SPSA, Estimate, LowRankBackend, Objective, SparseBackend,
+                               SparseMeZO, spsa)
 from zoft.zo.optim import (OPTIMIZERS, ZOSGD, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign,
                            build_optimizer, decay_mask)
 from zoft.zo.perturb import (BACKEND_NAMES, BACKENDS, DISTRIBUTIONS, TorchBackend, get_backend, register_backend,

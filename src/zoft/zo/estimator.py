@@ -305,7 +305,9 @@ def small_magnitude_mask(p: torch.Tensor, fraction: float) -> torch.Tensor:
     flat = p.detach().reshape(-1).abs()
     sample = flat[::max(1, flat.numel() // SAMPLE)]
     k = max(1, min(sample.numel(), math.ceil(fraction * sample.numel())))
-    threshold = sample.float().kthvalue(k).values
+    # kthvalue in float32 at least (none for bf16 on CPU); the threshold is one of the tensor's own
+    # values, so it converts back to the tensor's dtype exactly
+    threshold = sample.to(torch.promote_types(sample.dtype, torch.float32)).kthvalue(k).values
     return flat.le(threshold.to(flat.dtype)).reshape(p.shape)
 
 
