@@ -177,4 +177,4 @@ def test_train_help_lists_every_config_key(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert all(f"{f.name}=" in out for f in dataclasses.fields(Config))
-    assert "lr=1e-06" in out and "overwrite_output_dir=False" in out
+    assert "lr=auto|1e-06" in out and "overwrite_output_dir=False" in out

@@ -144,9 +144,10 @@ def _config_keys() -> str:
     import dataclasses
     import textwrap
 
-    from zoft.config import Config
-    keys = "  ".join(f"{f.name}={'' if f.default is None else f.default}" for f in dataclasses.fields(Config)
-                     if f.default is not dataclasses.MISSING)
+    from zoft.config import AUTO, DEFAULT_LR, Config
+    shown = {"lr": f"{AUTO}|{DEFAULT_LR:g}"}   # the method's default: auto for MeZO, a number for the others
+    keys = "  ".join(f"{f.name}={shown.get(f.name, '' if f.default is None else f.default)}"
+                     for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING)
     return "config keys, as key=value or in a YAML config (defaults shown):\n" + textwrap.fill(
         keys, width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
 
