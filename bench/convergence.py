@@ -164,7 +164,7 @@ class Bench:
                 for b, s in zip(self.flat, best_state):
                     b.copy_(s)
         val = self.evaluate(self.val)
-        reached = first_reach({"curve": curve}, target)
+        reached = first_reach({"curve": curve, "best_dev": best_dev}, target)   # no curve: the probe took the budget
         return {"task": task, "method": method, "seed": seed, "lr": cfg.lr, "budget": budget, "steps": step,
                 "forwards": forwards, "probe_forwards": probe_forwards,
                 "train_s": round(train_s, 2), "ms_per_step": round(1e3 * train_s / max(step, 1), 2),
@@ -255,6 +255,7 @@ def main() -> None:
         args.model, args.device, args.compile = "tiny-llama", "cpu", "off"
         args.budget, args.eval_every, args.n_train, args.n_dev, args.n_eval = 40, 20, 64, 32, 32
         args.max_length, args.seeds = 48, "0,1"
+        args.budget += 80 if args.auto_lr else 0   # room for the probe's forwards
     args.target = parse_pairs(args.target)
     args.lr = {k: {"lr": v} for k, v in parse_pairs(args.lr, lambda v: v if v == "auto" else float(v)).items()}
     if args.auto_lr:
