@@ -109,6 +109,15 @@ def test_a_nan_loss_rolls_back_and_the_run_finishes(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_lr_1e30_behind_rmsnorm_is_caught_by_the_weight_norm_and_stops(tmp_path):
+    """The loss stays finite (RMSNorm rescales the blown-up weights), so only the weights tell."""
+    with pytest.raises(DivergedError, match=r"training diverged: step 10: weight norm .* after 3 rollbacks"):
+        api.train({**SMALL, "lr": 1e30, "steps": 200, "eval_every": 100, "output_dir": str(tmp_path / "run")},
+                  loaded=tiny_random_model("causal", seed=0))
+    events = [r for r in RunDir(tmp_path / "run").read_metrics() if "event" in r]
+    assert [(e["step"], e["from_step"], e["lr_scale"]) for e in events] == [(0, 10, 0.5), (0, 10, 0.25), (0, 10, 0.125)]
+
+
 def test_without_the_guard_the_same_climb_runs_to_the_end(tmp_path, monkeypatch):
     climbing_loss(monkeypatch, from_call=2 * (WARMUP + 3))
     api.train({**SMALL, "steps": 28, "eval_every": 4, "guard": False, "output_dir": str(tmp_path / "run")},

@@ -10,7 +10,8 @@ Three signs, checked by the training loop (:mod:`zoft.training`):
   luckiest dip of the noise, which the minimum of a fast EMA would be (tests/test_guard.py feeds
   2000 such steps without a rollback). Both EMAs are bias-corrected (as Adam's moments are);
 - a loss (or projected gradient) that is NaN or inf, or an update that overflows the weights;
-- the weights, at every eval or checkpoint: non-finite, or an L2 norm more than 10× the initial.
+- the weights, every 10 steps and at every eval or checkpoint: non-finite, or an L2 norm more
+  than 10× the initial (a loss behind RMSNorm can stay finite while lr=1e30 blows the weights up).
 
 The loop then rolls back to the last good state, halves the lr for the rest of the run, logs
 ``{"step": N, "event": "rollback", ...}`` in metrics.jsonl and a console line, and after
@@ -29,6 +30,7 @@ import torch
 FAST, SLOW = 0.9, 0.99   # EMA decays of the training loss: averages over about 1/(1 − β) = 10 and 100 steps
 WARMUP = 20         # steps before the slow EMA counts as a "best" (its first values average few batches)
 NORM_FACTOR = 10.0  # weights whose norm grew this much beyond the start have blown up
+WEIGHT_CHECK_EVERY = 10   # steps between weight checks (and at every eval and checkpoint): one read pass
 
 
 @dataclass
