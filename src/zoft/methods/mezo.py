@@ -108,7 +108,6 @@ def auto_lr(cfg, zo: ZOStep, measure: Objective) -> AutoLR:
     """``lr=auto`` (zoft.zo.auto_lr): probe p estimates on training batch p, with its own seeds, and
     judges the step by ``measure`` on that batch. A fresh estimator and optimizer of the run's kind
     do the probing, so the run's own stay untouched."""
-    from zoft.zo.build import build_components
     estimator, optimizer = build_components(cfg, zo.params[0].device)
 
     def batch(p: int) -> list[int]:
