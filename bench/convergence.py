@@ -37,7 +37,8 @@ from zoft.config import load_config
 from zoft.lm import Encoded
 from zoft.methods.common import prepare
 from zoft.methods.finetune import adamw_step, make_optimizer
-from zoft.methods.mezo import build_step
+from zoft.methods.mezo import auto_lr, build_step
+from zoft.zo import Objective
 from zoft.zo.flat import flatten_
 
 # name: (config overrides, forwards per step). lr values are starting points for SmolLM2-135M in
@@ -52,6 +53,7 @@ METHODS = {
     "zo-adam":       dict(optimizer="zo-adam", lr=1e-5),
     "fzoo":          dict(estimator="fzoo", n_directions=4, lr=1e-4),
     "lozo":          dict(estimator="lozo", lozo_rank=2, lozo_nu=50, lr=3e-5),
+    "smezo":         dict(estimator="smezo", smezo_fraction=0.25, lr=3e-5),
 }
 TARGETS = {"sst2": 0.80, "rte": 0.55}
 
@@ -115,7 +117,7 @@ class Bench:
         args, task = self.args, self.cfg.task
         budget, target = args.budget, args.target.get(task, TARGETS.get(task, 0.8))
         train_ids = list(self.train)
-        objective = lambda idx: self.loss([train_ids[i] for i in idx])   # noqa: E731
+        objective = Objective(lambda idx: self.loss([train_ids[i] for i in idx]))
         if method == "ft":
             cfg = load_config(overrides={**self.cfg.to_dict(), "method": "ft", "seed": seed, "lr": args.ft_lr,
                                          "steps": budget // 3})
@@ -134,7 +136,12 @@ class Bench:
             cfg = load_config(overrides={**overrides, "steps": 10**9})
             zo = build_step(cfg, self.model, objective, len(train_ids))
             step_fn, per_step = zo.step_fn, None
-        forwards, train_s, step, curve = 0, 0.0, 0, []
+        probe_forwards, probe_s = 0, 0.0
+        if cfg.lr == "auto":   # the probe's forwards count against the run's budget
+            t = time.perf_counter()
+            chosen = auto_lr(cfg, zo, objective)
+            cfg.lr, probe_forwards, probe_s = chosen.lr, chosen.forwards, time.perf_counter() - t
+        forwards, train_s, step, curve = probe_forwards, probe_s, 0, []
         best_dev, best_state = -1.0, None
         next_eval = args.eval_every
         while forwards < budget:
@@ -157,9 +164,9 @@ class Bench:
                 for b, s in zip(self.flat, best_state):
                     b.copy_(s)
         val = self.evaluate(self.val)
-        reached = first_reach({"curve": curve}, target)
+        reached = first_reach({"curve": curve, "best_dev": best_dev}, target)   # no curve: the probe took the budget
         return {"task": task, "method": method, "seed": seed, "lr": cfg.lr, "budget": budget, "steps": step,
-                "forwards": forwards,
+                "forwards": forwards, "probe_forwards": probe_forwards,
                 "train_s": round(train_s, 2), "ms_per_step": round(1e3 * train_s / max(step, 1), 2),
                 "best_dev": best_dev, "val_at_best_dev": val, "target": target,
                 "forwards_to_target": reached[0] if reached else None,
@@ -231,7 +238,8 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1000, help="forward passes per run")
     p.add_argument("--eval-every", type=int, default=100, help="forward passes between dev evals")
     p.add_argument("--target", nargs="*", default=[], help="task=acc, e.g. sst2=0.8 (defaults: sst2 0.8, rte 0.55)")
-    p.add_argument("--lr", nargs="*", default=[], help="method=lr overrides, e.g. zo-adam=3e-5")
+    p.add_argument("--lr", nargs="*", default=[], help="method=lr overrides, e.g. zo-adam=3e-5 or mezo=auto")
+    p.add_argument("--auto-lr", action="store_true", help="lr=auto for every ZO method (probe forwards count)")
     p.add_argument("--ft-lr", type=float, default=1e-5)
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-dev", type=int, default=256)
@@ -247,8 +255,11 @@ def main() -> None:
         args.model, args.device, args.compile = "tiny-llama", "cpu", "off"
         args.budget, args.eval_every, args.n_train, args.n_dev, args.n_eval = 40, 20, 64, 32, 32
         args.max_length, args.seeds = 48, "0,1"
+        args.budget += 80 if args.auto_lr else 0   # room for the probe's forwards
     args.target = parse_pairs(args.target)
-    args.lr = {k: {"lr": v} for k, v in parse_pairs(args.lr).items()}
+    args.lr = {k: {"lr": v} for k, v in parse_pairs(args.lr, lambda v: v if v == "auto" else float(v)).items()}
+    if args.auto_lr:
+        args.lr = {m: {"lr": "auto"} for m in METHODS} | args.lr
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS and m != "ft"]
     if unknown:

@@ -71,7 +71,9 @@ def cmd_compare(args) -> None:
         loaded = load_model(base.model, dtype=base.dtype, device=base.device,
                             trust_remote_code=base.trust_remote_code)
         print(f"== {spec}", flush=True)
-        results.append(api.train(base.to_dict() | overrides, loaded=loaded))
+        # lr=auto is MeZO's default, not FT's: an lr left at "auto" takes each method's own default
+        results.append(api.train(base.to_dict() | {"lr": None if base.lr == "auto" else base.lr} | overrides,
+                                 loaded=loaded))
     table, plot = write_comparison(results, out)
     print(table.read_text())
     print(f"table: {table}\nplot: {plot}")
@@ -156,8 +158,9 @@ def _config_keys() -> str:
     """Every config key with its default and meaning, for ``zoft train --help`` (the keys a YAML config takes)."""
     import dataclasses
 
-    from zoft.config import KEY_HELP, Config
-    keys = [(f"{f.name}={'' if f.default is None else f.default}", KEY_HELP.get(f.name, ""))
+    from zoft.config import AUTO, DEFAULT_LR, KEY_HELP, Config
+    shown = {"lr": f"{AUTO}|{DEFAULT_LR:g}"}   # the method's default: auto for MeZO, a number for the others
+    keys = [(f"{f.name}={shown.get(f.name, '' if f.default is None else f.default)}", KEY_HELP.get(f.name, ""))
             for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING]
     width = max(len(k) for k, _ in keys) + 2
     return "config keys, as key=value or in a YAML config (defaults shown):\n" + "\n".join(

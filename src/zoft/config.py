@@ -41,6 +41,8 @@ def yaml_load(text: str) -> Any:
 
 OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minus a batch metric
 REPORT_TO = ("none", "tensorboard")  # where training metrics go besides metrics.jsonl (HF's report_to)
+AUTO = "auto"        # lr=auto: MeZO probes its step size (zoft.zo.auto_lr)
+DEFAULT_LR = 1e-6    # the numeric default of the methods without lr=auto
 
 
 @dataclass
@@ -68,7 +70,7 @@ class Config:
     steps: int = 1000
     batch_size: int = 16
     eval_batch_size: int = 32
-    lr: float = 1e-6
+    lr: float | str | None = None    # None: the method's default (MeZO "auto", see zoft.zo.auto_lr; others 1e-6)
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -90,6 +92,7 @@ class Config:
     adam_beta2: float = 0.999
     lozo_rank: int = 2
     lozo_nu: int = 50
+    smezo_fraction: float = 0.25     # estimator=smezo: the fraction of each tensor's weights perturbed (smallest |θ|)
     # small-model speed: trainable tensors as views of one buffer; compiled fixed-shape loss
     flat_params: bool = False
     compile: str = "off"
@@ -120,6 +123,10 @@ class Config:
     progress: bool = True
     threads: int | None = None       # torch CPU threads (torch.set_num_threads); empty: torch's own choice
     report_to: str = "none"          # none | tensorboard: train loss, lr and dev metric under RUN_DIR/tensorboard/
+    # divergence guard (zoft.guard): roll back to the last good checkpoint and halve the lr
+    guard: bool = True
+    guard_factor: float = 1.5        # roll back when the loss EMA exceeds its best by this factor
+    guard_max_rollbacks: int = 3     # then stop with one line
 
     def validate(self) -> "Config":
         # allowed values come from the registries that implement them (the method is checked by
@@ -147,8 +154,18 @@ class Config:
         for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise ZoftError(f"config: {key} must be >= 0, got {getattr(self, key)}")
+        if self.lr is None:   # the method's default
+            self.lr = AUTO if self.method == "mezo" else DEFAULT_LR
+        if isinstance(self.lr, str) and (self.lr != AUTO or self.method != "mezo"):
+            raise ZoftError(f"config: lr must be a number{' or auto' if self.method == 'mezo' else ''}, got '{self.lr}'")
+        if not self.guard_factor > 1 or not math.isfinite(self.guard_factor):
+            raise ZoftError(f"config: guard_factor must be a finite number > 1, got {self.guard_factor}")
+        if self.guard_max_rollbacks < 0:
+            raise ZoftError(f"config: guard_max_rollbacks must be >= 0, got {self.guard_max_rollbacks}")
+        if not 0 < self.smezo_fraction <= 1:
+            raise ZoftError(f"config: smezo_fraction must be in (0, 1], got {self.smezo_fraction}")
         # NaN passes every comparison, so each float is checked for finiteness before its range
-        for key in ("lr", "eps", "lp_c", "dist_timeout"):
+        for key in ("lr", "eps", "lp_c", "dist_timeout")[int(self.lr == AUTO):]:
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
                 raise ZoftError(f"config: {key} must be a finite number > 0, got {value}")
@@ -170,6 +187,8 @@ class Config:
         if (self.offload or self.device_map) and self.compile != "off":
             raise ZoftError("config: compile needs the weights at fixed addresses on one device; "
                             "offload and device_map move them: set compile=off")
+        if self.offload and self.lr == AUTO:
+            raise ZoftError("config: lr=auto probes the weights in place, which offload streams; set lr to a number")
         if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
             raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
                             "flat_params=false")
@@ -209,7 +228,7 @@ KEY_HELP: dict[str, str] = {
     "steps": "training steps",
     "batch_size": "training examples per step",
     "eval_batch_size": "examples per forward pass when evaluating",
-    "lr": "learning rate (the peak, with warm-up or a schedule)",
+    "lr": "learning rate (the peak, with warm-up or a schedule); auto (MeZO's default): probed on training batches (zoft.zo.auto_lr)",
     "lr_schedule": "constant | linear (decay to 0 at the last step)",
     "warmup_steps": "linear warm-up steps",
     "weight_decay": "weight decay",
@@ -253,6 +272,9 @@ KEY_HELP: dict[str, str] = {
     "threads": "CPU threads for torch (default: torch's own choice)",
     "report_to": "none | tensorboard: log loss, lr and dev metric under RUN_DIR/tensorboard/",
     "shared_prefix": "auto | on | off: run a rubric item's shared header once per batch and reuse its keys and values",
+    "guard": "divergence guard: on a loss climb or blown-up weights, roll back to the last good state and halve the lr",
+    "guard_factor": "the guard fires when the 10-step loss average exceeds its best 100-step average by this factor",
+    "guard_max_rollbacks": "rollbacks before the run stops with one line",
 }
 
 
@@ -276,12 +298,15 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                 raise ValueError
             return int(value)
         if type_text.startswith("float"):
+            if "str" in type_text and isinstance(value, str) and value.strip().lower() == AUTO:
+                return AUTO
             return float(value)
         if type_text.startswith("list"):
             return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
         return str(value)
     except (TypeError, ValueError):
-        raise ZoftError(f"{source}: '{key}' expects {type_text}, got {value!r}") from None
+        expected = "a number or auto" if type_text.startswith("float | str") else type_text
+        raise ZoftError(f"{source}: '{key}' expects {expected}, got {value!r}") from None
 
 
 def _did_you_mean(key: str, known: set[str]) -> str:

@@ -1,11 +1,14 @@
 """Fault injection for crash tests: fail at a chosen point instead of racing a timer.
 
-The environment variable ``ZOFT_FAULT`` names one fault; without it every hook is a no-op::
+The environment variable ``ZOFT_FAULT`` names a fault (or several); without it every hook is a no-op::
 
     ZOFT_FAULT=kill:step=5                     SIGKILL right after step 5's update, before it is logged
     ZOFT_FAULT=kill:write=3:middle             SIGKILL half-way through the 3rd atomic write
     ZOFT_FAULT=kill:write=2:after:checkpoint-* ... counting only writes whose file name matches the glob
     ZOFT_FAULT=enospc:write=2                  the 2nd write fails with ENOSPC (a full disk)
+    ZOFT_FAULT=climb:step=7                    from step 7 on the training loss reads 10× higher while the
+                                               lr is still the run's own (the divergence guard's test)
+    ZOFT_FAULT=climb:step=7,kill:step=10       several faults, comma-separated
 
 Phases of a write: ``before`` (nothing written yet), ``middle`` (the temporary file or folder is
 half written; the default), ``swap`` (a folder that replaces an older one, such as ``best/``:
@@ -30,7 +33,7 @@ PHASES = ("before", "middle", "swap", "after")
 
 @dataclass(frozen=True)
 class Fault:
-    action: str             # kill | enospc
+    action: str             # kill | enospc | climb
     step: int | None = None
     write: int | None = None
     phase: str = "middle"
@@ -40,18 +43,23 @@ class Fault:
 def parse(text: str) -> Fault:
     """``"kill:write=3:after:checkpoint-*"`` → Fault(...); a malformed spec is a ValueError."""
     action, *parts = text.strip().split(":")
-    if action not in ("kill", "enospc") or not parts:
-        raise ValueError(f"ZOFT_FAULT={text!r}: expected kill|enospc:step=N or kill|enospc:write=N[:phase[:glob]]")
+    if action not in ("kill", "enospc", "climb") or not parts:
+        raise ValueError(f"ZOFT_FAULT={text!r}: expected kill|enospc:step=N, kill|enospc:write=N[:phase[:glob]] "
+                         f"or climb:step=N")
     where, _, n = parts[0].partition("=")
     if where not in ("step", "write") or not n.isdigit() or int(n) < 1:
         raise ValueError(f"ZOFT_FAULT={text!r}: expected step=N or write=N with N >= 1")
+    if action == "climb" and (where != "step" or len(parts) > 1):
+        raise ValueError(f"ZOFT_FAULT={text!r}: expected climb:step=N")
     phase = parts[1] if len(parts) > 1 else "middle"
     if phase not in PHASES:
         raise ValueError(f"ZOFT_FAULT={text!r}: phase must be one of {', '.join(PHASES)}")
     return Fault(action, **{where: int(n)}, phase=phase, match=parts[2] if len(parts) > 2 else "*")
 
 
-_FAULT = parse(os.environ["ZOFT_FAULT"]) if os.environ.get("ZOFT_FAULT") else None
+_FAULTS = [parse(part) for part in os.environ.get("ZOFT_FAULT", "").split(",") if part.strip()]
+_FAULT = next((f for f in _FAULTS if f.action != "climb"), None)   # the kill or ENOSPC, if any
+_CLIMB = next((f for f in _FAULTS if f.action == "climb"), None)
 _writes_seen = 0
 
 
@@ -65,6 +73,14 @@ def step_done(step: int) -> None:
     """Called by the training loop once step ``step`` (1-based) has updated the weights."""
     if _FAULT is not None and _FAULT.step == step:
         _fire(_FAULT, None)
+
+
+def loss(step: int, value: float, lr_scale: float) -> float:
+    """The training loss of step ``step`` as the loop sees it: 10× from the climb's step on, while
+    the divergence guard has not yet lowered the lr (``lr_scale`` 1)."""
+    if _CLIMB is not None and step >= _CLIMB.step and lr_scale == 1.0:
+        return 10.0 * value
+    return value
 
 
 def write_point(path: Path, phase: str) -> None:

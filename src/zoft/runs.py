@@ -184,9 +184,10 @@ class RunDir:
                 pass
         return out
 
-    def truncate_metrics(self, step: int) -> None:
-        """On resume, forget records written after the checkpoint we restart from."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+    def truncate_metrics(self, step: int, keep=None) -> None:
+        """On resume, forget records written after the checkpoint we restart from (and those
+        ``keep(record)`` rejects)."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step and (keep is None or keep(r))]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # -- checkpoints

@@ -2,7 +2,8 @@
 
 A method supplies ``step_fn(step) -> record``; this loop owns everything around it:
 the progress bar, dev evaluation every N steps with the best weights kept, metrics.jsonl,
-atomic checkpoints, resume and the NaN/inf guard.
+atomic checkpoints, resume and the divergence guard (:mod:`zoft.guard`: a NaN, a climbing loss or
+blown-up weights roll the run back to its last good state with the lr halved).
 
 Resume is exact because nothing here carries hidden RNG state: batches and MeZO
 directions are pure functions of (seed, step), so a run restarted from checkpoint-N
@@ -10,6 +11,8 @@ replays steps N, N+1, ... exactly as the uninterrupted run did.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import sys
 import time
@@ -24,19 +27,28 @@ from tqdm.auto import tqdm
 from zoft import faults
 from zoft.errors import ZoftError
 from zoft.atomic import WriteError
+from zoft.guard import WEIGHT_CHECK_EVERY, Guard, GuardState
 from zoft.runs import RunDir
 from zoft.tracking import metric_writer
 
+log = logging.getLogger(__name__)
+
 
 class DivergedError(ZoftError):
-    """The loss became NaN or inf; training stopped before applying the bad step."""
+    """Training diverged: a NaN or inf loss (stopped before applying the bad step), or, with the
+    guard on, still diverging after its last rollback. ``reason`` is the cause without the step."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def check_finite(step: int, **values: float) -> None:
     """Raise DivergedError if a value is NaN or inf; ``step`` counts from 1, as metrics.jsonl does."""
     for name, value in values.items():
         if not math.isfinite(value):
-            raise DivergedError(f"step {step}: {name} is {value}; training stopped before applying this step")
+            raise DivergedError(f"step {step}: {name} is {value}; training stopped before applying this step",
+                                reason=f"{name} is {value}")
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -58,6 +70,7 @@ class TrainState:
     best_step: int | None = None
     elapsed: float = 0.0
     extra: dict = field(default_factory=dict)
+    guard: dict = field(default_factory=dict)   # zoft.guard.GuardState: the loss EMA, lr scale, rollbacks
 
 
 # what HF's trainer_state.json has beside our fields; written for HF tools, recomputed on resume
@@ -109,13 +122,53 @@ class Trainable:
             v.copy_(tensors[k])
 
 
+class LastGood:
+    """Where a rollback returns to: the last checkpoint on disk, else an in-memory copy.
+
+    With ``on_disk`` (weights are checkpointed) the copy exists only before the first checkpoint
+    (the starting weights); otherwise (``save_weights=false``: checkpoints are trajectories) it is
+    retaken at every checkpoint. The copy lives in CPU memory: the trained tensors plus the
+    optimizer state, i.e. one more copy of the weights in full mode, next to nothing for LoRA/prefix.
+    Checkpoints are only written while the guard is quiet, so each one is a good state.
+    """
+
+    def __init__(self, run: RunDir, trainable: Trainable, on_disk: bool):
+        self.run, self.trainable, self.on_disk = run, trainable, on_disk
+        self.copy: tuple[dict, dict, TrainState] | None = None
+
+    def mark(self, state: TrainState) -> None:
+        """``state`` (weights settled) is good: remember it, unless a checkpoint on disk already does."""
+        if self.on_disk and self.run.checkpoints():
+            self.copy = None
+            return
+        get = self.trainable.get_optimizer_state
+        optimizer = {k: (v.detach().to("cpu", copy=True), v.device) for k, v in ((get() or {}) if get else {}).items()}
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.trainable.tensors.items()}
+        self.copy = (tensors, optimizer, copy.deepcopy(state))
+
+    def restore(self) -> TrainState:
+        """Load the last good weights and optimizer state; returns the trainer state saved with them."""
+        if self.copy is None:
+            tensors, saved, flat = self.run.load_checkpoint(self.run.checkpoints()[-1])
+            state = TrainState(**{k: v for k, v in saved.items() if k not in HF_STATE_KEYS})
+        else:
+            tensors, optimizer, state = self.copy
+            flat = {k: v.to(device) for k, (v, device) in optimizer.items()}
+            state = copy.deepcopy(state)
+        self.trainable.load(tensors)
+        if self.trainable.set_optimizer_state:   # also when empty: a rollback to the start clears the state
+            self.trainable.set_optimizer_state(flat)
+        return state
+
+
 def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | None,
-               step_fn: Callable[[int], dict], dev_fn: Callable[[], float], trainable: Trainable,
+               step_fn: Callable[..., dict], dev_fn: Callable[[], float], trainable: Trainable,
                resume: bool = False, progress: bool = True, metric_name: str = "acc",
                on_save: Callable[[int, dict], None] | None = None,
                on_resume: Callable[[TrainState | None], TrainState | None] | None = None,
                save_weights: bool = True, writer: bool = True, report_to: str = "none",
-               export: Callable[[Path], None] | None = None) -> TrainState:
+               export: Callable[[Path], None] | None = None, guard: Guard | None = None,
+               on_rollback: Callable[[int], None] | None = None) -> TrainState:
     """Run ``step_fn`` for steps [start, steps), evaluating, logging and checkpointing.
 
     ``on_save(step, state)`` runs at every checkpoint, before the weights are written (MeZO writes
@@ -125,8 +178,11 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
 
     ``writer`` is False on torchrun ranks > 0, which show no bar and print nothing. With
     ``progress`` off, each dev evaluation prints one line to stderr instead of the bar.
-    ``report_to="tensorboard"`` also logs every record as TensorBoard scalars under ``run/runs/``.
+    ``report_to="tensorboard"`` also logs every record as TensorBoard scalars under ``run/tensorboard/``.
     ``export(folder)`` writes a model folder HF loads into ``best/`` beside its tensors.
+    With a ``guard``, ``step_fn(step, lr_scale=s)`` must scale its lr by ``s``; a divergence rolls
+    the weights back to the last good state (:class:`LastGood`), halves ``s``, logs it, and calls
+    ``on_rollback(step)`` with the step training continues from (MeZO cuts its trajectory there).
 
     Returns the final state; the best weights are in ``run.path / "best"``.
     """
@@ -148,15 +204,28 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             loaded = on_resume(loaded)
             loaded = TrainState(**loaded) if isinstance(loaded, dict) else loaded
         state = loaded or TrainState()   # killed before the first checkpoint: start over
-        run.truncate_metrics(state.step)
+        # rollback events logged after this checkpoint carry a higher count: the rerun logs them again
+        rollbacks = state.guard.get("rollbacks", 0)
+        run.truncate_metrics(state.step, keep=lambda r: r.get("rollback", 0) <= rollbacks)
+
+    guarded = GuardState(**state.guard)
+    last_good = LastGood(run, trainable, on_disk=save_weights) if guard else None
+    if guard:
+        trainable.settle()
+        guard.check_weights(guarded, trainable.tensors.values())   # records the starting norm
+        state.guard = guarded.to_dict()
+        last_good.mark(state)
 
     def save(step: int) -> None:
         state.step = step
+        state.guard = guarded.to_dict()
         if on_save is not None:
             on_save(step, dict(state.__dict__))
         if save_weights:
             optimizer = trainable.get_optimizer_state() if trainable.get_optimizer_state else None
             run.save_checkpoint(step, trainable.tensors, hf_trainer_state(state, run, steps, metric_name), optimizer)
+        if last_good is not None:
+            last_good.mark(state)
 
     start_time = time.perf_counter() - state.elapsed
     progress = progress and writer
@@ -166,20 +235,70 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
         last = run.checkpoints()
         return f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
 
-    for step in range(state.step, steps):
+    def roll_back(done: int, reason: str, lr: float | None) -> TrainState:
+        """Back to the last good state with the lr halved; stops after ``guard.max_rollbacks``."""
+        nonlocal guarded
+        if guarded.rollbacks >= guard.max_rollbacks:
+            raise DivergedError(f"{run.path}: training diverged: step {done}: {reason}, after {guarded.rollbacks} "
+                                f"rollbacks with the lr halved each time (guard_max_rollbacks)")
+        trainable.settle()   # no pending perturbation may survive under the restored weights
+        restored = last_good.restore()
+        # best/ on disk holds the best dev weights seen so far, also from the abandoned steps
+        restored.best_metric, restored.best_step = state.best_metric, state.best_step
+        restored.elapsed = time.perf_counter() - start_time
+        scale, rollbacks = guarded.lr_scale / 2, guarded.rollbacks + 1
+        guarded = GuardState(**restored.guard)
+        guarded.lr_scale, guarded.rollbacks = scale, rollbacks
+        restored.guard = guarded.to_dict()
+        run.truncate_metrics(restored.step)
+        if on_rollback is not None:
+            on_rollback(restored.step)
+        event = {"step": restored.step, "event": "rollback", "rollback": rollbacks, "from_step": done,
+                 "reason": reason, "lr_scale": scale, **({"lr": lr / 2} if lr is not None else {})}
+        run.log(event)
+        log.warning("%s: step %d: %s; rolled back to step %d, lr halved (× %g; rollback %d of %d)",
+                    run.path, done, reason, restored.step, scale, rollbacks, guard.max_rollbacks)
+        bar.n = restored.step
+        bar.refresh()
+        return restored
+
+    step, last_lr = state.step, None
+    while step < steps:
         done = step + 1   # steps count from 1 in metrics.jsonl, checkpoint-N and every message
         try:
+            reason = None
             try:
-                record = step_fn(step)
+                record = step_fn(step, lr_scale=guarded.lr_scale) if guard else step_fn(step)
             except RuntimeError as e:
                 if "without overflow" not in str(e):   # a real bug keeps its traceback
                     raise
-                raise DivergedError(f"step {done}: the update overflows the weights' number format "
-                                    f"(learning rate too large?); training stopped") from None
-            faults.step_done(done)
-            record = {"step": done, **record, "elapsed": round(time.perf_counter() - start_time, 3)}
-            if done % eval_every == 0 or done % save_every == 0 or done == steps:
+                if guard is None:
+                    raise DivergedError(f"step {done}: the update overflows the weights' number format "
+                                        f"(learning rate too large?); training stopped") from None
+                reason = "the update overflows the weights' number format"
+            except DivergedError as e:
+                if guard is None:
+                    raise
+                reason = e.reason
+            if reason is None:
+                faults.step_done(done)
+                record["loss"] = faults.loss(done, record["loss"], guarded.lr_scale)
+                last_lr = record.get("lr", last_lr)
+                record = {"step": done, **record, "elapsed": round(time.perf_counter() - start_time, 3)}
+                if guard:
+                    reason = guard.observe(guarded, record["loss"])
+            checks = done % eval_every == 0 or done % save_every == 0 or done == steps
+            if reason is None and checks:
                 trainable.settle()   # eval and checkpoints must see θ, not a pending perturbation
+            # the weights, at every eval and checkpoint and every WEIGHT_CHECK_EVERY steps (a loss
+            # behind a norm layer can stay finite while the weights grow without bound); a fused
+            # step's pending ±εz is left in place between checks: the norm hardly notices it
+            if reason is None and guard and (checks or done % WEIGHT_CHECK_EVERY == 0):
+                reason = guard.check_weights(guarded, trainable.tensors.values())
+            if reason is not None:
+                state = roll_back(done, reason, last_lr)
+                step = state.step
+                continue
             if done % eval_every == 0 or done == steps:
                 eval_start = time.perf_counter()
                 record["dev"] = dev = dev_fn()
@@ -200,6 +319,7 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             bar.update(1)
             if done % save_every == 0 or done == steps:
                 save(done)
+            step += 1
         except (DivergedError, WriteError) as e:
             bar.close()
             raise type(e)(f"{e}; {kept()}") from None

@@ -138,7 +138,7 @@ def test_ft_resume_is_bit_identical(sst2, tmp_path):
 
 
 def test_ft_stops_before_a_non_finite_step(sst2, tmp_path):
-    setup = make_setup(sst2, steps=6, lr=1e20, eval_every=10, save_every=10)
+    setup = make_setup(sst2, steps=6, lr=1e20, eval_every=10, save_every=10, guard=False)   # the guard would roll back first
     with pytest.raises(DivergedError, match="training stopped before applying"):
         finetune.run(setup, RunDir(tmp_path))
 

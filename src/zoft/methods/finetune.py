@@ -40,6 +40,7 @@ from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.methods.common import Setup, evaluate, finish, hf_export, load_trained_lm
 from zoft.methods.linear_probe import fit_probe, require_classification
 from zoft.methods.registry import Method, register_method
+from zoft.guard import Guard
 from zoft.training import Trainable, batch_indices, check_finite, train_loop
 from zoft.zo import learning_rate
 
@@ -68,6 +69,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Te
                          flat: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`optimizer_state`: moments take each tensor's device and dtype, ``step`` stays as saved."""
     per_tensor: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    optimizer.state.clear()   # a rollback to the start restores no state at all
     for key, value in flat.items():
         prefix, index, name = key.split(".", 2)
         if prefix != "state" or not index.isdigit():
@@ -117,9 +119,10 @@ def adamw_trainable(named: dict[str, torch.Tensor], optimizer, params: list[torc
 
 
 def adamw_step(step: int, cfg, model, optimizer, params: list[torch.Tensor], loss_fn, device,
-               frozen: list[torch.Tensor] = ()) -> dict:
-    """One backprop step: stateless LR, seeded dropout, finite check, AdamW; ``frozen`` gets no update."""
-    lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+               frozen: list[torch.Tensor] = (), lr_scale: float = 1.0) -> dict:
+    """One backprop step: stateless LR (× the guard's ``lr_scale``), seeded dropout, finite check,
+    AdamW; ``frozen`` gets no update."""
+    lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps) * lr_scale
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
@@ -158,11 +161,11 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
     head_ids = {id(p) for p in head_params or []}
     body = [p for p in params if id(p) not in head_ids]
 
-    def step_fn(step: int) -> dict:
+    def step_fn(step: int, lr_scale: float = 1.0) -> dict:
         idx = batch_indices(len(enc_train), cfg.batch_size, cfg.seed, step)
         frozen = body if step < head_only_steps else ()   # LP phase of LP-FT: the body gets no update
         return adamw_step(step, cfg, model, optimizer, params, lambda: scorer.loss(enc_train, idx),
-                          scorer.device, frozen)
+                          scorer.device, frozen, lr_scale)
 
     def dev_fn() -> float:
         return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size, cfg.progress)[task.metric]
@@ -171,7 +174,8 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
                        progress=cfg.progress, metric_name=task.metric, report_to=cfg.report_to,
-                       export=hf_export(model, scorer.tokenizer, setup.loaded))
+                       export=hf_export(model, scorer.tokenizer, setup.loaded),
+                       guard=Guard(cfg.guard_factor, cfg.guard_max_rollbacks) if cfg.guard else None)
     model.eval()
     return finish(setup, run_dir, scorer, trainable, state, model_name)
 

@@ -8,19 +8,23 @@ non-differentiable objective (minus accuracy or F1 on the batch) in place of the
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from zoft import distributed
 from zoft.adapters import MODES, named_trainable
+from zoft.config import AUTO
 from zoft.errors import ZoftError
+from zoft.guard import Guard
 from zoft.methods.common import Setup, evaluate, finish, hf_export, load_trained_lm
 from zoft.methods.registry import Method, register_method
 from zoft.offload import Offloader
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, train_loop
 from zoft.zo import Objective, learning_rate
+from zoft.zo.auto_lr import AutoLR, probe_lr, probe_seed
 from zoft.zo.build import build_components, build_stepper, trained_params
 from zoft.zo.schedule import direction_seed
 from zoft.zo.step import Stepper
@@ -63,7 +67,7 @@ class ZOStep:
     recorder: TrajectoryRecorder | None = None   # if the run keeps its trajectory
 
     @torch.no_grad()
-    def step_fn(self, step: int) -> dict:
+    def step_fn(self, step: int, lr_scale: float = 1.0) -> dict:
         cfg, par = self.cfg, self.par
         idx = batch_indices(self.n_train, cfg.batch_size, cfg.seed, step)
         batch = self.objective.on(idx)
@@ -72,7 +76,7 @@ class ZOStep:
             batch = Objective(par.loss_fn(self.objective, idx, step), batch.pair)
         else:
             seeds = [direction_seed(cfg.seed, step, k) for k in range(cfg.n_directions)]
-        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps) * lr_scale   # guard: 0.5ᵏ
         record = self.stepper.step(step, batch, seeds, lr, exchange=par.exchange(step) if par else None)
         if self.recorder is not None:
             self.recorder.append(record)
@@ -98,6 +102,19 @@ def build_step(cfg, model, objective: Objective, n_train: int, par: distributed.
     trainable = Trainable(named, get_optimizer_state=lambda: state() or None,
                           set_optimizer_state=optimizer.load_state_dict, settle=stepper.settle)
     return ZOStep(cfg, objective, n_train, params, estimator.backend.name, stepper, trainable, par)
+
+
+def auto_lr(cfg, zo: ZOStep, measure: Objective) -> AutoLR:
+    """``lr=auto`` (zoft.zo.auto_lr): probe p estimates on training batch p, with its own seeds, and
+    judges the step by ``measure`` on that batch. A fresh estimator and optimizer of the run's kind
+    do the probing, so the run's own stay untouched."""
+    estimator, optimizer = build_components(cfg, zo.params[0].device)
+
+    def batch(p: int) -> list[int]:
+        return batch_indices(zo.n_train, cfg.batch_size, cfg.seed, p)
+    return probe_lr(zo.params, estimator, optimizer,
+                    train_loss=lambda p: zo.objective.on(batch(p)), measure=lambda p: measure.on(batch(p)),
+                    seeds=lambda p: [probe_seed(cfg.seed, p, k) for k in range(cfg.n_directions)])
 
 
 def trajectory_header(setup: Setup, zo: ZOStep) -> dict:
@@ -127,6 +144,16 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
 
     zo = build_step(cfg, model, objective, len(enc_train), par=par, offloader=offloader)
     writer = par is None or par.is_writer
+    if cfg.lr == AUTO:   # before any step and before the trajectory header, which records the lr
+        measure = (objective if cfg.objective == "loss"   # a metric is too coarse to judge one step by
+                   else Objective(lambda idx: scorer.loss(enc_train, idx).item()))
+        chosen = auto_lr(cfg, zo, measure)
+        cfg.lr = chosen.lr
+        if writer:   # config.yaml keeps the number: --resume continues with it, without a new probe
+            run_dir.write_config(cfg.to_dict())
+            run_dir.log({"step": 0, **chosen.record()})
+        print(f"zoft: lr=auto chose lr={chosen.lr:.3g} ({chosen.forwards} probe forwards; one-step optima "
+              f"{', '.join('-' if x is None else f'{x:.3g}' for x in chosen.per_probe)})", file=sys.stderr, flush=True)
     if cfg.trajectory:
         zo.recorder = TrajectoryRecorder(run_dir.path / FILENAME, trajectory_header(setup, zo), zo.stepper)
     recorder = zo.recorder
@@ -147,12 +174,19 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
         if recorder is not None and writer:
             recorder.save(step, state)
 
+    def on_rollback(step: int) -> None:   # the trajectory keeps only the path the run goes on from
+        if recorder is not None and recorder.trajectory is not None:
+            del recorder.trajectory.records[step:]
+
+    # several ranks cannot roll back in step (each reads its own view of the run directory)
+    guard = Guard(cfg.guard_factor, cfg.guard_max_rollbacks) if cfg.guard and par is None else None
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=zo.step_fn, dev_fn=dev_fn, trainable=zo.trainable, resume=resume,
                        progress=cfg.progress, writer=writer, metric_name=task.metric,
                        on_save=on_save,
                        on_resume=recorder.resume if recorder else None, save_weights=cfg.save_weights,
-                       report_to=cfg.report_to, export=hf_export(model, setup.loaded.tokenizer, setup.loaded))
+                       report_to=cfg.report_to, export=hf_export(model, setup.loaded.tokenizer, setup.loaded),
+                       guard=guard, on_rollback=on_rollback)
     settle()
     if not writer:
         return {"rank": par.rank}

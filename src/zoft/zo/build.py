@@ -2,14 +2,14 @@
 
 Training, resume and replay all build here, so a trajectory replays through the very step that
 recorded it. ``cfg`` is any object with the attributes read here (estimator, eps, n_directions,
-distribution, one_sided, backend, lozo_rank, lozo_nu, optimizer, weight_decay, momentum,
+distribution, one_sided, backend, lozo_rank, lozo_nu, smezo_fraction, optimizer, weight_decay, momentum,
 adam_beta1, adam_beta2, flat_params, fused, seed, steps): a ``zoft.config.Config``; zo/ reads no config itself.
 """
 from __future__ import annotations
 
 import torch
 
-from zoft.zo.estimator import FZOO, LOZO, SPSA, LowRankBackend
+from zoft.zo.estimator import FZOO, LOZO, SPSA, LowRankBackend, SparseBackend, SparseMeZO
 from zoft.zo.flat import flatten_
 from zoft.zo.fused import FusedZOSGD
 from zoft.zo.optim import build_optimizer
@@ -26,6 +26,9 @@ def build_components(cfg, device: torch.device | str):
     elif cfg.estimator == "lozo":
         estimator = LOZO(eps=cfg.eps, n_directions=cfg.n_directions, rank=cfg.lozo_rank, nu=cfg.lozo_nu,
                          seed=cfg.seed, backend=LowRankBackend(cfg.lozo_rank, dense=backend))
+    elif cfg.estimator == "smezo":
+        estimator = SparseMeZO(eps=cfg.eps, n_directions=cfg.n_directions, fraction=cfg.smezo_fraction,
+                               distribution=cfg.distribution, backend=SparseBackend(backend))
     else:
         estimator = SPSA(eps=cfg.eps, n_directions=cfg.n_directions, distribution=cfg.distribution,
                          backend=backend, one_sided=cfg.one_sided)

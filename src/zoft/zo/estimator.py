@@ -1,4 +1,4 @@
-"""Zeroth-order gradient estimators: SPSA (two- or one-sided, n-SPSA), FZOO and LOZO.
+"""Zeroth-order gradient estimators: SPSA (two- or one-sided, n-SPSA), FZOO, LOZO and Sparse MeZO.
 
 For a direction z ~ N(0, I) (or Rademacher) and a small ε, SPSA estimates the
 directional derivative of the loss L at θ:
@@ -262,4 +262,81 @@ class LOZO:
         return inner
 
 
-ESTIMATORS = {"spsa": SPSA, "fzoo": FZOO, "lozo": LOZO}
+class SparseBackend:
+    """Sparse MeZO's perturbations: z masked to the small-magnitude weights of each tensor.
+
+    ``masks`` (one bool tensor per entry of the parameter list, or None for "all") is set by
+    :class:`SparseMeZO` once per step, from θ before its first probe, and then serves every pass
+    of that step (probes and update): θ moves by a few ulp during the probes, and a mask
+    recomputed from that θ could flip at the threshold. Memory: 1 byte per trained weight.
+    """
+
+    name = "sparse"
+
+    def __init__(self, dense: PerturbationBackend | None = None) -> None:
+        self.dense = dense or TorchBackend()
+        self.masks: list[torch.Tensor | None] = []
+
+    def direction(self, param: torch.Tensor, seed: int, index: int, distribution: str = "gaussian",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.dense.direction(param, seed, index, distribution, out=out)
+        mask = self.masks[index] if index < len(self.masks) else None
+        return z if mask is None else z.mul_(mask)
+
+    @torch.no_grad()
+    def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
+                   distribution: str = "gaussian", undo: float = 0.0) -> None:
+        for index, p in enumerate(params):
+            z = self.direction(p, seed, index, distribution)
+            if p.dtype in (torch.float32, torch.float64):
+                p.add_(z.to(p.dtype), alpha=scale - undo)
+            else:   # round once, and invert the earlier rounding exactly (see TorchBackend)
+                theta = _unround_add(p, z, undo) if undo else p.float()
+                p.copy_(theta.add_(z, alpha=scale))
+
+
+SAMPLE = 1 << 20   # |θ| values a threshold is estimated from: a strided sample of larger tensors
+
+
+def small_magnitude_mask(p: torch.Tensor, fraction: float) -> torch.Tensor:
+    """True for the ``fraction`` of ``p``'s entries smallest in magnitude (ties at the threshold
+    included). The threshold is the ``fraction`` quantile of |θ|, from a deterministic strided
+    sample for tensors of more than 2²⁰ entries."""
+    flat = p.detach().reshape(-1).abs()
+    sample = flat[::max(1, flat.numel() // SAMPLE)]
+    k = max(1, min(sample.numel(), math.ceil(fraction * sample.numel())))
+    # kthvalue in float32 at least (none for bf16 on CPU); the threshold is one of the tensor's own
+    # values, so it converts back to the tensor's dtype exactly
+    threshold = sample.to(torch.promote_types(sample.dtype, torch.float32)).kthvalue(k).values
+    return flat.le(threshold.to(flat.dtype)).reshape(p.shape)
+
+
+@dataclass
+class SparseMeZO:
+    """Sparse MeZO (Liu et al. 2024, "Sparse MeZO: Less Parameters for Better Performance in
+    Zeroth-Order LLM Fine-Tuning", arXiv:2402.15751): two-sided SPSA along a direction that
+    moves only the small-magnitude weights,
+
+        m = |θ| ≤ q_f(|θ|) per tensor,   z' = m ⊙ z,   g = (L(θ + εz') − L(θ − εz')) / 2ε,   θ ← θ − lr·g·z'
+
+    with q_f the ``fraction`` quantile of the tensor's |θ|. The mask is a function of θ at the
+    step, so resume and replay (which rebuild that θ bit for bit) rebuild it too; nothing is
+    stored between steps. 2 forwards per direction; 1 byte per weight for the step's mask.
+    """
+
+    eps: float = 1e-3
+    n_directions: int = 1
+    fraction: float = 0.25
+    distribution: str = "gaussian"
+    backend: SparseBackend = field(default_factory=SparseBackend)
+
+    def estimate(self, params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int],
+                 step: int = 0) -> Estimate:
+        self.backend.masks = [small_magnitude_mask(p, self.fraction) for p in params]   # from θ, before any probe
+        inner = SPSA(self.eps, len(seeds), self.distribution, self.backend).estimate(params, loss_fn, seeds)
+        inner.extra["perturbed"] = round(sum(int(m.sum()) for m in self.backend.masks)
+                                         / max(1, sum(m.numel() for m in self.backend.masks)), 6)
+        return inner
+
+
+ESTIMATORS = {"spsa": SPSA, "fzoo": FZOO, "lozo": LOZO, "smezo": SparseMeZO}

@@ -1,0 +1,112 @@
+"""``lr=auto``: the step size from a short probe on training batches, a pure function of the seed.
+
+A ZO step moves θ along the update its optimizer makes of an estimate ĝ (ZO-SGD: −lr·g·z; sign
+and Adam: about lr per weight; FZOO: normalised by σ; LOZO: low rank; Sparse MeZO: masked). How
+far it can go depends on the model, the mode, the estimator and the optimizer, so no one number
+fits them all (MeZO's paper tunes lr per model and mode). The probe measures it instead, with the
+run's own estimator and optimizer, so the rule is the same for all of them:
+
+    for each probe p (a training batch B_p and its own seeds):
+        ĝ_p    = the estimator on B_p                               (its forwards: 2n for SPSA)
+        f_p(lr) = L_B(θ after the optimizer's first update with lr) − L_B(θ)   (1 forward per lr)
+                  for lr = 10⁻⁸, 10^-7.5, ..., 1, until the loss has fallen and risen above L_B(θ)
+        lr*_p  = argmin f_p
+    lr = FRACTION · geometric median of lr*_p
+
+On its own batch, a ZO-SGD step changes the loss by f(lr) ≈ −g²·lr + ½·g²·(zᵀHz)·lr², whose
+argmin 1/zᵀHz does not depend on g (so not on the luck of the direction) and concentrates around
+1/tr(H): the largest step the curvature allows along a random direction, MeZO's lr_SGD/d_eff. It
+is the edge of what one step tolerates on a batch it has seen; the many noisy steps of a run need
+a fraction of it: FRACTION = 0.1, measured (README "lr=auto"): on tiny-llama full mode, lr*/10
+trains and lr*/3 climbs. For sign, Adam (≈ lr per weight on their first step), FZOO (ĝ divided by
+σ), LOZO and Sparse MeZO the same search runs through their own update, so lr comes out in their
+own units. Momentum's steady step is ĝ/(1 − μ), so its lr is scaled by (1 − μ). Probes whose
+estimate is zero (a metric objective on a small batch) are skipped; every forward is counted.
+
+θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
+the model's size in full mode), so training starts from exactly the weights it would have
+started from without the probe: replay and resume stay exact.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from zoft.errors import ZoftError
+from zoft.zo.optim import ZOSGDMomentum
+
+FRACTION = 0.1              # of the one-step optimum lr* (module docstring)
+GRID = [10 ** (k / 2) for k in range(-16, 1)]   # 1e-8, 3.2e-8, ..., 1: the lrs tried
+PROBES, MAX_TRIES = 3, 9    # probes that found a descent; batches tried at most
+
+
+def probe_seed(seed: int, probe: int, k: int = 0) -> int:
+    """Seed of the k-th direction of ``probe``: apart from every training step's (schedule.direction_seed)."""
+    return int(np.random.default_rng([seed, probe, k, 0xA070]).integers(0, 2**62))
+
+
+@dataclass
+class AutoLR:
+    """The chosen lr and what it cost: forwards spent, and each probe's one-step optimum (None: skipped)."""
+
+    lr: float
+    forwards: int
+    per_probe: list[float | None] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {"event": "lr_auto", "lr": self.lr, "forwards": self.forwards, "per_probe": self.per_probe}
+
+
+@torch.no_grad()
+def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
+             train_loss: Callable[[int], Callable[[], float]], measure: Callable[[int], Callable[[], float]],
+             seeds: Callable[[int], list[int]]) -> AutoLR:
+    """Choose the lr (module docstring). ``train_loss(p)`` is the training objective on probe p's
+    batch, ``measure(p)`` the loss the step is judged by on that batch (the LM loss where the objective
+    is a metric), ``seeds(p)`` its directions. ``optimizer`` must be fresh (no state): each trial takes a copy of it."""
+    saved = [p.detach().to("cpu", copy=True) for p in params]
+
+    def restore() -> None:
+        for p, s in zip(params, saved):
+            p.copy_(s)
+
+    forwards, per_probe = 0, []
+    steady = 1 - optimizer.momentum if isinstance(optimizer, ZOSGDMomentum) else 1.0
+    for p in range(MAX_TRIES):
+        if sum(x is not None for x in per_probe) == PROBES:
+            break
+        judge = measure(p)
+        base = float(judge())
+        estimate = estimator.estimate(params, train_loss(p), seeds(p), step=p)
+        estimate.extra.setdefault("conservative", -1)   # zo-sgd-cons: the step itself, not its 3-way choice
+        forwards += 1 + estimate.forwards
+        restore()   # the probes leave θ within a few ulp of itself; the trials must start from θ exactly
+        if not any(g for _, g in estimate.directions) or not math.isfinite(base):
+            per_probe.append(None)   # a zero estimate moves nothing: it says nothing about lr
+            continue
+        curve = []   # f_p on the grid; +inf once the loss fell and rose above L_B(θ) again, or doubled
+        for lr in GRID:
+            if curve and (curve[-1] > 0 and min(curve) < 0 or curve[-1] > abs(base)):
+                curve.append(math.inf)
+                continue
+            trial_optimizer = copy.deepcopy(optimizer)   # momentum/Adam: their first step, every time
+            trial_optimizer.update(params, estimate, lr, estimator.backend, estimator.distribution)
+            change = float(judge()) - base
+            forwards += 1
+            restore()
+            curve.append(change if math.isfinite(change) else math.inf)
+        best = min(range(len(GRID)), key=curve.__getitem__)
+        per_probe.append(GRID[best] if curve[best] < 0 else None)   # None: no lr lowered this batch's loss
+    restore()
+    found = [x for x in per_probe if x is not None]
+    if not found:
+        raise ZoftError(f"lr=auto: no trial step lowered the training loss at any lr in [{GRID[0]:g}, {GRID[-1]:g}] "
+                        f"({len(per_probe)} probes, {forwards} forwards); raise eps or set lr explicitly")
+    lr = FRACTION * steady * 10 ** statistics.median(math.log10(x) for x in found)
+    return AutoLR(lr=lr, forwards=forwards, per_probe=per_probe)

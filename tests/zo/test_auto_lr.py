@@ -1,0 +1,123 @@
+"""lr=auto: the probe's rule against a hand computation on a quadratic, and on tiny-llama: a finite
+lr, the same for the same seed, weights left as they were, and a loss that falls."""
+import math
+
+import pytest
+import torch
+
+from zoft.zo import SPSA, build_optimizer
+from zoft.zo.auto_lr import FRACTION, GRID, probe_lr, probe_seed
+
+from test_zo_optim import A, quadratic, tiny_step, zs
+
+
+def probe_quadratic(optimizer_name="zo-sgd", calls=None):
+    params, loss_fn, _ = quadratic()
+
+    def counted():
+        if calls is not None:
+            calls.append(1)
+        return loss_fn()
+    result = probe_lr(params, SPSA(eps=1e-4), build_optimizer(optimizer_name, momentum=0.9),
+                      train_loss=lambda p: counted, measure=lambda p: counted, seeds=lambda p: [probe_seed(0, p)])
+    return result, params
+
+
+def test_zo_sgd_on_a_quadratic_picks_the_grid_point_nearest_one_over_the_curvature_along_z():
+    """L = ½ Σ aᵢθᵢ² − bᵀθ is exactly quadratic along any line: a step −lr·g·z changes it by
+    −g²·lr + ½·g²·(zᵀAz)·lr², so each probe's best grid lr is the grid's argmin of −l + ½(zᵀAz)l²,
+    and the choice is FRACTION × their geometric median."""
+    result, _ = probe_quadratic()
+    params, _, _ = quadratic()
+    expected = []
+    for p in range(3):
+        z = torch.cat([zi.reshape(-1) for zi in zs(params, probe_seed(0, p))])
+        curvature = float((A * z * z).sum())
+        expected.append(min(GRID, key=lambda lr: -lr + 0.5 * curvature * lr * lr))
+    assert result.per_probe == expected
+    median = sorted(expected)[1]
+    assert result.lr == pytest.approx(FRACTION * median, rel=1e-12)
+    assert 0.1 / float(A.sum()) < median < 10 / float(A.sum())   # ≈ 1/tr(A): the scale-free rule
+
+
+def test_probe_counts_every_forward_and_leaves_the_weights_exactly():
+    calls = []
+    result, params = probe_quadratic(calls=calls)
+    assert result.forwards == len(calls) > 3 * 3
+    before, _, _ = quadratic()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_momentum_takes_the_steady_state_share_of_the_sgd_lr():
+    sgd, _ = probe_quadratic("zo-sgd")
+    momentum, _ = probe_quadratic("zo-sgd-momentum")   # μ = 0.9: the steady step is ĝ/(1 − μ)
+    assert momentum.lr == pytest.approx(0.1 * sgd.lr, rel=1e-12)
+    assert momentum.per_probe == sgd.per_probe   # the first momentum step is the SGD step
+
+
+def train_loss_mean(zo, objective) -> float:
+    return sum(objective(list(range(i, i + 8))) for i in range(0, 32, 8)) / 4
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_tiny_llama_lr_auto_is_finite_seeded_and_lowers_the_loss(mode):
+    from zoft.methods.mezo import auto_lr
+    zo, objective, cfg = tiny_step(mode=mode, lr="auto", steps=40)
+    start = [p.detach().clone() for p in zo.params]
+    first = auto_lr(cfg, zo, objective)
+    assert all(torch.equal(p, s) for p, s in zip(zo.params, start))   # the probe restored θ to the bit
+    again = auto_lr(cfg, zo, objective)
+    assert (again.lr, again.forwards, again.per_probe) == (first.lr, first.forwards, first.per_probe)
+    assert math.isfinite(first.lr) and GRID[0] * FRACTION <= first.lr <= GRID[-1] * FRACTION
+    other_seed = auto_lr(type(cfg)(**{**cfg.to_dict(), "seed": 1}), zo, objective)
+    assert other_seed.per_probe != first.per_probe or other_seed.forwards != first.forwards   # seeds matter
+
+    cfg.lr = first.lr
+    before = train_loss_mean(zo, objective)
+    for step in range(40):
+        zo.step_fn(step)
+    zo.stepper.settle()
+    assert train_loss_mean(zo, objective) < before
+
+
+@pytest.mark.parametrize("choice", [dict(mode="prefix"), dict(optimizer="zo-adam"), dict(optimizer="zo-sgd-sign"),
+                                    dict(optimizer="zo-sgd-cons"), dict(estimator="fzoo", n_directions=3),
+                                    dict(estimator="lozo", lozo_nu=2), dict(estimator="smezo")])
+def test_every_mode_optimizer_and_estimator_gets_a_finite_lr(choice):
+    from zoft.methods.mezo import auto_lr
+    zo, objective, cfg = tiny_step(lr="auto", **choice)
+    result = auto_lr(cfg, zo, objective)
+    assert math.isfinite(result.lr) and result.lr > 0 and result.forwards > 0
+
+
+def test_lr_auto_is_mezos_default_recorded_as_a_number_and_refused_elsewhere(tmp_path):
+    from zoft import api
+    from zoft.config import load_config
+    from zoft.errors import ZoftError
+    from zoft.models import tiny_random_model
+    from zoft.runs import RunDir
+    from zoft.zo.trajectory import Trajectory
+    assert load_config(overrides={"method": "mezo"}).lr == "auto"
+    assert load_config(overrides={"method": "ft"}).lr == 1e-6
+    assert load_config(overrides={"method": "mezo", "lr": "3e-5"}).lr == 3e-5
+    with pytest.raises(ZoftError, match="lr must be a number, got 'auto'"):
+        load_config(overrides={"method": "ft", "lr": "auto"})
+    with pytest.raises(ZoftError, match="'lr' expects a number or auto, got 'fast'"):
+        load_config(overrides={"method": "mezo", "lr": "fast"})
+    out = tmp_path / "run"
+    api.train(dict(method="mezo", model="tiny-llama", task="sst2", n_train=32, n_dev=8, n_eval=8, batch_size=8,
+                   max_length=48, steps=4, eval_every=2, eps=1e-2, progress=False, output_dir=str(out)),
+              loaded=tiny_random_model("causal", seed=0))
+    saved = RunDir(out).read_config()["lr"]
+    first = RunDir(out).read_metrics()[0]
+    assert isinstance(saved, float) and first["event"] == "lr_auto" and first["lr"] == saved
+    assert first["step"] == 0 and first["forwards"] > 0
+    assert {r["lr"] for r in RunDir(out).read_metrics()[1:]} == {saved}
+    assert Trajectory.load(out).header["config"]["lr"] == saved   # replay reads a number too
+
+    # a metric objective: its step is judged by the LM loss on the probe's batch
+    acc = tmp_path / "acc"
+    api.train(dict(method="mezo", model="tiny-llama", task="sst2", n_train=32, n_dev=8, n_eval=8, batch_size=8,
+                   max_length=48, steps=2, eval_every=2, eps=0.1, objective="acc", progress=False,
+                   output_dir=str(acc)), loaded=tiny_random_model("causal", seed=0))
+    assert isinstance(RunDir(acc).read_config()["lr"], float)
