@@ -129,9 +129,12 @@ class Config:
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
         for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length",
-                    "n_train", "n_dev", "n_eval", "lora_r", "num_virtual_tokens", "lozo_rank", "lozo_nu"):
+                    "n_dev", "n_eval", "lora_r", "num_virtual_tokens", "lozo_rank", "lozo_nu"):
             if getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.n_train < 1 and self.n_train != -1:
+            raise ZoftError(f"config: n_train must be >= 1, got {self.n_train} (or -1: every training row "
+                            "dev does not take)")
         for key in ("save_every", "k_per_class"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1 (or empty for the default), got {getattr(self, key)}")
