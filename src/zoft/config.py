@@ -145,9 +145,12 @@ class Config:
         if self.distribution == "auto":   # resolved here, so config.yaml (and a resume) names the real one
             self.distribution = "rademacher" if self.device == "cpu" else "gaussian"
         for key in ("steps", "batch_size", "eval_batch_size", "eval_every", "n_directions", "max_length",
-                    "n_train", "n_dev", "n_eval", "lora_r", "num_virtual_tokens", "lozo_rank", "lozo_nu"):
+                    "n_dev", "n_eval", "lora_r", "num_virtual_tokens", "lozo_rank", "lozo_nu"):
             if getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        if self.n_train < 1 and self.n_train != -1:
+            raise ZoftError(f"config: n_train must be >= 1, got {self.n_train} (or -1: every training row "
+                            "dev does not take)")
         for key in ("save_every", "k_per_class", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1 (or empty for the default), got {getattr(self, key)}")
@@ -217,7 +220,7 @@ KEY_HELP: dict[str, str] = {
     "trust_remote_code": "run the Python a model folder ships (never taken from a run's own config.yaml)",
     "task": "builtin task (sst2, rte, cb, boolq, copa, ...) or a task YAML in lm-eval-harness style",
     "data_dir": "folder of the builtin datasets (default: $ZOFT_DATA_DIR, else ../shared/data)",
-    "n_train": "training examples sampled from the training split",
+    "n_train": "training examples sampled from the training split (-1: every row dev does not take)",
     "n_dev": "dev examples (model selection), sampled from the training split",
     "n_eval": "eval examples sampled from the validation split",
     "k_per_class": "sample k training examples per class instead of n_train",

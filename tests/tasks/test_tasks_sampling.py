@@ -84,4 +84,31 @@ def test_k_per_class_short_class_warns(caplog):
 
 def test_bad_sizes_rejected():
     with pytest.raises(ValueError):
-        sample_task_data(make(4), make(4), same_split=False, n_train=-1, n_dev=0, n_eval=0, seed=0)
+        # -1 means "every row dev does not take"; other negatives stay errors
+        sample_task_data(make(4), make(4), same_split=False, n_train=-2, n_dev=0, n_eval=0, seed=0)
+
+
+def test_n_train_minus_one_takes_every_row_dev_does_not():
+    pool = make(50)
+    data = sample_task_data(pool, make(10), same_split=False, n_train=-1, n_dev=8, n_eval=10, seed=0)
+    assert len(data.dev) == 8 and len(data.train) == 42
+    assert sorted(refs(data.train) + refs(data.dev)) == sorted(refs(pool))   # disjoint, and nothing left out
+    same = sample_task_data(pool, make(10), same_split=False, n_train=42, n_dev=8, n_eval=10, seed=0)
+    assert refs(same.train) == refs(data.train) and refs(same.dev) == refs(data.dev)
+
+
+@needs_data
+def test_n_train_minus_one_on_asap_is_the_train_split_less_dev():
+    data = load_task("asap-1").get_data(n_train=-1, n_dev=100, n_eval=1000, seed=0)
+    assert (len(data.train), len(data.dev), len(data.eval)) == (1672 - 100, 100, 557)
+
+
+def test_n_train_below_minus_one_is_refused():
+    from zoft.config import load_config
+    from zoft.errors import ZoftError
+
+    assert load_config(overrides={"n_train": -1}).n_train == -1
+    with pytest.raises(ZoftError, match=r"n_train must be >= 1, got -?\d+ \(or -1: every"):
+        load_config(overrides={"n_train": -2})
+    with pytest.raises(ZoftError, match=r"n_train must be >= 1, got -?\d+ \(or -1: every"):
+        load_config(overrides={"n_train": 0})

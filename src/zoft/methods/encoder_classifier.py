@@ -153,12 +153,14 @@ class Tokenized:
         return self.input_ids
 
 
-def tokenize(tokenizer, pairs: list[tuple[str, str | None]], labels: list[int | None], max_length: int) -> Tokenized:
+def tokenize(tokenizer, pairs: list[tuple[str, str | None]], labels: list[int | None], max_length: int,
+             token_types: bool = True) -> Tokenized:
+    """Token ids per example; ``token_types=False`` drops segment ids (causal LMs take none)."""
     firsts = [a for a, _ in pairs]
     seconds = [b or "" for _, b in pairs] if any(b for _, b in pairs) else None
     # longest_first: a long question is cut before the response is
     enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
-    return Tokenized(enc["input_ids"], enc.get("token_type_ids"), labels)
+    return Tokenized(enc["input_ids"], enc.get("token_type_ids") if token_types else None, labels)
 
 
 def collate(tok: Tokenized, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -195,11 +197,18 @@ class EncoderScorer:
     """
 
     kind = "classification"
-    compute_dtype = "fp32"   # the encoder runs in its weights' dtype; no autocast here
 
-    def __init__(self, model, tokenizer, task, max_length: int):
+    def __init__(self, model, tokenizer, task, max_length: int, compute_dtype: str = "fp32"):
+        """``compute_dtype="bf16"`` runs forwards under bf16 autocast (weights stay as loaded)."""
         self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.compute_dtype = compute_dtype
+
+    def compute(self):
+        """bf16 autocast for compute_dtype=bf16 over fp32 weights (native bf16 CPUs run it ~2x faster)."""
+        if self.compute_dtype != "bf16" or next(self.model.parameters()).dtype != torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @property
     def device(self) -> torch.device:
@@ -214,17 +223,22 @@ class EncoderScorer:
                         self.max_length)
 
     def loss(self, enc: Tokenized, idx: list[int]) -> torch.Tensor:
-        return batch_loss(self.model, enc, idx, self.pad_id)
+        with self.compute():
+            return batch_loss(self.model, enc, idx, self.pad_id)
 
     @torch.no_grad()
+    def logits(self, enc: Tokenized, idx: list[int]) -> torch.Tensor:
+        """(B, C) class logits in fp32."""
+        with self.compute():
+            return self.model(**collate(enc, idx, self.pad_id, self.device)).logits.float()
+
     def candidate_logprobs(self, enc: Tokenized, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C) class log-probabilities and (B, C) ones (one "token" per class)."""
-        logprobs = self.model(**collate(enc, idx, self.pad_id, self.device)).logits.float().log_softmax(-1).cpu()
+        logprobs = self.logits(enc, idx).log_softmax(-1).cpu()
         return logprobs, torch.ones_like(logprobs)
 
-    @torch.no_grad()
     def predict(self, enc: Tokenized, idx: list[int]) -> list[int]:
-        return self.model(**collate(enc, idx, self.pad_id, self.device)).logits.argmax(-1).tolist()
+        return self.logits(enc, idx).argmax(-1).tolist()
 
 
 def _encoder(setup: Setup, n_classes: int) -> EncoderScorer:

@@ -16,6 +16,8 @@ from zoft.tasks.example import Example, TaskData
 
 log = logging.getLogger(__name__)
 
+ALL_TRAIN = -1   # n_train=-1: every row of the training split that dev does not take
+
 
 def class_of(ex: Example) -> int | str:
     """The class an example belongs to, for per-class sampling (gold answer for generation)."""
@@ -31,7 +33,8 @@ def sample_task_data(train_pool: list[Example], eval_pool: list[Example], *, sam
         train_pool: Examples of the training split.
         eval_pool: Examples of the validation split (the same list if ``same_split``).
         same_split: Whether both pools are one split, so eval rows must be held out.
-        n_train, n_dev, n_eval: Requested sizes. A training split too small for n_train + n_dev is
+        n_train, n_dev, n_eval: Requested sizes (``n_train=-1``: every training row dev does not
+            take, so one setting fits splits of any size). A training split too small for n_train + n_dev is
             split between them in the asked proportion (dev is never left empty), with a warning;
             a small validation split gives what it has.
         seed: Seed for ``numpy.random.default_rng``.
@@ -42,7 +45,8 @@ def sample_task_data(train_pool: list[Example], eval_pool: list[Example], *, sam
     Returns:
         The sampled :class:`TaskData`.
     """
-    if min(n_train, n_dev, n_eval) < 0 or (k_per_class is not None and k_per_class < 1):
+    sizes = (0 if n_train == ALL_TRAIN else n_train, n_dev, n_eval)
+    if min(sizes) < 0 or (k_per_class is not None and k_per_class < 1):
         raise ValueError("sample sizes must be >= 0 and k_per_class >= 1")
     if not eval_pool:
         raise DataError("the validation split has no usable rows", name)
@@ -55,6 +59,8 @@ def sample_task_data(train_pool: list[Example], eval_pool: list[Example], *, sam
     shuffled = [train_pool[i] for i in rng.permutation(len(train_pool))]
 
     if k_per_class is None:
+        if n_train == ALL_TRAIN:
+            n_train = max(len(shuffled) - n_dev, 1)
         n_train_used, n_dev_used = n_train, n_dev
         if len(shuffled) < n_train + n_dev:
             # Split what there is in the asked proportion, so that dev (which picks the best

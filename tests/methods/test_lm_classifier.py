@@ -1,0 +1,126 @@
+"""lm-cls: a classification head on a causal LM, on tiny-llama and small ASAP samples.
+
+Kept fast on a shared CPU: the 2-layer tiny Llama, short inputs, a handful of steps.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoft.api
+from zoft.config import load_config
+from zoft.errors import ZoftError
+from zoft.methods import get_method
+from zoft.methods import lm_classifier as lmcls
+from zoft.methods.common import Setup
+from zoft.models import tiny_random_model
+from zoft.runs import RunDir
+from zoft.tasks import load_task
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"method": "lm-cls", "model": "tiny-llama", "task": "asap-10", "n_train": 16, "n_dev": 8, "n_eval": 16,
+         "batch_size": 8, "eval_batch_size": 16, "max_length": 48, "lr": 1e-3, "progress": False}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, data_dir):
+    if not (data_dir / "asap-sas").is_dir():
+        pytest.skip(f"no ASAP-SAS data under {data_dir}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ZOFT_DATA_DIR", str(data_dir))
+
+
+def asap_setup(**overrides) -> Setup:
+    cfg = load_config(overrides={**SMALL, **overrides})
+    task = load_task(cfg.task)
+    data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval, seed=cfg.data_seed)
+    return Setup(cfg, task, data, tiny_random_model("causal"))
+
+
+def test_registered_with_full_and_lora():
+    method = get_method("lm-cls")
+    assert method.run is lmcls.run and method.modes == ("full", "lora") and method.loads_lm and method.trains
+
+
+def test_classifier_keeps_the_lm_body_and_reads_the_last_real_token():
+    lm = tiny_random_model("causal").model
+    clf = lmcls.classifier_from_lm(lm, num_labels=3, seed=0)
+    body = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
+    assert all(torch.equal(clf.state_dict()[k], v) for k, v in body.items())
+    assert tuple(clf.score.weight.shape) == (3, lm.config.hidden_size)
+    # independent computation: the LM's own final hidden state at each row's last real token, times the head
+    pad = lm.config.pad_token_id
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, pad, pad]])
+    mask = (ids != pad).long()
+    with torch.no_grad():
+        hidden = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = torch.stack([hidden[0, 3], hidden[1, 1]]) @ clf.score.weight.T
+        got = clf(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    again = lmcls.classifier_from_lm(lm, num_labels=3, seed=0)
+    assert torch.equal(again.score.weight, clf.score.weight)   # the head's init is a function of the seed
+
+
+def test_inputs_are_the_response_text_without_segment_ids():
+    setup = asap_setup()
+    scorer = lmcls.LMClassifierScorer(setup.loaded.model, setup.loaded.tokenizer, setup.task, 48)
+    enc = scorer.encode(setup.data.train[:3])
+    assert enc.token_type_ids is None
+    expected = setup.loaded.tokenizer([ex.doc["text"] for ex in setup.data.train[:3]], truncation=True,
+                                      max_length=48)["input_ids"]
+    assert enc.input_ids == expected
+    assert enc.labels == [ex.target for ex in setup.data.train[:3]]
+
+
+def test_full_mode_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    setup = asap_setup(n_train=8, n_dev=4, n_eval=4, batch_size=8, steps=8, eval_every=8, lr=3e-3, load_best=False)
+    lmcls.run(setup, RunDir(tmp_path))
+    losses = [r["loss"] for r in RunDir(tmp_path).read_metrics()]
+    assert len(losses) == 8 and all(0 < x < 10 for x in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+    tensors = load_file(str(tmp_path / "checkpoint-8" / "trainable.safetensors"))
+    assert "score.weight" in tensors and "model.embed_tokens.weight" in tensors
+    assert not any(k.startswith("lm_head") for k in tensors)
+
+
+def test_lora_trains_the_adapters_and_the_whole_head_only(tmp_path):
+    setup = asap_setup(mode="lora", steps=2, eval_every=2)
+    lmcls.run(setup, RunDir(tmp_path))
+    tensors = load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))
+    assert any("lora_A" in k for k in tensors) and any("lora_B" in k for k in tensors)
+    head = [k for k in tensors if "score" in k]
+    assert head and all("modules_to_save" in k for k in head)
+    assert not any("embed_tokens" in k or "mlp" in k and "lora" not in k for k in tensors)
+
+
+def test_masked_lm_and_non_classification_tasks_are_errors(tmp_path):
+    setup = asap_setup()
+    setup.loaded = tiny_random_model("masked")
+    with pytest.raises(ZoftError, match="causal LM.*bert-cls"):
+        lmcls.run(setup, RunDir(tmp_path))
+    task = load_task("copa")
+    setup = Setup(load_config(overrides={**SMALL, "task": "copa"}), task,
+                  task.get_data(n_train=4, n_dev=2, n_eval=2, seed=0), tiny_random_model("causal"))
+    with pytest.raises(ZoftError, match="lm-cls needs a classification task"):
+        lmcls.run(setup, RunDir(tmp_path))
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_recommended_config_runs_end_to_end_and_reloads(tmp_path, capsys):
+    """configs/scoring.yaml through the CLI on tiny-llama: eval.json, then zoft eval reproduces it."""
+    from zoft.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(REPO / "configs" / "scoring.yaml"), "model=tiny-llama", "task=asap-10", "steps=2",
+                 "eval_every=1", "n_train=16", "n_dev=8", "n_eval=16", "progress=false",
+                 f"output_dir={out}"]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    cfg = load_config(REPO / "configs" / "scoring.yaml")
+    assert saved["method"] == cfg.method == "lm-cls" and saved["mode"] == "full" and saved["steps"] == 2
+    assert saved["compute_dtype"] == "bf16" and saved["model"] == "tiny-llama" and saved["task"] == "asap-10"
+    assert set(saved["eval"]) == {"qwk", "acc", "f1"} and len(saved["eval_outputs"]["predictions"]) == 16
+    assert [r["step"] for r in RunDir(out).read_metrics() if "dev" in r] == [1, 2]
+    again = zoft.api.evaluate(str(out))
+    assert again["eval"] == pytest.approx(saved["eval"], abs=1e-12)
