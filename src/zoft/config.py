@@ -278,6 +278,7 @@ KEY_HELP: dict[str, str] = {
     "guard": "divergence guard: on a loss climb or blown-up weights, roll back to the last good state and halve the lr",
     "guard_factor": "the guard fires when the 10-step loss average exceeds its best 100-step average by this factor",
     "guard_max_rollbacks": "rollbacks before the run stops with one line",
+    "smezo_fraction": "estimator=smezo: the fraction of each tensor's weights perturbed (those smallest in |θ|)",
 }
 
 
