@@ -27,10 +27,11 @@ through ``blocked_combine_`` too, with its Rademacher rule (signs of the Gaussia
 for Gaussian z the two backends give the same weights bit for bit. The backend name is still
 part of a run's identity: the Rademacher z differ.
 
-``backend=auto`` stays ``torch`` on CPU: a run records the resolved name, but resuming from a
-trajectory rebuilds the step from the run's config, so an old ``auto`` Rademacher run would
-silently continue on other directions. Ask for ``backend=cpu-fast`` (with
-``distribution=rademacher``, where it is ~6x faster per pass than torch's whole-tensor pass).
+On a CPU, ``backend=auto`` picks this backend for Rademacher z (``distribution=auto``, the CPU
+default, resolves to Rademacher), where it is ~6x faster per pass than torch's whole-tensor pass,
+and ``torch`` for Gaussian z. A run records the resolved name in its trajectory; an old run made
+with ``auto`` and Rademacher z (then torch's signs) is refused on resume with a line naming
+``backend=torch``, rather than silently continuing on other directions.
 """
 from __future__ import annotations
 
