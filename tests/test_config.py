@@ -22,3 +22,13 @@ def test_true_false_are_booleans_and_a_bad_boolean_is_one_error():
     assert load_config(overrides=["progress=false"]).progress is False
     with pytest.raises(ZoftError, match="'progress' expects bool"):
         load_config(overrides=["progress=maybe"])
+
+
+def test_cpu_defaults_are_bf16_compute_and_rademacher_z_from_cpu_fast():
+    from zoft.zo import get_backend
+    config = load_config()
+    assert config.compute_dtype == "auto" and config.distribution == "rademacher"   # resolved for device=cpu
+    assert get_backend(config.backend, "cpu", config.distribution).name == "cpu-fast"
+    assert get_backend("auto", "cpu", "gaussian").name == "torch"   # same Gaussian bits: old runs keep their name
+    assert load_config(overrides=["device=cuda"]).distribution == "gaussian"
+    assert load_config(overrides=["distribution=gaussian"]).distribution == "gaussian"
