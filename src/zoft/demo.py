@@ -15,7 +15,7 @@ DEMO = dict(model="smollm2-135m", task="sst2", n_train=1000, n_dev=100, n_eval=3
             seed=0, max_length=64, batch_size=16, eval_batch_size=32)
 # lr 1e-4 is too large for a long run (it diverges over thousands of steps on this model), but
 # in a CPU budget of 150 steps it is the setting that moves. With the CPU defaults (bf16 compute,
-# Rademacher z from random bits: about 1.1 s a step here) 150 steps took dev from 42% to 75% at
+# Rademacher z from random bits: about 1.5 s a step here) 150 steps took dev from 42% to 75% at
 # step 100 and eval to 74.7% (README, "Measured"); the divergence guard never fired on that run.
 MEZO = dict(method="mezo", mode="full", steps=150, lr=1e-4, eps=1e-3, eval_every=50)
 
