@@ -262,6 +262,16 @@ def load_encoder_run(setup: Setup, run_dir) -> EncoderScorer:
 
 
 # ---------------------------------------------------------------- the method
+def head_classes(task, data, method: str) -> int:
+    """The number of classes a head needs for ``task``; every example's label must be one of them."""
+    n_classes = len(task.label_words) or len(data.train[0].choices)
+    for ex in [*data.train, *data.dev, *data.eval]:
+        if ex.target is None or not 0 <= ex.target < n_classes:
+            raise ZoftError(f"{method}: example {ex.ref or ''} has label {ex.target}, outside the "
+                            f"{n_classes} classes of task '{task.name}'")
+    return n_classes
+
+
 def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     """Fine-tune ``cfg.encoder`` with a classification head on a classification task, through
     the shared backprop loop (:func:`zoft.methods.finetune.train`).
@@ -277,11 +287,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     if cfg.mode != "full":   # also refused by the registry (modes=("full",)); this covers a direct call
         raise ZoftError(f"{METHOD} fine-tunes the whole encoder and its head; mode '{cfg.mode}' is not "
                         "supported (use mode=full)")
-    n_classes = len(task.label_words) or len(data.train[0].choices)
-    for ex in [*data.train, *data.dev, *data.eval]:
-        if ex.target is None or not 0 <= ex.target < n_classes:
-            raise ZoftError(f"{METHOD}: example {ex.ref or ''} has label {ex.target}, outside the "
-                            f"{n_classes} classes of task '{task.name}'")
+    n_classes = head_classes(task, data, METHOD)
     scorer = _encoder(setup, n_classes)
     return train(setup, run_dir, scorer.model, resume, scorer=scorer, model_name=cfg.encoder)
 

@@ -26,7 +26,7 @@ import torch
 from zoft.adapters import named_trainable
 from zoft.errors import ZoftError
 from zoft.methods.common import Setup, best_or_last_weights
-from zoft.methods.encoder_classifier import EncoderScorer, input_texts, tokenize
+from zoft.methods.encoder_classifier import EncoderScorer, head_classes, input_texts, tokenize
 from zoft.methods.finetune import train
 from zoft.methods.linear_probe import require_classification
 from zoft.methods.registry import Method, register_method
@@ -119,11 +119,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     require_classification(task, METHOD)
     if setup.loaded.is_masked_lm:
         raise ZoftError(f"{METHOD} puts a head on a causal LM; for an encoder use method=bert-cls encoder=FOLDER")
-    n_classes = len(task.label_words) or len(data.train[0].choices)
-    for ex in [*data.train, *data.dev, *data.eval]:
-        if ex.target is None or not 0 <= ex.target < n_classes:
-            raise ZoftError(f"{METHOD}: example {ex.ref or ''} has label {ex.target}, outside the "
-                            f"{n_classes} classes of task '{task.name}'")
+    n_classes = head_classes(task, data, METHOD)
     scorer = _classifier(setup, n_classes)
     return train(setup, run_dir, scorer.model, resume, scorer=scorer)
 
