@@ -17,6 +17,21 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton backend tests run
 
 
+_DATA_DIR_AT_START = os.environ.get("ZOFT_DATA_DIR")
+
+
+@pytest.fixture(autouse=True)
+def _restore_zoft_data_dir():
+    """A run whose config names ``data_dir`` sets ``$ZOFT_DATA_DIR`` for the whole process (so
+    later task loads find the files). Put it back after each test, so that one test's folder
+    never leaks into the paths another test expects."""
+    yield
+    if _DATA_DIR_AT_START is None:
+        os.environ.pop("ZOFT_DATA_DIR", None)
+    else:
+        os.environ["ZOFT_DATA_DIR"] = _DATA_DIR_AT_START
+
+
 @pytest.fixture
 def tiny_causal() -> LoadedModel:
     """A fresh tiny random Llama (seed 0): tests may change its weights."""
