@@ -151,6 +151,7 @@ class RunScores:
     second: list[float | None] = field(default_factory=list)
     levels: list[float] = field(default_factory=list)
     subgroups: dict[str, list[str]] = field(default_factory=dict)
+    confidences: list[float] = field(default_factory=list)   # per response, where the run saved them
 
     @property
     def scored(self) -> bool:
@@ -193,6 +194,11 @@ def run_scores(result: dict, name: str) -> RunScores:
     scores.ids = [str(i) for i in ids]
     scores.second = [None if b is None else scale[b] for b in second]
     scores.subgroups = {str(c): [str(g) for g in v] for c, v in groups.items()}
+    confidences = outputs.get("confidences") or []
+    if confidences and (len(confidences) != len(targets)
+                        or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in confidences)):
+        raise ZoftError(f"{where}: corrupt eval_outputs (confidences must be one probability per response)")
+    scores.confidences = [float(c) for c in confidences]
     return scores
 
 
@@ -297,7 +303,7 @@ def human_rows(task: str, runs: list[RunScores]) -> tuple[list[dict], list[str]]
         seen.add(tuple(s.ids))
         shared = [o.run for o in runs if tuple(o.ids) == tuple(s.ids)]
         m = measures([h for h, _ in both], [b for _, b in both], s.levels, pooled_smd=True)
-        rows.append({"kind": "human", "cells": [_cell("human–human (rater 2)"), *measure_cells(m),
+        rows.append({"kind": "human", "qwk": m["qwk"], "cells": [_cell("human–human (rater 2)"), *measure_cells(m),
                                                 _cell(_pct(_macro_f1(*zip(*both), s.levels))),
                                                 _cell(""), _cell(""), _cell("")]})
         notes.append(f"Human–human: rater 2 against rater 1 on the {m['n']} of these evaluated responses that "
@@ -309,7 +315,7 @@ def human_rows(task: str, runs: list[RunScores]) -> tuple[list[dict], list[str]]
         return [], [f"Human–human agreement: not shown, {found}."]
     first, second, scale = found
     m = measures(first, second, scale, pooled_smd=True)
-    rows.append({"kind": "human-train", "cells": [_cell("human–human (rater 2), train rows"), *measure_cells(m),
+    rows.append({"kind": "human-train", "qwk": m["qwk"], "cells": [_cell("human–human (rater 2), train rows"), *measure_cells(m),
                                                   _cell(_pct(_macro_f1(first, second, scale))),
                                                   _cell(""), _cell(""), _cell("")]})
     notes.append(f"Human–human on the training rows, not on the responses scored above (those have no "
@@ -358,6 +364,32 @@ def subgroup_tables(runs: list[RunScores]) -> list[dict]:
                 rows.append({"kind": "system", "cells": [_cell(group), _cell(s.name), *measure_cells(m)]})
         tables.append({"column": column, "head": [column, "system", *MEASURE_HEAD], "rows": rows})
     return tables
+
+
+# ---------------------------------------------------------------- confidence routing
+
+REPORT_COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)   # the table's columns; the figure draws every 10%
+
+
+def coverage_section(task: str, runs: list[RunScores], human_qwk: float | None, out_dir: Path,
+                     used: set[str]) -> dict | None:
+    """QWK on the automatically scored part against coverage, for each run that saved confidences:
+    a figure (one line per run, human-human QWK dashed) and a table, so a teacher can choose how
+    much to check by hand. None when no run saved confidences."""
+    from zoft.tasks.rubric.confidence import coverage_curve, coverage_plot
+    curves = {s.name: coverage_curve(s.confidences, s.system, s.human, s.levels) for s in runs if s.confidences}
+    if not curves:
+        return None
+    path = coverage_plot(curves, _report_file(out_dir, f"{slug(task)}-coverage", ".png", used),
+                         title=f"{task}: the least confident responses go to a human", human_qwk=human_qwk)
+    rows = []
+    for name, curve in curves.items():
+        at = {round(r["coverage"], 9): r["qwk"] for r in curve}
+        rows.append({"cells": [_cell(name), *(_cell(_num(at.get(c))) for c in REPORT_COVERAGES)]})
+    return {"figure": {"file": path.name, "caption": "QWK on the automatically scored responses against coverage "
+                       "(the fraction scored automatically): the least confident responses, by the probability "
+                       "of the predicted score, go to a human first."},
+            "head": ["system", *(f"QWK at {c:.0%}" for c in REPORT_COVERAGES)], "rows": rows}
 
 
 # ---------------------------------------------------------------- RSMTool input
@@ -428,8 +460,11 @@ def task_section(task: str, runs: list[RunScores], out_dir: Path, used: set[str]
                         "evaluated responses: rows human score, columns model score."})
         export = _report_file(out_dir / "rsmtool", f"{slug(task)}-{slug(s.run)}", ".csv", used)
         exports.append(write_rsmtool_input(s, export).relative_to(out_dir).as_posix())
+    coverage = coverage_section(task, scored, humans[0]["qwk"] if humans else None, out_dir, used)
+    if coverage:
+        figures.append(coverage.pop("figure"))
     return {"task": task, "head": SYSTEM_HEAD, "rows": [system_row(s) for s in runs] + humans, "notes": notes,
-            "figures": figures, "subgroups": subgroup_tables(scored), "exports": exports}
+            "figures": figures, "subgroups": subgroup_tables(scored), "coverage": coverage, "exports": exports}
 
 
 def _templates():

@@ -78,7 +78,7 @@ def expected_cells(human, system, levels, pooled=False):
 
 
 def fake_run(path, task="asap-1", method="mezo", targets=(0, 1, 2, 3), predictions=(0, 1, 2, 3), qwk=0.5,
-             second=None, groups=None, best_step=None):
+             second=None, groups=None, best_step=None, confidences=None):
     """A run folder with just the eval.json that `zoft report` reads (no training needed)."""
     path.mkdir(parents=True)
     outputs = {"targets": list(targets), "predictions": list(predictions),
@@ -87,6 +87,8 @@ def fake_run(path, task="asap-1", method="mezo", targets=(0, 1, 2, 3), predictio
         outputs["second_targets"] = list(second)
     if groups is not None:
         outputs["subgroups"] = groups
+    if confidences is not None:
+        outputs["confidences"] = list(confidences)
     result = {"method": method, "mode": "full", "task": task, "model": "tiny-llama", "metric": "qwk",
               "eval": {"qwk": qwk}, "dev": {"qwk": qwk}, "steps": 2, "n_train": 8, "n_eval": len(targets),
               "eval_outputs": outputs}
@@ -176,6 +178,36 @@ def test_rsmtool_export_holds_each_runs_scores(tmp_path, capsys):
                       "trim_min": 0, "trim_max": 3, "exclude_zero_scores": False,
                       "description": "asap-1: mezo", "second_human_score_column": "sc2", "subgroups": ["school"]}
     assert "rsmtool/asap-1-mezo.csv" in (rep / "report.html").read_text()
+
+
+def test_confidence_routing_table_is_qwk_on_the_most_confident_part(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    # 50 responses whose confident half is right and whose unsure half is mostly wrong: QWK rises as
+    # the least confident go to a human; a second run without confidences gets no row
+    targets = rng.integers(0, 4, 50)
+    preds = np.where(np.arange(50) % 2 == 0, targets, (targets + 2) % 4)
+    conf = np.where(np.arange(50) % 2 == 0, 0.6 + 0.3 * rng.random(50), 0.3 + 0.2 * rng.random(50)).round(6)
+    a = fake_run(tmp_path / "lm-cls", method="lm-cls", targets=targets.tolist(), predictions=preds.tolist(),
+                 confidences=conf.tolist())
+    b = fake_run(tmp_path / "zero-shot", method="zero-shot", targets=targets.tolist(), predictions=preds.tolist())
+    rep = tmp_path / "rep"
+    assert main(["report", str(a), str(b), "--output-dir", str(rep)]) == 0
+    capsys.readouterr()
+    page = Page((rep / "report.html").read_text())
+    assert "Confidence routing" in page.headings
+    table = next(t for t in page.tables if t[0]["cells"][0] == "system" and "QWK at 100%" in t[0]["cells"])
+    assert table[0]["cells"] == ["system", "QWK at 100%", "QWK at 90%", "QWK at 80%", "QWK at 70%", "QWK at 50%"]
+    assert [r["cells"][0] for r in table[1:]] == ["lm-cls"]
+    order = np.argsort(-conf, kind="stable")          # most confident first
+    expected = ["lm-cls"]
+    for coverage in (1.0, 0.9, 0.8, 0.7, 0.5):
+        keep = order[:50 - int(np.ceil(round((1 - coverage) * 50, 9)))]
+        expected.append(f"{cohen_kappa_score(targets[keep], preds[keep], weights='quadratic', labels=[0, 1, 2, 3]):.3f}")
+    assert table[1]["cells"] == expected
+    assert float(expected[5]) > float(expected[1])    # routing the unsure half to a human helps here
+    figure = next(f for f in page.figures if "coverage" in f["imgs"][0])
+    assert figure["imgs"] == ["asap-1-coverage.png"] and (rep / "asap-1-coverage.png").is_file()
+    assert "| lm-cls | " + " | ".join(expected[1:]) + " |" in (rep / "report.md").read_text()
 
 
 def test_dev_curves_mark_the_best_step(tmp_path, monkeypatch):
@@ -315,6 +347,8 @@ def test_a_result_without_a_task_is_one_line(tmp_path, capsys):
     ({"targets": [0, 7], "predictions": [0, 1], "levels": ["0", "1"]}, "predictions and targets must be"),
     ({"targets": [0, 1], "predictions": [0, 1], "ids": ["a"]}, "ids, second_targets and subgroups"),
     ({"targets": [0, 1], "predictions": [0, 1], "subgroups": {"school": ["n"]}}, "ids, second_targets"),
+    ({"targets": [0, 1], "predictions": [0, 1], "confidences": [0.9]}, "confidences must be one probability"),
+    ({"targets": [0, 1], "predictions": [0, 1], "confidences": [0.9, "high"]}, "confidences must be one"),
 ])
 def test_corrupt_eval_outputs_are_one_line(tmp_path, capsys, outputs, what):
     run = fake_run(tmp_path / "run")

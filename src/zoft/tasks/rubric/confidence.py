@@ -10,8 +10,8 @@ how it is calibrated does not matter for routing, only the order.
 the rest are scored automatically. With gold scores, :func:`coverage_curve` measures QWK on the
 automatically scored part against **coverage** (the fraction scored automatically): the curve a
 teacher reads to choose F. :func:`coverage_table` and :func:`coverage_png` are what ``zoft score``
-writes; :func:`eval_coverage` gives a run's curve on its eval split (eval.json keeps each prediction's
-confidence), for a report to show.
+writes; ``zoft report`` draws every run of an item set in one :func:`coverage_plot`, from the
+confidences eval.json keeps for each prediction (:func:`eval_coverage` reads one run's curve).
 """
 from __future__ import annotations
 
@@ -99,20 +99,28 @@ def coverage_table(curve: Sequence[dict]) -> str:
 
 def coverage_png(curve: Sequence[dict], path: str | Path, title: str = "", human_qwk: float | None = None) -> Path:
     """QWK on the automatically scored part against coverage, as a PNG (written atomically)."""
+    return coverage_plot({"model, auto part": curve}, path, title, human_qwk)
+
+
+def coverage_plot(curves: dict[str, Sequence[dict]], path: str | Path, title: str = "",
+                  human_qwk: float | None = None) -> Path:
+    """One line per named curve (QWK on the auto part against coverage), plus the human-human
+    QWK as a dashed line, as a PNG written atomically: a report draws every run of an item set."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot([r["coverage"] for r in curve], [r["qwk"] for r in curve], marker="o", label="model, auto part")
+    for name, curve in curves.items():
+        ax.plot([r["coverage"] for r in curve], [r["qwk"] for r in curve], marker="o", label=name)
     if human_qwk is not None:
         ax.axhline(human_qwk, color="grey", linestyle="--", label=f"human-human {human_qwk:.3f}")
     ax.set_xlabel("coverage (fraction scored automatically)")
     ax.set_ylabel("QWK")
     ax.invert_xaxis()   # left: everything automatic; right: most sent to a teacher
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="lower left", fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()
