@@ -12,11 +12,15 @@
 set -uo pipefail
 out=$1; shift
 sets=${*:-1 2 10}
-zoft=${ZOFT:-python -m zoft}
+python=${PYTHON:-python}
+zoft=${ZOFT:-$python -m zoft}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 timed() {   # timed NAME CMD...: run, then record the wall seconds beside the run's eval.json
   local dir=$1; shift
+  if [ -f "$dir/eval.json" ] && [ "${RERUN:-0}" != 1 ]; then   # finished before: keep it (RERUN=1 redoes it)
+    echo "$dir: done before, kept"; return
+  fi
   local start=$SECONDS
   # shellcheck disable=SC2086  # EXTRA is a list of key=value overrides
   "$@" ${EXTRA:-} output_dir="$dir" overwrite_output_dir=true progress=false || echo "$dir FAILED"
@@ -35,7 +39,7 @@ for s in $sets; do
   timed "$out/asap-$s/scorer" $zoft train "$here/configs/scoring.yaml" $data ${SCORER_ARGS:-}
 done
 
-python - "$out" $sets <<'EOF'
+$python - "$out" $sets <<'EOF'
 import json, sys
 from pathlib import Path
 from zoft.tasks import load_task

@@ -14,7 +14,7 @@ from zoft.config import load_config
 from zoft.errors import ZoftError
 from zoft.methods import encoder_classifier as bert
 from zoft.methods import get_method
-from zoft.methods.common import Setup
+from zoft.methods.common import Setup, prepare
 from zoft.models import tiny_random_model
 from zoft.runs import RunDir
 from zoft.tasks import load_task
@@ -45,10 +45,8 @@ def six_steps(tmp_path_factory):
 
 
 def asap_setup(**overrides) -> Setup:
-    cfg = load_config(overrides={**SMALL, **overrides})
-    task = load_task(cfg.task)
-    data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval, seed=cfg.data_seed)
-    return Setup(cfg, task, data, tiny_random_model("causal"))
+    """The task data of SMALL (plus overrides) as a run loads it, with a tiny random LM."""
+    return prepare(load_config(overrides={**SMALL, **overrides}), loaded=tiny_random_model("causal"))
 
 
 def test_registered():
