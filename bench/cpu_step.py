@@ -11,7 +11,8 @@ MeZO's perturbation and update, and AdamW stay fp32). The MeZO step is timed for
 perturbation backend named by ``--backend`` (names zoft.zo.get_backend does not know are
 skipped with a note) and for a plain-torch reference of the same algorithm written the way
 the MeZO reference code does it (torch.manual_seed + one torch.normal per tensor, fp32).
-``--compile`` adds forwards of the model compiled by torch.compile (inductor, CPU).
+``--compile`` adds forwards of the model compiled by torch.compile (inductor, CPU), and the
+fused MeZO step of each backend on that compiled forward (zoft's ``compile=default``), bf16.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import time
 
 def measure(kind: str, model_name: str, batch: int, seq: int, repeats: int) -> dict:
     """``kind`` is ``forward:DTYPE``, ``forward-compiled:DTYPE``, ``mezo:BACKEND:DTYPE``,
-    ``mezo-reference:fp32`` or ``ft:DTYPE``, with DTYPE fp32 or bf16 (the compute dtype)."""
+    ``mezo-fused:BACKEND:DTYPE``, ``mezo-fused-compiled:BACKEND:DTYPE``, ``mezo-reference:fp32`` or
+    ``ft:DTYPE``, with DTYPE fp32 or bf16 (the compute dtype)."""
     import torch
 
     from zoft.models import load_model
@@ -48,7 +50,9 @@ def measure(kind: str, model_name: str, batch: int, seq: int, repeats: int) -> d
     def compute():   # what CandidateScorer.compute() does for compute_dtype=bf16
         return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
-    forward = torch.compile(model) if what == "forward-compiled" else model
+    compiled = what.endswith("-compiled")
+    what = what.removesuffix("-compiled")
+    forward = torch.compile(model) if compiled else model   # inductor; its first call compiles (untimed)
 
     def loss() -> float:
         with compute():
@@ -56,13 +60,13 @@ def measure(kind: str, model_name: str, batch: int, seq: int, repeats: int) -> d
 
     params = [p for p in model.parameters()]
     times = []
-    if what in ("forward", "forward-compiled"):
+    if what == "forward":
         model.eval()
         with torch.no_grad():
             loss()
             for _ in range(repeats):
                 t = time.perf_counter(); loss(); times.append(time.perf_counter() - t)
-    elif what in ("mezo", "mezo-fused", "mezo-reference"):
+    elif what in ("mezo", "mezo-fused", "mezo-reference"):   # also mezo-fused-compiled
         model.eval()
         # a MeZO row names BACKEND or BACKEND/DISTRIBUTION, e.g. cpu-fast/rademacher
         backend, _, distribution = (rest[0] if what != "mezo-reference" else "torch").partition("/")
@@ -151,6 +155,7 @@ def main() -> None:
             notes.append(f"MeZO backend '{backend}' skipped ({why})")
         else:
             kinds += [f"{step}:{backend}:{d}" for step in ("mezo", "mezo-fused") for d in dtypes]
+            kinds += [f"mezo-fused-compiled:{backend}:bf16"] if args.compile else []
     kinds += ["mezo-reference:fp32"] + [f"ft:{d}" for d in dtypes]
     rows = {}
     for kind in kinds:
@@ -180,6 +185,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     names = {"forward": "forward (inference)", "forward-compiled": "forward, torch.compile (inductor)",
              "mezo": "MeZO step, zoft {} backend, 4 passes", "mezo-fused": "MeZO step, zoft {} backend, fused 2 passes",
+             "mezo-fused-compiled": "MeZO step, zoft {} backend, fused 2 passes, compiled forward",
              "mezo-reference": "MeZO step, reference-style torch",
              "ft": "FT step (backprop + AdamW)"}
     for kind, r in rows.items():
