@@ -45,6 +45,7 @@ from zoft.zo.flat import flatten_
 # fp32 (MeZO's 3e-5 from the issue; the others scaled by their step size), not tuned here.
 METHODS = {
     "mezo":          dict(optimizer="zo-sgd", lr=3e-5),
+    "mezo-auto":     dict(optimizer="zo-sgd", lr="auto"),   # zoft's default: the probe's forwards count
     "mezo-1sided":   dict(optimizer="zo-sgd", one_sided=True, lr=3e-5),
     "mezo-rademacher": dict(optimizer="zo-sgd", distribution="rademacher", lr=3e-5),   # cheap z on a GPU
     "zo-momentum":   dict(optimizer="zo-sgd-momentum", momentum=0.9, lr=3e-6),
@@ -298,7 +299,9 @@ def main() -> None:
               f"{row['forwards']} forwards, {row['train_s']}s, to target: {row['forwards_to_target']}", flush=True)
     targets = {**TARGETS, **args.target}
     table = summarise(rows, methods, targets)
-    header = (f"model {args.model}, {args.dtype}, device {args.device}"
+    any_cfg = next(iter(benches.values())).cfg
+    header = (f"model {args.model}, {args.dtype} weights, compute_dtype {any_cfg.compute_dtype}, z {any_cfg.distribution}, "
+              f"device {args.device}"
               f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}; budget {args.budget} "
               f"forwards per run; dev every {args.eval_every} forwards; n_train {args.n_train}, n_dev {args.n_dev}, "
               f"n_eval {args.n_eval}; targets {targets}; FT counted as 3 forwards per step\n")
