@@ -211,7 +211,7 @@ def summarise(rows: list[dict], methods: list[str], targets: dict[str, float]) -
             hit = [x for x in reach if x is not None]
             lrs = sorted({r["lr"] for r in rs if r.get("lr") is not None})   # rows from before lr was logged: blank
             lines.append(f"| {task} | {method} | {', '.join(f'{lr:g}' for lr in lrs)} | {len(rs)} | "
-                         f"{cell([r['best_dev'] for r in rs], scale=100)} | "
+                         f"{cell([r['best_dev'] for r in rs if r['best_dev'] >= 0], scale=100)} | "   # <0: the probe took the budget
                          f"{cell([r['val_at_best_dev'] for r in rs], scale=100)} | {len(hit)}/{len(rs)} | "
                          f"{cell([x[0] for x in hit], '{:.0f}')} | {cell([x[1] for x in hit])} | "
                          f"{cell([r.get('ms_per_step') for r in rs if r['method'] != 'zero-shot'], '{:.1f}')} |")
@@ -256,12 +256,13 @@ def main() -> None:
         args.model, args.device, args.compile = "tiny-llama", "cpu", "off"
         args.budget, args.eval_every, args.n_train, args.n_dev, args.n_eval = 40, 20, 64, 32, 32
         args.max_length, args.seeds = 48, "0,1"
-        args.budget += 80 if args.auto_lr else 0   # room for the probe's forwards
     args.target = parse_pairs(args.target)
     args.lr = {k: {"lr": v} for k, v in parse_pairs(args.lr, lambda v: v if v == "auto" else float(v)).items()}
     if args.auto_lr:
         args.lr = {m: {"lr": "auto"} for m in METHODS} | args.lr
     methods = args.methods.split(",")
+    if args.smoke and any({**METHODS.get(m, {}), **args.lr.get(m, {})}.get("lr") == "auto" for m in methods):
+        args.budget += 80   # room for lr=auto's probe, whose forwards count against the budget
     unknown = [m for m in methods if m not in METHODS and m != "ft"]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {[*METHODS, 'ft']}")
