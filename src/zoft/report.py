@@ -3,7 +3,8 @@
 The report follows RSMTool (ETS), the reference for evaluating automated scoring: per item set
 (task) and system, exact and adjacent agreement, QWK, Pearson r, SMD, RMSE and macro-F1
 beside human-human agreement; score distributions; a confusion matrix per run; dev curves with
-the best step; the same by subgroup. The pages come from the jinja2 templates in
+the best step; the same by subgroup; and for confidence routing, QWK on the automatically scored
+part against coverage (the least confident responses go to a teacher). The pages come from the jinja2 templates in
 ``zoft/templates``; the predictions are also written in RSMTool's input format (``rsmtool/``).
 """
 from __future__ import annotations
