@@ -6,6 +6,10 @@
 #   scripts/cpu_asap.sh OUT_DIR [SET ...]          # sets default 1 2 10
 #   SCORER_ARGS="mode=lora lr=1e-4" scripts/cpu_asap.sh OUT 1     # try a variant of the recipe
 #   EXTRA="model=tiny-llama steps=2 n_eval=16" scripts/cpu_asap.sh OUT 10   # smoke test: every run gets EXTRA
+#   PYTHON=.venv/bin/python scripts/cpu_asap.sh OUT          # the interpreter for zoft and the summary
+#
+# A run folder that already holds eval.json is kept (rerun the script to finish a table after a
+# kill); RERUN=1 trains every run again.
 #
 # Both scorers train on the train split less 100 dev responses (n_train=-1) and report on the
 # whole public test split. Each run is its own `zoft train`, so one failure does not stop the rest.
