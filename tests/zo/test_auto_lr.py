@@ -40,6 +40,23 @@ def test_zo_sgd_on_a_quadratic_picks_the_grid_point_nearest_one_over_the_curvatu
     assert 0.1 / float(A.sum()) < median < 10 / float(A.sum())   # ≈ 1/tr(A): the scale-free rule
 
 
+def test_loss_noise_at_tiny_steps_does_not_end_the_scan():
+    """bf16 compute makes the loss of a 1e-8 step a tiny random change either way. Noise that falls
+    at the first lr and rises at the second must not stop the scan there (it once chose lr 3e-9 on
+    SmolLM2): each probe still finds the quadratic's own optimum, as without noise."""
+    clean, _ = probe_quadratic()
+    params, loss_fn, _ = quadratic()
+    calls = []
+
+    def noisy():   # ∓1e-4 on alternate calls: above the real change of steps up to ~1e-6, far below lr*'s
+        calls.append(1)
+        return loss_fn() + (1e-4 if len(calls) % 2 else -1e-4)
+    result = probe_lr(params, SPSA(eps=1e-4), build_optimizer("zo-sgd"), train_loss=lambda p: lambda: loss_fn(),
+                      measure=lambda p: noisy, seeds=lambda p: [probe_seed(0, p)])
+    assert result.per_probe == clean.per_probe and result.lr == clean.lr
+    assert min(result.per_probe) > 100 * GRID[0]
+
+
 def test_probe_counts_every_forward_and_leaves_the_weights_exactly():
     calls = []
     result, params = probe_quadratic(calls=calls)

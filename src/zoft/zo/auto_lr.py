@@ -9,7 +9,8 @@ run's own estimator and optimizer, so the rule is the same for all of them:
     for each probe p (a training batch B_p and its own seeds):
         ĝ_p    = the estimator on B_p                               (its forwards: 2n for SPSA)
         f_p(lr) = L_B(θ after the optimizer's first update with lr) − L_B(θ)   (1 forward per lr)
-                  for lr = 10⁻⁸, 10^-7.5, ..., 1, until the loss has fallen and risen above L_B(θ)
+                  for lr = 10⁻⁸, 10^-7.5, ..., 1, until the loss has fallen and then risen RISE·|L_B(θ)|
+                  above L_B(θ), or doubled
         lr*_p  = argmin f_p
     lr = FRACTION · geometric median of lr*_p
 
@@ -18,7 +19,13 @@ argmin 1/zᵀHz does not depend on g (so not on the luck of the direction) and c
 1/tr(H): the largest step the curvature allows along a random direction, MeZO's lr_SGD/d_eff. It
 is the edge of what one step tolerates on a batch it has seen; the many noisy steps of a run need
 a fraction of it: FRACTION = 0.1, measured (README "lr=auto"): on tiny-llama full mode, lr*/10
-trains and lr*/3 climbs. For sign, Adam (≈ lr per weight on their first step), FZOO (ĝ divided by
+trains and lr*/3 climbs.
+
+The scan stops only on a clear overshoot (the loss RISE = 10% above L_B(θ) after a fall), not at the
+first rise: with bf16 compute over fp32 weights a step of 10⁻⁸ changes a few weights' bf16 roundings
+and so the loss by a tiny random amount either way, and stopping at the first sign change picked
+that noise (SmolLM2-135M on SST-2 got lr 3e-9 and never moved). Past the optimum a real overshoot
+is large: one grid point beyond lr* (×√10) a step raises the loss by ~1.8× what the best step lowered it. For sign, Adam (≈ lr per weight on their first step), FZOO (ĝ divided by
 σ), LOZO and Sparse MeZO the same search runs through their own update, so lr comes out in their
 own units. Momentum's steady step is ĝ/(1 − μ), so its lr is scaled by (1 − μ). Probes whose
 estimate is zero (a metric objective on a small batch) are skipped; every forward is counted.
@@ -44,6 +51,7 @@ from zoft.zo.optim import ZOSGDMomentum
 FRACTION = 0.1              # of the one-step optimum lr* (module docstring)
 GRID = [10 ** (k / 2) for k in range(-16, 1)]   # 1e-8, 3.2e-8, ..., 1: the lrs tried
 PROBES, MAX_TRIES = 3, 9    # probes that found a descent; batches tried at most
+RISE = 0.1                  # relative rise above L_B(θ), after a fall, that ends a probe's scan (docstring)
 
 
 def probe_seed(seed: int, probe: int, k: int = 0) -> int:
@@ -90,9 +98,9 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
         if not any(g for _, g in estimate.directions) or not math.isfinite(base):
             per_probe.append(None)   # a zero estimate moves nothing: it says nothing about lr
             continue
-        curve = []   # f_p on the grid; +inf once the loss fell and rose above L_B(θ) again, or doubled
+        curve = []   # f_p on the grid; +inf once the loss fell and then rose clearly above L_B(θ), or doubled
         for lr in GRID:
-            if curve and (curve[-1] > 0 and min(curve) < 0 or curve[-1] > abs(base)):
+            if curve and (curve[-1] > RISE * abs(base) and min(curve) < 0 or curve[-1] > abs(base)):
                 curve.append(math.inf)
                 continue
             trial_optimizer = copy.deepcopy(optimizer)   # momentum/Adam: their first step, every time
