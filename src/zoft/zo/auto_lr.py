@@ -19,16 +19,16 @@ argmin 1/zᵀHz does not depend on g (so not on the luck of the direction) and c
 1/tr(H): the largest step the curvature allows along a random direction, MeZO's lr_SGD/d_eff. It
 is the edge of what one step tolerates on a batch it has seen; the many noisy steps of a run need
 a fraction of it: FRACTION = 0.1, measured (README "lr=auto"): on tiny-llama full mode, lr*/10
-trains and lr*/3 climbs.
+trains and lr*/3 climbs. For sign, Adam (≈ lr per weight on their first step), FZOO (ĝ divided by
+σ), LOZO and Sparse MeZO the same search runs through their own update, so lr comes out in their
+own units. Momentum's steady step is ĝ/(1 − μ), so its lr is scaled by (1 − μ). Probes whose
+estimate is zero (a metric objective on a small batch) are skipped; every forward is counted.
 
 The scan stops only on a clear overshoot (the loss RISE = 10% above L_B(θ) after a fall), not at the
 first rise: with bf16 compute over fp32 weights a step of 10⁻⁸ changes a few weights' bf16 roundings
 and so the loss by a tiny random amount either way, and stopping at the first sign change picked
 that noise (SmolLM2-135M on SST-2 got lr 3e-9 and never moved). Past the optimum a real overshoot
-is large: one grid point beyond lr* (×√10) a step raises the loss by ~1.8× what the best step lowered it. For sign, Adam (≈ lr per weight on their first step), FZOO (ĝ divided by
-σ), LOZO and Sparse MeZO the same search runs through their own update, so lr comes out in their
-own units. Momentum's steady step is ĝ/(1 − μ), so its lr is scaled by (1 − μ). Probes whose
-estimate is zero (a metric objective on a small batch) are skipped; every forward is counted.
+is large: one grid point beyond lr* (×√10) a step raises the loss by ~1.8× what the best step lowered it.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
