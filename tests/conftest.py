@@ -51,6 +51,17 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture
+def asap_offline(monkeypatch, data_dir) -> Path:
+    """The shared data folder with ASAP-SAS in it (else the test is skipped), as ``$ZOFT_DATA_DIR``,
+    and the hub switched off: what the scoring-method tests read."""
+    if not (data_dir / "asap-sas").is_dir():
+        pytest.skip(f"no ASAP-SAS data under {data_dir}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ZOFT_DATA_DIR", str(data_dir))
+    return data_dir
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """The real SmolLM2-135M-Instruct in fp32 (first use dequantises the GGUF and caches it)."""

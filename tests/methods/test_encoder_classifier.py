@@ -28,11 +28,8 @@ SMALL = dict(method="bert-cls", task="asap-10", n_train=16, n_dev=8, n_eval=16, 
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, data_dir):
-    if not (data_dir / "asap-sas").is_dir():
-        pytest.skip(f"no ASAP-SAS data under {data_dir}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("ZOFT_DATA_DIR", str(data_dir))
+def offline(asap_offline):
+    """Every test here reads ASAP-SAS from the shared folder, with the hub off (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
