@@ -69,8 +69,10 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
     elif writes:
         run_dir.sweep()              # temps of writes a kill cut short
     if writes:
-        _announce(start_line("resume" if resume is not None else "train", cfg, run_dir.path,
-                             None if method.loads_lm else cfg.encoder))
+        model = cfg.model if method.loads_lm else cfg.encoder
+        if cfg.members is not None:   # an ensemble: what each member is
+            model = " + ".join(name for name, _ in cfg.member_configs())
+        _announce(start_line("resume" if resume is not None else "train", cfg, run_dir.path, model))
     parallel = {"par": par} if par else {}
     result = method.run(setup, run_dir, resume=resume is not None, **parallel)
     result["run_dir"] = str(run_dir.path)

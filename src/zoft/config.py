@@ -43,6 +43,11 @@ OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minu
 REPORT_TO = ("none", "tensorboard")  # where training metrics go besides metrics.jsonl (HF's report_to)
 AUTO = "auto"        # lr=auto: MeZO probes its step size (zoft.zo.auto_lr)
 DEFAULT_LR = 1e-6    # the numeric default of the methods without lr=auto
+ENSEMBLE = "ensemble"   # the method whose members are other runs (zoft.methods.ensemble)
+# what an ensemble's members inherit and may not set: the same data for every member (none may
+# train on another's dev or eval rows), one folder, and remote code only on the caller's word
+ENSEMBLE_KEYS = ("task", "data_dir", "n_train", "n_dev", "n_eval", "k_per_class", "data_seed", "members",
+                 "output_dir", "overwrite_output_dir", "trust_remote_code", "parallel")
 
 
 @dataclass
@@ -108,6 +113,8 @@ class Config:
     lp_ft_probe_steps: int = 0
     # bert-cls: the encoder fine-tuned with a classification head (a builtin name or a local HF folder)
     encoder: str = "minilm-l6"
+    # ensemble: the member runs whose level probabilities it averages (zoft.methods.ensemble)
+    members: list[Any] | None = None   # each a mapping of keys over this config's, or a finished run folder
     # scale (MeZO): trajectory checkpoints, torchrun data/direction parallelism, CPU offload
     trajectory: bool = True          # write trajectory.safetensors (seeds, g, lr per step: KBs) at each checkpoint
     save_weights: bool = True        # false: checkpoints are the trajectory only (resume replays it)
@@ -157,7 +164,7 @@ class Config:
         for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise ZoftError(f"config: {key} must be >= 0, got {getattr(self, key)}")
-        if self.lr is None:   # the method's default
+        if self.lr is None and self.method != ENSEMBLE:   # the method's default (an ensemble's members pick their own)
             self.lr = AUTO if self.method == "mezo" else DEFAULT_LR
         if isinstance(self.lr, str) and (self.lr != AUTO or self.method != "mezo"):
             raise ZoftError(f"config: lr must be a number{' or auto' if self.method == 'mezo' else ''}, got '{self.lr}'")
@@ -168,7 +175,7 @@ class Config:
         if not 0 < self.smezo_fraction <= 1:
             raise ZoftError(f"config: smezo_fraction must be in (0, 1], got {self.smezo_fraction}")
         # NaN passes every comparison, so each float is checked for finiteness before its range
-        for key in ("lr", "eps", "lp_c", "dist_timeout")[int(self.lr == AUTO):]:
+        for key in ("lr", "eps", "lp_c", "dist_timeout")[int(self.lr in (AUTO, None)):]:
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
                 raise ZoftError(f"config: {key} must be a finite number > 0, got {value}")
@@ -195,9 +202,44 @@ class Config:
         if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
             raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
                             "flat_params=false")
+        if (self.method == ENSEMBLE) != (self.members is not None):
+            raise ZoftError("config: method=ensemble needs members (a list), and members are for method=ensemble only")
+        if self.members is not None:
+            self.member_configs()   # every member's keys checked now, before any member trains
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ZoftError("config: report_to=tensorboard needs the tensorboard package: pip install tensorboard")
         return self
+
+    def member_configs(self) -> list[tuple[str, "Config | Path"]]:
+        """An ensemble's members, named ``I-METHOD`` (``I-FOLDER`` for a finished run), in order.
+
+        A mapping member is this config with the member's keys over it: every member trains on
+        the same data (the data keys are the ensemble's alone), and it cannot turn on
+        ``trust_remote_code`` (that comes from the caller) or nest another ensemble. A string
+        member is a finished run's folder, used as it is.
+        """
+        if not self.members:
+            raise ZoftError("config: members is empty; an ensemble needs at least one member")
+        base = {k: v for k, v in self.to_dict().items() if k not in ("method", "members", "output_dir")}
+        out: list[tuple[str, Config | Path]] = []
+        for i, member in enumerate(self.members):
+            where = f"config: members[{i}]"
+            if isinstance(member, str):
+                out.append((f"{i}-{Path(member).name}", Path(member)))
+                continue
+            if not isinstance(member, dict):
+                raise ZoftError(f"{where}: a member is a mapping of keys or a run folder, got {member!r}")
+            if "method" not in member:
+                raise ZoftError(f"{where}: names no method")
+            fixed = sorted(set(member) & set(ENSEMBLE_KEYS))
+            if fixed:
+                raise ZoftError(f"{where}: '{fixed[0]}' is the ensemble's own, not a member's "
+                                f"(members share its data, output_dir and trust_remote_code)")
+            if member["method"] == ENSEMBLE:
+                raise ZoftError(f"{where}: an ensemble cannot be a member of an ensemble")
+            config = load_config(None, {**base, **member}, source=where)
+            out.append((f"{i}-{config.method}", config))
+        return out
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
@@ -212,7 +254,7 @@ class Config:
 
 # One line per key for `zoft train --help`; tests/test_cli.py checks that every Config field has one.
 KEY_HELP: dict[str, str] = {
-    "method": "what to run: zero-shot, icl, lp, ft, lp-ft, mezo, bert-cls",
+    "method": "what to run: zero-shot, icl, lp, ft, lp-ft, mezo, bert-cls, lm-cls, ensemble",
     "model": "builtin name (smollm2-135m, gemma3-270m, tiny-llama, tiny-bert), HF folder, .gguf file or hub id",
     "dtype": "weight dtype: fp32 | bf16 | fp16",
     "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights on a CPU with native bf16, else the weights' dtype)",
@@ -261,6 +303,7 @@ KEY_HELP: dict[str, str] = {
     "lp_c": "inverse L2 strength of the linear probe (scikit-learn C)",
     "lp_ft_probe_steps": "LP-FT: first steps that train the head only",
     "encoder": "bert-cls encoder: builtin name (minilm-l6) or HF folder",
+    "members": "ensemble: a list of members, each a mapping of keys over this config's (e.g. {method: bert-cls}) or a finished run folder",
     "trajectory": "write trajectory.safetensors (seeds, g, lr per step) at each checkpoint",
     "save_weights": "false: checkpoints are the trajectory only (resume replays it)",
     "parallel": "under torchrun: none | data (shard the batch) | direction (one seed per rank)",
@@ -305,11 +348,16 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if "str" in type_text and isinstance(value, str) and value.strip().lower() == AUTO:
                 return AUTO
             return float(value)
+        if key == "members":   # mappings and run folders, checked by Config.member_configs
+            if not isinstance(value, list):
+                raise ValueError
+            return list(value)
         if type_text.startswith("list"):
             return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
         return str(value)
     except (TypeError, ValueError):
-        expected = "a number or auto" if type_text.startswith("float | str") else type_text
+        expected = ("a number or auto" if type_text.startswith("float | str") else
+                    "a list of mappings or run folders" if key == "members" else type_text)
         raise ZoftError(f"{source}: '{key}' expects {expected}, got {value!r}") from None
 
 
@@ -329,8 +377,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """Config from an optional YAML file, then ``key=value`` overrides (torchtune style)."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
+                source: str | None = None) -> Config:
+    """Config from an optional YAML file, then ``key=value`` overrides (torchtune style).
+
+    ``source`` names where the overrides come from in error messages (default: "override").
+    """
     values: dict[str, Any] = {}
     known = {f.name for f in dataclasses.fields(Config)}
     if path is not None:
@@ -351,6 +403,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         if key not in known:
-            raise ZoftError(f"unknown option '{key}'{_did_you_mean(key, known)}")
-        values[key] = _coerce(key, value, "override")
+            where = f"{source}: unknown key" if source else "unknown option"
+            raise ZoftError(f"{where} '{key}'{_did_you_mean(key, known)}")
+        values[key] = _coerce(key, value, source or "override")
     return Config(**values).validate()

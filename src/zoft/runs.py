@@ -11,6 +11,7 @@ Layout (HF-style)::
       runs/                TensorBoard event files (report_to=tensorboard)
       eval.json            final results
       curve.png            dev metric and loss against step
+      members/             an ensemble's member runs, one folder each
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def save_tensors_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], stat
 # What a run (or a comparison of runs) writes into its folder; an overwrite removes these and
 # nothing else, so a user's own files next to them survive.
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "eval.json", "curve.png", "trajectory.safetensors", "best",
-               "checkpoint-*", "probe_head.safetensors", "events.out.tfevents.*", "tensorboard", "comparison.*", "report")
+               "checkpoint-*", "probe_head.safetensors", "events.out.tfevents.*", "tensorboard", "comparison.*", "report",
+               "members")
 OVERWRITE_MARKER = ".zoft-overwrite-in-progress"
 
 

@@ -196,8 +196,9 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         scorer: scores the levels after a context.
         levels: the score labels, lowest first (the candidates; the reply is one of them).
         build_context: chat messages -> the scorer's context, or a list of contexts (one per
-            rubric aspect: the reply joins their levels with commas); may raise a
-            :class:`~zoft.tasks.rubric.prompts.ChatError` (answered 400).
+            rubric aspect: the reply joins their levels with commas); a context is a prompt or a
+            task's :class:`~zoft.tasks.Example` (which a classification head needs: it reads the
+            response text); may raise a :class:`~zoft.tasks.rubric.prompts.ChatError` (answered 400).
         model_name: the id ``/v1/models`` lists and replies carry.
         api_key: if set (non-empty), every request needs ``Authorization: Bearer <api_key>``
             (else 401, ``code: "invalid_api_key"``).
@@ -226,10 +227,13 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
     if api_key:
         app.add_middleware(_RequireKey, api_key=api_key)
 
-    def score(context: str) -> tuple[list[float], int, list[int]]:
+    def score(context: str | Example) -> tuple[list[float], int, list[int]]:
         """Log-probs normalised over the levels, the prompt's token count, each level's tokens."""
-        header = next((h for h in headers if context.startswith(h)), "")
-        ex = Example(context, levels, 0, [levels[0]], {}, "request", shared_prefix=header)
+        if isinstance(context, Example):   # a task's example: the prompt, and the response a head reads
+            ex = context
+        else:
+            header = next((h for h in headers if context.startswith(h)), "")
+            ex = Example(context, levels, 0, [levels[0]], {}, "request", shared_prefix=header)
         with lock, torch.no_grad():
             was_training = scorer.model.training
             scorer.model.eval()
@@ -241,7 +245,8 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         if scorer.kind != "classification":   # as CandidateScorer.predict: per-token mean for options
             scores = scores / lengths
         normalised = scores[0].double().log_softmax(-1).tolist()
-        return normalised, len(enc.context_ids[0]), [len(c) for c in enc.choice_ids[0]]
+        choice_ids = getattr(enc, "choice_ids", None)   # a classification head's levels are one "token" each
+        return normalised, len(enc.context_ids[0]), [len(c) for c in choice_ids[0]] if choice_ids else [1] * len(levels)
 
     @app.exception_handler(ChatError)
     async def bad_request(request, exc: ChatError):
@@ -293,8 +298,8 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         except (ValueError, KeyError, TypeError) as e:   # a task's check, or it tripped on odd messages:
             log.warning("zoft serve: cannot build the prompt: %r", e)   # the text may be internal
             raise RequestError("cannot build the prompt from the messages", "messages") from None
-        contexts = [contexts] if isinstance(contexts, str) else list(contexts)
-        if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
+        contexts = [contexts] if isinstance(contexts, (str, Example)) else list(contexts)
+        if not contexts or not all(isinstance(c, Example) or (isinstance(c, str) and c.strip()) for c in contexts):
             raise RequestError("the messages give an empty prompt", "messages")
         scored = [await run_in_threadpool(score, c) for c in contexts]   # one per aspect (or one)
         best = [max(range(len(levels)), key=logprobs.__getitem__) for logprobs, _, _ in scored]
@@ -339,9 +344,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
     """Loads a finished run (best, else last weights) and serves it until interrupted.
 
     The levels are the task's label words (else the choices of its first example); the
-    context comes from the task's ``contexts_from_chat(messages)`` for a multi-label task (one
-    per aspect), else its ``context_from_chat(messages)`` if it has one, else
-    :func:`~zoft.tasks.rubric.prompts.default_context`. ``model_name`` defaults to the run
+    examples come from a scoring task's ``examples_from_chat(messages)`` (one per aspect of a
+    multi-label task), else the context from the task's ``context_from_chat(messages)`` if it
+    has one, else :func:`~zoft.tasks.rubric.prompts.default_context`. ``model_name`` defaults to the run
     folder's name. ``api_key`` and ``max_body_bytes`` are :func:`create_app`'s; serving a non-loopback ``host`` without a key
     prints a warning to stderr (anyone who can reach the port can use the model).
     ``trust_remote_code`` is the caller's alone: the run's config.yaml cannot turn it on.
@@ -360,8 +365,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
         levels = list(first.choices) if first is not None else []
     if not levels:
         raise ZoftError(f"{run_dir}: the run's task has no score levels (label words) to serve")
-    build_context = (getattr(task, "contexts_from_chat", None) if getattr(task, "aspects", None) else None) \
-        or getattr(task, "context_from_chat", None) or default_context
+    # a scoring task's own examples (a classification head reads their response text, an LM their
+    # prompt); else a task's context_from_chat, else the default prompt
+    build_context = getattr(task, "examples_from_chat", None) or getattr(task, "context_from_chat", None) \
+        or default_context
     name = model_name or Path(run_dir).resolve().name
     headers = [task.header(item) for item in task.items.values()] if isinstance(task, ScoringTask) else []
     app = create_app(scorer, levels, build_context, name, api_key=api_key, max_body_bytes=max_body_bytes,

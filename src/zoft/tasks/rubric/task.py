@@ -169,6 +169,12 @@ class ScoringTask:
         item, text = chat_response(messages, self.items.values())
         return [self.context(item, text, aspect) for aspect in self.aspects] or [self.context(item, text)]
 
+    def examples_from_chat(self, messages: list[dict]) -> list[Example]:
+        """A chat request as the examples a scorer takes: :meth:`contexts_from_chat`'s prompts,
+        with the response text and item a classification head reads (``bert-cls``, ``lm-cls``)."""
+        item, text = chat_response(messages, self.items.values())
+        return self.examples(Response("request", text, None, None, None, item.item_id, "request"), item)
+
     def example(self, response: Response, item: ScoringItem | None = None) -> Example:
         """A response as an :class:`Example`; unscored responses get ``target`` None.
 
