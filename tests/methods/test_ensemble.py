@@ -148,6 +148,11 @@ def test_a_finished_run_joins_by_its_folder(finished, tmp_path):
         zoft.api.train(method="ensemble", members=folders, output_dir=str(tmp_path / "other"), **{**SMALL, "n_dev": 4})
     with pytest.raises(ZoftError, match="not a zoft run folder"):
         zoft.api.train(method="ensemble", members=[str(tmp_path)], output_dir=str(tmp_path / "x"), **SMALL)
+    unfinished = tmp_path / "unfinished"   # a run killed before its end: its last weights are not its result
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((out / "members" / "0-bert-cls" / "config.yaml").read_text())
+    with pytest.raises(ZoftError, match=r"has not finished \(no eval.json\)"):
+        zoft.api.train(method="ensemble", members=[str(unfinished)], output_dir=str(tmp_path / "y"), **SMALL)
 
 
 def test_killed_during_the_second_member_resumes_it_and_keeps_the_first(finished, tmp_path):

@@ -108,6 +108,8 @@ def members(cfg: Config, run_dir: RunDir) -> list[Member]:
         if not (spec / "config.yaml").is_file():
             raise ZoftError(f"{spec}: not a zoft run folder (no config.yaml); an ensemble member is a mapping "
                             "of keys or a finished run")
+        if not (spec / "eval.json").is_file():
+            raise ZoftError(f"{spec}: has not finished (no eval.json); finish it with --resume first")
         theirs = load_config(spec / "config.yaml", {"trust_remote_code": False})
         for key in DATA_KEYS:   # the same rows, so no member has trained on the ensemble's dev or eval rows
             if getattr(theirs, key) != getattr(cfg, key):
@@ -139,7 +141,7 @@ def train_member(member: Member, resume: bool) -> None:
 
 def load_member(member: Member, trust_remote_code: bool):
     """A finished member's scorer; remote code only on the caller's word (the ensemble's flag)."""
-    if not (member.folder / "eval.json").is_file() and member.config is not None:
+    if not (member.folder / "eval.json").is_file():
         raise ZoftError(f"{member.folder}: member {member.name} has not finished; resume the ensemble's run")
     return load_run(member.folder, trust_remote_code=trust_remote_code)[1]
 
