@@ -10,7 +10,9 @@ model's real parameter list (hundreds of tensors). Every row runs in this one pr
 hits all rows alike. ``torch-whole`` is the torch backend's whole-tensor pass (a full-size z
 drawn into scratch, then added), its CPU path before the blocked passes; the ratio column is
 its time over this row's (``torch`` now runs blocked with the same z, ``cpu-fast`` also
-draws Rademacher z from hashed bits).
+draws Rademacher z from hashed bits). ``cpu-fast-1w`` is cpu-fast on one thread: the passes
+before they ran whole tensors on one worker per thread, so on a parameter list (``--model``)
+its time over cpu-fast's is what the workers buy (one big tensor is one worker's either way).
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ import torch
 from zoft.zo.perturb import get_backend
 
 # torch-whole: the torch backend's whole-tensor CPU passes (before blocking), the baseline
-ROWS = [(name, dist) for dist in ("gaussian", "rademacher") for name in ("torch-whole", "torch", "cpu-fast")]
+ROWS = [(name, dist) for dist in ("gaussian", "rademacher")
+        for name in ("torch-whole", "torch", "cpu-fast-1w", "cpu-fast")]
 
 
 def backend(name: str):
     if name != "torch-whole":
-        return get_backend(name)
+        return get_backend(name.removesuffix("-1w"))
     whole = get_backend("torch")
     whole.blocked_cpu = False
     return whole
@@ -39,9 +42,20 @@ def passes(b, params, distribution):
                                                     then=(2, 1e-3))}
 
 
+def on_one_thread(fn):
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
 def bench(params, reps: int) -> dict:
     """Best seconds per (backend, distribution, pass), rounds interleaved across rows."""
-    cases = {(name, dist, op): fn for name, dist in ROWS
+    cases = {(name, dist, op): on_one_thread(fn) if name.endswith("-1w") else fn for name, dist in ROWS
              for op, fn in passes(backend(name), params, dist).items()}
     best = {}
     for rnd in range(reps + 1):   # round 0 warms up (scratch buffers, page faults)

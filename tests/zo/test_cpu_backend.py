@@ -121,6 +121,42 @@ def test_combine_equals_terms_one_by_one(distribution):
         torch.testing.assert_close(p, q, rtol=0, atol=4e-6)   # a few fp32 roundings of |θ| ≲ 5 apart
 
 
+@pytest.mark.parametrize("backend", [CPUFastBackend(), TorchBackend()])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_passes_are_bitwise_the_same_on_any_number_of_threads(backend, distribution, dtype):
+    """The blocked passes run whole tensors on parallel workers (one per intra-op thread): the
+    weights may not depend on how many there are, and torch's thread count is left as it was."""
+    threads = torch.get_num_threads()
+    sizes = [BLOCK + 300, 7, 3 * BLOCK, 1000, 64, BLOCK // 2]
+    torch.manual_seed(0)
+    start = [torch.randn(n).to(dtype) for n in sizes] + [torch.randn(300, 40).to(dtype).t()]   # non-contiguous last
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ps = [p.clone() for p in start[:-1]] + [start[-1].clone().t().contiguous().t()]
+            for p in ps:
+                p.requires_grad_(True)   # as in full-mode training: the passes must not need autograd
+            backend.combine_(ps, [(1, 0.3), (4, -5e-3)], distribution, undo=(2, 1e-2), then=(3, 1e-3))
+            assert torch.get_num_threads() == n
+            results.append([p.detach() for p in ps])
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(results[0][0], start[0])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_tensor_shares_cover_every_tensor_once_and_balance_the_elements():
+    sizes = [28_000_000, 576] + [884_736] * 90 + [576] * 60
+    groups = cpu_backend.shares(sizes, 2)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in g) for g in groups]
+    assert max(loads) - min(loads) <= max(sizes) // 2 and all(g == sorted(g) for g in groups)
+    assert cpu_backend.shares([5, 3], 4) == [[0], [1]]   # no empty shares
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gaussian_passes_equal_the_torch_backend_bitwise(dtype):
     """Same z, same arithmetic per element: the blocked passes change the speed, not the weights."""

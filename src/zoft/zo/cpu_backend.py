@@ -36,6 +36,7 @@ with ``auto`` and Rademacher z (then torch's signs) is refused on resume with a 
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import torch
@@ -53,16 +54,52 @@ _SIGNS = 1.0 - 2.0 * ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run a pass's block ops on one intra-op thread. Each block op is a few µs of work, so with
-    two threads every op ends at a barrier; on a shared (or oversubscribed) CPU the second
+    """Run block ops on one intra-op thread. Each block op is a few µs of work, so with two
+    intra-op threads every op ends at a barrier; on a shared (or oversubscribed) CPU the second
     thread is often descheduled and each barrier then waits a time slice: measured 2-5x slower
-    passes on the 2-core dev box under load. One thread keeps a block in one core's cache too."""
+    passes on the 2-core dev box under load. One thread keeps a block in one core's cache too.
+    The cores are used instead by :func:`_over_tensors`: whole tensors per worker, no barriers."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def shares(sizes: Sequence[int], workers: int) -> list[list[int]]:
+    """Tensor indices split into ``workers`` lists of about equal element counts (largest first,
+    each to the least loaded list), each list in index order."""
+    loads, out = [0] * workers, [[] for _ in range(workers)]
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        w = loads.index(min(loads))
+        out[w].append(i)
+        loads[w] += sizes[i]
+    return [sorted(share) for share in out if share]
+
+
+def _over_tensors(params: Sequence[torch.Tensor], one_tensor) -> None:
+    """``one_tensor(index, p)`` for every tensor, on as many worker threads as torch has intra-op
+    threads, each worker's ops on one thread (:func:`_one_thread`).
+
+    A tensor's result depends only on (seed, index, its own elements), never on which worker ran
+    it or when, so the weights are bit-identical for any thread count. torch ops release the
+    GIL, so the workers run in parallel; grad mode is thread-local, hence ``no_grad`` per worker.
+    """
+    workers = min(torch.get_num_threads(), len(params))
+
+    def run(share: list[int]) -> None:
+        with torch.no_grad():
+            for i in share:
+                one_tensor(i, params[i])
+
+    with _one_thread():
+        groups = shares([p.numel() for p in params], workers) if workers > 1 else [list(range(len(params)))]
+        if len(groups) == 1:
+            return run(groups[0])
+        with ThreadPoolExecutor(len(groups)) as pool:
+            for done in [pool.submit(run, group) for group in groups]:
+                done.result()   # a worker's exception is raised here
 
 
 def spans(n: int) -> Iterator[tuple[int, int]]:
@@ -150,15 +187,17 @@ def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], dist
     coeffs = _merge(terms)
     if undo is not None:   # the undo seed's direction comes first, as in the torch backend
         coeffs = {undo[0]: coeffs.pop(undo[0], 0.0), **coeffs}
-    with _one_thread():
-        for index, p in enumerate(params):
-            flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
-            streams = [(_Stream(s, index, distribution, p.device, bits), c) for s, c in coeffs.items()]
-            tail = (_Stream(then[0], index, distribution, p.device, bits), then[1]) if then is not None else None
-            for start, stop in spans(flat.numel()):   # every direction's block made once, all terms applied
-                _combine_block(flat[start:stop], streams, tail, start, stop, undo)
-            if flat.data_ptr() != p.data_ptr():
-                p.copy_(flat.view(p.shape))
+
+    def one_tensor(index: int, p: torch.Tensor) -> None:
+        flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
+        streams = [(_Stream(s, index, distribution, p.device, bits), c) for s, c in coeffs.items()]
+        tail = (_Stream(then[0], index, distribution, p.device, bits), then[1]) if then is not None else None
+        for start, stop in spans(flat.numel()):   # every direction's block made once, all terms applied
+            _combine_block(flat[start:stop], streams, tail, start, stop, undo)
+        if flat.data_ptr() != p.data_ptr():
+            p.copy_(flat.view(p.shape))
+
+    _over_tensors(params, one_tensor)
 
 
 def _combine_block(block: torch.Tensor, streams, tail, start: int, stop: int, undo: Term | None) -> None:
