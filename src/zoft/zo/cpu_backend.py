@@ -3,7 +3,8 @@
 On a CPU the step is bound by making z, not by adding it: ``normal_`` costs ~15 adds. This
 backend walks each tensor in blocks of ``BLOCK`` elements; every direction a pass needs
 produces its block of z into a small reused buffer, and all of the pass's terms are applied to
-that block of θ while both are still in cache. No full-size scratch tensor is allocated.
+that block of θ while both are still in cache. No full-size scratch tensor is allocated. The
+tensors of a pass are shared out to one worker thread per intra-op thread (``_over_tensors``).
 
 The exact rule (``k = tensor_seed(seed, index)``, elements of a tensor in flattened order):
 
