@@ -11,6 +11,8 @@ MeZO's perturbation and update, and AdamW stay fp32). The MeZO step is timed for
 perturbation backend named by ``--backend`` (names zoft.zo.get_backend does not know are
 skipped with a note) and for a plain-torch reference of the same algorithm written the way
 the MeZO reference code does it (torch.manual_seed + one torch.normal per tensor, fp32).
+The backend name ``cpu-fast-blocks`` is cpu-fast with its compiled sweeps switched off
+(``ZOFT_CPU_KERNELS=0``: the block path, bit-identical and slower), for a row beside cpu-fast.
 ``--compile`` adds forwards of the model compiled by torch.compile (inductor, CPU), and the
 fused MeZO step of each backend on that compiled forward (zoft's ``compile=default``), bf16.
 """
@@ -70,6 +72,7 @@ def measure(kind: str, model_name: str, batch: int, seq: int, repeats: int) -> d
         model.eval()
         # a MeZO row names BACKEND or BACKEND/DISTRIBUTION, e.g. cpu-fast/rademacher
         backend, _, distribution = (rest[0] if what != "mezo-reference" else "torch").partition("/")
+        backend = backend.removesuffix("-blocks")   # the env var was set by main()
         distribution = distribution or "gaussian"
         est = SPSA(eps=1e-3, distribution=distribution, backend=get_backend(backend))
         opt = ZOSGD()
@@ -126,7 +129,7 @@ def known_backend(name: str) -> str | None:
     """None if zoft.zo can build backend ``name`` here, else why not (the row is skipped)."""
     from zoft.zo import get_backend
     try:
-        get_backend(name.partition("/")[0])
+        get_backend(name.partition("/")[0].removesuffix("-blocks"))
         return None
     except Exception as e:   # noqa: BLE001 - unknown name or missing dependency: skip the row
         return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
@@ -161,7 +164,8 @@ def main() -> None:
     for kind in kinds:
         out = subprocess.run([sys.executable, __file__, "--one", kind, "--model", args.model, "--batch",
                               str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True,
+                             env={**os.environ, **({"ZOFT_CPU_KERNELS": "0"} if "-blocks" in kind else {})})
         if out.returncode != 0:
             notes.append(f"{kind} failed: {out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else '?'}")
             continue

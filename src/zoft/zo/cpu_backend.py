@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from zoft.zo import cpu_kernels
 from zoft.zo.perturb import DISTRIBUTIONS, Term, _merge, _unround_add, register_backend, tensor_seed
 
 BLOCK = 1 << 18   # elements per block: 1 MiB of fp32 z plus the θ block fit a core's L2
@@ -182,22 +183,49 @@ class CPUFastBackend:
 
 @torch.no_grad()
 def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], distribution: str,
-                     undo: Term | None, then: Term | None, bits: bool) -> None:
+                     undo: Term | None, then: Term | None, bits: bool, kernels: bool | None = None) -> None:
     """``combine_`` in blocks, with Rademacher z from hashed bits (``bits``) or, as in the torch
-    backend, the signs of the Gaussian draw (which the torch backend runs its CPU passes through)."""
+    backend, the signs of the Gaussian draw (which the torch backend runs its CPU passes through).
+
+    With hashed bits, large fp32 tensors take the compiled sweep of :mod:`zoft.zo.cpu_kernels`
+    instead (bit-identical; ``kernels=None`` uses it where ``cpu_kernels.available()``)."""
     coeffs = _merge(terms)
     if undo is not None:   # the undo seed's direction comes first, as in the torch backend
         coeffs = {undo[0]: coeffs.pop(undo[0], 0.0), **coeffs}
 
-    def one_tensor(index: int, p: torch.Tensor) -> None:
-        flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
+    def streams_of(index: int, p: torch.Tensor):
         streams = [(_Stream(s, index, distribution, p.device, bits), c) for s, c in coeffs.items()]
         tail = (_Stream(then[0], index, distribution, p.device, bits), then[1]) if then is not None else None
+        return streams, tail
+
+    def one_tensor(index: int, p: torch.Tensor) -> None:
+        flat = p.view(-1) if p.is_contiguous() else p.flatten()   # a copy, written back below
+        streams, tail = streams_of(index, p)
         for start, stop in spans(flat.numel()):   # every direction's block made once, all terms applied
             _combine_block(flat[start:stop], streams, tail, start, stop, undo)
         if flat.data_ptr() != p.data_ptr():
             p.copy_(flat.view(p.shape))
 
+    def swept(index: int, p: torch.Tensor) -> None:   # the same arithmetic as one_tensor, compiled
+        p = p.detach()   # dynamo refuses no_grad views of leaves that require grad
+        flat = p.view(-1) if p.is_contiguous() else p.flatten()
+        n, whole = flat.numel(), flat.numel() // 64 * 64
+        words = {s: sign_words(tensor_seed(s, index), 0, -(-n // 64)) for s in [*coeffs, *([then[0]] if then else [])]}
+        order = [(s, c - undo[1] if k == 0 and undo is not None else c) for k, (s, c) in enumerate(coeffs.items())]
+        order += [then] if then is not None else []
+        cpu_kernels.sweep_(flat[:whole], [(words[s][:whole // 64], c) for s, c in order])
+        if whole < n:   # the last, partial word: the block path on those few elements
+            _combine_block(flat[whole:], *streams_of(index, p), whole, n, undo)
+        if flat.data_ptr() != p.data_ptr():
+            p.copy_(flat.view(p.shape))
+
+    if bits and distribution == "rademacher" and (kernels if kernels is not None else cpu_kernels.available()):
+        compiled = {i for i, p in enumerate(params) if cpu_kernels.takes(p)}
+        for i in sorted(compiled):   # one tensor at a time: each sweep runs on every core (OpenMP)
+            swept(i, params[i])
+        rest = [i for i in range(len(params)) if i not in compiled]
+        _over_tensors([params[i] for i in rest], lambda k, p: one_tensor(rest[k], p))
+        return
     _over_tensors(params, one_tensor)
 
 

@@ -1,0 +1,95 @@
+"""The compiled CPU sweeps must give the block path's weights bit for bit, or not run at all."""
+import pytest
+import torch
+
+from zoft.zo import cpu_backend, cpu_kernels
+from zoft.zo.cpu_backend import CPUFastBackend
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="torch.compile cannot build CPU kernels here")
+
+# (terms, undo, then): the fused step's two passes, a plain update, several seeds, an undo alone
+PASSES = [
+    ([], (5, 1e-3), (5, -1e-3)),                       # θ+εz → θ−εz: one direction twice
+    ([(5, -3e-7)], (5, -1e-3), (6, 1e-3)),             # update and the next step's +εz
+    ([(1, 0.3), (4, -5e-3)], (2, 1e-2), (3, 1e-3)),
+    ([(1, 0.1), (2, 0.2), (3, 0.3)], None, None),      # an odd number of terms
+    ([], (9, 0.5), None),                              # a settle
+]
+
+
+def start_tensors():
+    torch.manual_seed(0)
+    sizes = [cpu_kernels.MIN_ELEMENTS, cpu_kernels.MIN_ELEMENTS + 37, 3 * cpu_backend.BLOCK + 5, 100, 70_001]
+    return [torch.randn(n) for n in sizes] + [torch.randn(400, 300).t(), torch.randn(200_000).bfloat16()]
+
+
+def run(kernels: bool, terms, undo, then, threads: int = 2):
+    ps = [p.clone() if p.is_contiguous() else p.t().contiguous().t() for p in start_tensors()]
+    for p in ps:
+        p.requires_grad_(True)   # as in full-mode training: the passes must not need autograd
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_backend.blocked_combine_(ps, terms, "rademacher", undo, then, bits=True, kernels=kernels)
+    finally:
+        torch.set_num_threads(before)
+    assert not ps[-2].is_contiguous()
+    return [p.detach() for p in ps]
+
+
+@needs_kernels
+@pytest.mark.parametrize("terms,undo,then", PASSES)
+def test_compiled_sweeps_equal_the_block_path_bitwise(terms, undo, then):
+    block_path = run(False, terms, undo, then)
+    for threads in (1, 2):
+        compiled = run(True, terms, undo, then, threads)
+        for a, b, s in zip(block_path, compiled, start_tensors()):
+            assert torch.equal(a, b)
+            assert not torch.equal(a, s)   # every tensor, tails and the bf16 one included, was changed
+
+
+@needs_kernels
+def test_a_fused_mezo_round_trip_through_the_backend_is_the_same_with_and_without_kernels(monkeypatch):
+    """The backend's own entry point (what training calls) takes the sweep by default."""
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(cpu_kernels, "available", lambda enabled=enabled: enabled)
+        ps = [p.clone() for p in start_tensors()]
+        backend = CPUFastBackend()
+        backend.combine_(ps, [], "rademacher", then=(11, 1e-3))
+        backend.combine_(ps, [], "rademacher", undo=(11, 1e-3), then=(11, -1e-3))
+        backend.combine_(ps, [(11, -2e-6)], "rademacher", undo=(11, -1e-3), then=(12, 1e-3))
+        backend.combine_(ps, [], "rademacher", undo=(12, 1e-3))
+        results.append(ps)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_only_large_fp32_cpu_tensors_are_swept():
+    assert cpu_kernels.takes(torch.zeros(cpu_kernels.MIN_ELEMENTS))
+    assert not cpu_kernels.takes(torch.zeros(cpu_kernels.MIN_ELEMENTS - 1))
+    assert not cpu_kernels.takes(torch.zeros(cpu_kernels.MIN_ELEMENTS, dtype=torch.bfloat16))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("ZOFT_CPU_KERNELS", "0")
+    cpu_kernels.available.cache_clear()
+    try:
+        assert cpu_kernels.available() is False
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+def test_a_compiler_failure_falls_back_to_the_block_path_with_one_warning(monkeypatch):
+    def broken():
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(cpu_kernels, "_compiled", broken)
+    cpu_kernels.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="compiled CPU passes unavailable.*no C\\+\\+ compiler"):
+            assert cpu_kernels.available() is False
+        ps, expected = start_tensors(), start_tensors()
+        cpu_backend.blocked_combine_(ps, [(1, 0.5)], "rademacher", None, None, bits=True)   # kernels=None: auto
+        cpu_backend.blocked_combine_(expected, [(1, 0.5)], "rademacher", None, None, bits=True, kernels=False)
+        assert all(torch.equal(a, b) for a, b in zip(ps, expected))
+    finally:
+        cpu_kernels.available.cache_clear()
