@@ -13,6 +13,8 @@ its time over this row's (``torch`` now runs blocked with the same z, ``cpu-fast
 draws Rademacher z from hashed bits). ``cpu-fast-1w`` is cpu-fast on one thread: the passes
 before they ran whole tensors on one worker per thread, so on a parameter list (``--model``)
 its time over cpu-fast's is what the workers buy (one big tensor is one worker's either way).
+``cpu-fast-blocks`` is cpu-fast with its compiled fp32 sweeps off (``zoft.zo.cpu_kernels``: the
+Rademacher passes of big fp32 tensors), the block path they replace bit for bit.
 """
 from __future__ import annotations
 
@@ -21,14 +23,25 @@ import time
 
 import torch
 
+from zoft.zo.cpu_backend import CPUFastBackend, blocked_combine_
 from zoft.zo.perturb import get_backend
 
 # torch-whole: the torch backend's whole-tensor CPU passes (before blocking), the baseline
 ROWS = [(name, dist) for dist in ("gaussian", "rademacher")
-        for name in ("torch-whole", "torch", "cpu-fast-1w", "cpu-fast")]
+        for name in ("torch-whole", "torch", "cpu-fast-1w", "cpu-fast-blocks", "cpu-fast")
+        if name != "cpu-fast-blocks" or dist == "rademacher"]   # the sweeps are Rademacher-only
+
+
+class BlocksOnly(CPUFastBackend):
+    """cpu-fast without the compiled sweeps."""
+
+    def combine_(self, params, terms=(), distribution="gaussian", undo=None, then=None):
+        blocked_combine_(params, terms, distribution, undo, then, bits=True, kernels=False)
 
 
 def backend(name: str):
+    if name == "cpu-fast-blocks":
+        return BlocksOnly()
     if name != "torch-whole":
         return get_backend(name.removesuffix("-1w"))
     whole = get_backend("torch")
@@ -69,9 +82,9 @@ def bench(params, reps: int) -> dict:
 
 def report(title: str, best: dict) -> None:
     print(f"\n{title}")
-    print(f"{'backend':<11} {'z':<11} {'pass':<12} {'s/pass':>8} {'vs whole':>9}")
+    print(f"{'backend':<15} {'z':<11} {'pass':<12} {'s/pass':>8} {'vs whole':>9}")
     for (name, dist, op), t in best.items():
-        print(f"{name:<11} {dist:<11} {op:<12} {t:8.3f} {best[('torch-whole', dist, op)] / t:8.2f}x")
+        print(f"{name:<15} {dist:<11} {op:<12} {t:8.3f} {best[('torch-whole', dist, op)] / t:8.2f}x")
 
 
 def main() -> None:

@@ -62,7 +62,6 @@ def sweep_(theta: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]]) -> 
     element count is a multiple of 64; ``words`` holds its 64-bit words as int64."""
     one, two, two_same = _compiled()
     rows = theta.view(-1, 32)
-    coeff = functools.partial(torch.tensor, dtype=torch.float32)   # a tensor, so a new c is no recompile
     for k in range(0, len(terms), 2):
         (w1, c1), *rest = terms[k:k + 2]
         if not rest:
@@ -71,6 +70,13 @@ def sweep_(theta: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]]) -> 
             two_same(rows, w1.view(torch.int32), coeff(c1), coeff(rest[0][1]))
         else:
             two(rows, w1.view(torch.int32), coeff(c1), rest[0][0].view(torch.int32), coeff(rest[0][1]))
+
+
+@functools.lru_cache(maxsize=64)
+def coeff(c: float) -> torch.Tensor:
+    """c as a 0-d fp32 tensor (a tensor, so that a new c is not a recompile), made once per value:
+    a pass applies the same coefficients to every tensor."""
+    return torch.tensor(c, dtype=torch.float32)
 
 
 @functools.cache
