@@ -44,6 +44,7 @@ REPORT_TO = ("none", "tensorboard")  # where training metrics go besides metrics
 AUTO = "auto"        # lr=auto: MeZO probes its step size (zoft.zo.auto_lr)
 DEFAULT_LR = 1e-6    # the numeric default of the methods without lr=auto
 ENSEMBLE = "ensemble"   # the method whose members are other runs (zoft.methods.ensemble)
+ZO_METHODS = ("mezo", "lp-mezo")   # methods that train by ZO steps: lr=auto is theirs, and their default
 # what an ensemble's members inherit and may not set: the same data for every member (none may
 # train on another's dev or eval rows), one folder, and remote code only on the caller's word
 ENSEMBLE_KEYS = ("task", "data_dir", "n_train", "n_dev", "n_eval", "k_per_class", "data_seed", "members",
@@ -164,10 +165,11 @@ class Config:
         for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise ZoftError(f"config: {key} must be >= 0, got {getattr(self, key)}")
+        zo = self.method in ZO_METHODS
         if self.lr is None and self.method != ENSEMBLE:   # the method's default (an ensemble's members pick their own)
-            self.lr = AUTO if self.method == "mezo" else DEFAULT_LR
-        if isinstance(self.lr, str) and (self.lr != AUTO or self.method != "mezo"):
-            raise ZoftError(f"config: lr must be a number{' or auto' if self.method == 'mezo' else ''}, got '{self.lr}'")
+            self.lr = AUTO if zo else DEFAULT_LR
+        if isinstance(self.lr, str) and (self.lr != AUTO or not zo):
+            raise ZoftError(f"config: lr must be a number{' or auto' if zo else ''}, got '{self.lr}'")
         if not self.guard_factor > 1 or not math.isfinite(self.guard_factor):
             raise ZoftError(f"config: guard_factor must be a finite number > 1, got {self.guard_factor}")
         if self.guard_max_rollbacks < 0:
@@ -254,7 +256,7 @@ class Config:
 
 # One line per key for `zoft train --help`; tests/test_cli.py checks that every Config field has one.
 KEY_HELP: dict[str, str] = {
-    "method": "what to run: zero-shot, icl, lp, ft, lp-ft, mezo, bert-cls, lm-cls, ensemble",
+    "method": "what to run: zero-shot, icl, lp, ft, lp-ft, mezo, lp-mezo, bert-cls, lm-cls, ensemble",
     "model": "builtin name (smollm2-135m, gemma3-270m, tiny-llama, tiny-bert), HF folder, .gguf file or hub id",
     "dtype": "weight dtype: fp32 | bf16 | fp16",
     "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights on a CPU with native bf16, else the weights' dtype)",

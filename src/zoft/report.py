@@ -27,7 +27,7 @@ SMD_FLAG = 0.15   # RSMTool (after Williamson et al. 2012) flags |SMD| above thi
 
 def label(result: dict) -> str:
     name = result["method"]
-    if result.get("mode") and result["method"] in ("mezo", "ft", "lp-ft") and result["mode"] != "full":
+    if result.get("mode") and result["method"] in ("mezo", "lp-mezo", "ft", "lp-ft") and result["mode"] != "full":
         name += f" ({result['mode']})"
     if result["method"] == "icl":
         name += f" (k={result.get('k')})"

@@ -249,3 +249,36 @@ def test_lp_ft_probe_steps_train_the_head_only(sst2, tmp_path):
     with pytest.raises(ZoftError, match="needs a trainable head"):
         finetune.run_lp_ft(make_setup(sst2, method="lp-ft", mode="lora", lp_ft_probe_steps=1),
                            RunDir(tmp_path / "lora"))
+
+
+# ---------------------------------------------------------------- LP-MeZO
+def test_lp_mezo_trains_from_the_probe_head_and_resumes(sst2, tmp_path):
+    from zoft.methods import mezo
+    from zoft.methods.replay import rebuild
+    from zoft.zo.trajectory import TrajectoryMismatch
+    options = {"method": "lp-mezo", "mode": "full", "steps": 4, "save_every": 2, "lr": 1e-3, "load_best": False}
+    setup = make_setup(sst2, **options)
+    tie_head(setup.loaded.model)
+    result = mezo.run_lp_mezo(setup, RunDir(tmp_path))
+    assert result["method"] == "lp-mezo" and 0 < result["probe_train_acc"] <= 1
+    assert json.loads((tmp_path / "eval.json").read_text())["probe_train_acc"] == result["probe_train_acc"]
+    steps = [r for r in RunDir(tmp_path).read_metrics() if "projected_grad" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["forwards"] == 2 for r in steps)
+    # the head started at the probe (its bias too) and MeZO moved it: full mode trains every tensor
+    saved = load_file(str(tmp_path / finetune.PROBE_HEAD_FILE))
+    head = setup.loaded.model.get_output_embeddings()
+    assert head.bias is not None and not torch.equal(head.weight[saved["label_ids"]], saved["rows"])
+    # a finished run on a fresh model: probe head first, then the trained tensors; same eval
+    fresh = make_setup(sst2, **options)
+    tie_head(fresh.loaded.model)
+    again = mezo.run_lp_mezo(fresh, RunDir(tmp_path), resume=True)   # all steps done: eval only
+    assert again["eval"] == result["eval"]
+    # its trajectory starts from the probed model, which a base model alone cannot rebuild
+    with pytest.raises(TrajectoryMismatch, match="lp-mezo run starts from weights the base model alone does not give"):
+        rebuild("tiny-llama", tmp_path / "trajectory.safetensors", tmp_path / "replayed")
+
+
+def test_lp_mezo_defaults_to_lr_auto_as_mezo_does():
+    assert load_config(overrides={"method": "lp-mezo"}).lr == "auto"
+    with pytest.raises(ZoftError, match="lr must be a number, got 'auto'"):
+        load_config(overrides={"method": "lp-ft", "lr": "auto"})

@@ -279,21 +279,19 @@ def restore_probe_head(model, run_path) -> bool:
     return True
 
 
-def run_lp_ft(setup: Setup, run_dir, resume: bool = False) -> dict:
-    """LP-FT: fit the linear probe, write it into the LM head's label-word rows, then fine-tune.
+def install_probe(setup: Setup, run_dir, resume: bool = False, what: str = "LP-FT") -> float:
+    """Fit the linear probe on the training features (forward passes only) and write it into the
+    LM head's label-word rows (untied, with a bias); returns the probe's training accuracy.
 
-    With ``cfg.lp_ft_probe_steps = N > 0`` the first N of the ``cfg.steps`` steps update the
-    head only (the LP phase continues by gradient, body frozen) before everything trains.
-    The probe head is kept in ``probe_head.safetensors``; a resumed run reuses it.
-    """
+    The probe head is kept in ``probe_head.safetensors``; a resumed run reuses it."""
     cfg, task, data = setup.cfg, setup.task, setup.data
-    require_classification(task, "LP-FT")
+    require_classification(task, what)
     model = setup.loaded.model
     model.eval()
     scorer = setup.scorer(model)
     enc_train = scorer.encode(data.train)
     if enc_train.label_ids is None:
-        raise ZoftError(f"LP-FT writes the probe into the LM head rows of the label words, so each must be one "
+        raise ZoftError(f"{what} writes the probe into the LM head rows of the label words, so each must be one "
                         f"token; task '{task.name}' has label words {task.label_words} that are not")
     path = run_dir.path / PROBE_HEAD_FILE
     if not (resume and path.is_file()):
@@ -305,14 +303,23 @@ def run_lp_ft(setup: Setup, run_dir, resume: bool = False) -> dict:
                                 "probe_train_acc": torch.tensor(float((probe.predict(features) == labels).mean()))})
     saved = load_file(str(path))
     install_head(model, saved["label_ids"], saved["rows"], saved["bias"])
+    return float(saved["probe_train_acc"])
 
-    model = setup.with_mode(model)
+
+def run_lp_ft(setup: Setup, run_dir, resume: bool = False) -> dict:
+    """LP-FT: fit the linear probe, write it into the LM head's label-word rows, then fine-tune.
+
+    With ``cfg.lp_ft_probe_steps = N > 0`` the first N of the ``cfg.steps`` steps update the
+    head only (the LP phase continues by gradient, body frozen) before everything trains.
+    """
+    probe_train_acc = install_probe(setup, run_dir, resume)
+    model = setup.with_mode(setup.loaded.model)
     head = model.get_output_embeddings()
     head_params = [p for p in (head.weight, head.bias) if p.requires_grad]
-    if cfg.lp_ft_probe_steps > 0 and not head_params:
-        raise ZoftError(f"lp_ft_probe_steps needs a trainable head; mode '{cfg.mode}' freezes it (use mode=full)")
-    result = train(setup, run_dir, model, resume, head_only_steps=cfg.lp_ft_probe_steps, head_params=head_params)
-    result["probe_train_acc"] = float(saved["probe_train_acc"])
+    if setup.cfg.lp_ft_probe_steps > 0 and not head_params:
+        raise ZoftError(f"lp_ft_probe_steps needs a trainable head; mode '{setup.cfg.mode}' freezes it (use mode=full)")
+    result = train(setup, run_dir, model, resume, head_only_steps=setup.cfg.lp_ft_probe_steps, head_params=head_params)
+    result["probe_train_acc"] = probe_train_acc
     run_dir.write_json("eval.json", result)
     return result
 
@@ -326,5 +333,5 @@ def load_lp_ft(setup: Setup, run_dir):
 register_method(Method("ft", run, load=load_trained_lm, modes=MODES, trains=True))
 register_method(Method("lp-ft", run_lp_ft, load=load_lp_ft, modes=MODES, trains=True))
 
-__all__ = ["run", "run_lp_ft", "train", "make_optimizer", "optimizer_state", "load_optimizer_state",
+__all__ = ["run", "run_lp_ft", "install_probe", "train", "make_optimizer", "optimizer_state", "load_optimizer_state",
            "head_inputs", "probe_to_head", "install_head", "restore_probe_head"]

@@ -19,6 +19,7 @@ from zoft.config import AUTO
 from zoft.errors import ZoftError
 from zoft.guard import Guard
 from zoft.methods.common import Setup, evaluate, finish, hf_export, load_trained_lm
+from zoft.methods.finetune import install_probe, load_lp_ft
 from zoft.methods.registry import Method, register_method
 from zoft.offload import Offloader
 from zoft.tasks import compute_metric
@@ -193,4 +194,19 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     return finish(setup, run_dir, scorer, zo.trainable, state)
 
 
+def run_lp_mezo(setup: Setup, run_dir, resume: bool = False) -> dict:
+    """LP-MeZO, LP-FT with MeZO in FT's place: the linear probe (features from forward passes, a
+    convex fit) written into the LM head's label-word rows, then MeZO from there. No backward
+    pass anywhere, so memory stays at inference's plus the untied head.
+
+    Its trajectory starts from the probed model, which the base model alone does not give, so
+    ``zoft replay`` refuses it (``init_sha`` is the probe head's); resume reloads the saved probe."""
+    probe_train_acc = install_probe(setup, run_dir, resume, what="LP-MeZO")
+    result = run(setup, run_dir, resume)
+    result["probe_train_acc"] = probe_train_acc
+    run_dir.write_json("eval.json", result)
+    return result
+
+
 register_method(Method("mezo", run, load=load_trained_lm, modes=MODES, trains=True, parallel=True, trajectory=True))
+register_method(Method("lp-mezo", run_lp_mezo, load=load_lp_ft, modes=MODES, trains=True))
