@@ -93,3 +93,18 @@ def test_a_compiler_failure_falls_back_to_the_block_path_with_one_warning(monkey
         assert all(torch.equal(a, b) for a, b in zip(ps, expected))
     finally:
         cpu_kernels.available.cache_clear()
+
+
+@needs_kernels
+def test_the_fused_steps_plus_to_minus_pass_makes_its_direction_once(monkeypatch):
+    """θ+εz → θ−εz applies two terms of one direction: the sweep that expands z once must take it
+    (same weights either way: the bit-exact tests above)."""
+    calls = []
+    kernels = dict(zip(("one", "two", "two_same"), cpu_kernels._compiled()))
+    monkeypatch.setattr(cpu_kernels, "_compiled", lambda: [
+        (lambda *a, name=name, fn=fn: (calls.append(name), fn(*a))) for name, fn in kernels.items()])
+    cpu_backend.blocked_combine_([torch.randn(cpu_kernels.MIN_ELEMENTS)], [], "rademacher", (3, 1e-3), (3, -1e-3),
+                                 bits=True, kernels=True)
+    cpu_backend.blocked_combine_([torch.randn(cpu_kernels.MIN_ELEMENTS)], [(3, -1e-6)], "rademacher", (3, -1e-3),
+                                 (4, 1e-3), bits=True, kernels=True)
+    assert calls == ["two_same", "two"]

@@ -225,10 +225,11 @@ def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], dist
         p = p.detach()   # dynamo refuses no_grad views of leaves that require grad
         flat = p.view(-1) if p.is_contiguous() else p.flatten()
         n, whole = flat.numel(), flat.numel() // 64 * 64
-        words = {s: _recent_words(s, index, -(-n // 64)) for s in [*coeffs, *([then[0]] if then else [])]}
         order = [(s, c - undo[1] if k == 0 and undo is not None else c) for k, (s, c) in enumerate(coeffs.items())]
         order += [then] if then is not None else []
-        cpu_kernels.sweep_(flat[:whole], [(words[s][:whole // 64], c) for s, c in order])
+        # one words tensor per seed: sweep_ knows two terms on one direction by identity
+        words = {s: _recent_words(s, index, -(-n // 64))[:whole // 64] for s, _ in order}
+        cpu_kernels.sweep_(flat[:whole], [(words[s], c) for s, c in order])
         if whole < n:   # the last, partial word: the block path on those few elements
             _combine_block(flat[whole:], *streams_of(index, p), whole, n, undo)
         if flat.data_ptr() != p.data_ptr():
