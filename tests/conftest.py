@@ -22,9 +22,9 @@ _DATA_DIR_AT_START = os.environ.get("ZOFT_DATA_DIR")
 
 @pytest.fixture(autouse=True)
 def _restore_zoft_data_dir():
-    """A run whose config names ``data_dir`` sets ``$ZOFT_DATA_DIR`` for the whole process (so
-    later task loads find the files). Put it back after each test, so that one test's folder
-    never leaks into the paths another test expects."""
+    """Put ``$ZOFT_DATA_DIR`` back after each test that set it (a run's own ``data_dir`` never
+    touches it: ``zoft.tasks.using_data_dir``), so that one test's folder never leaks into the
+    paths another test expects."""
     yield
     if _DATA_DIR_AT_START is None:
         os.environ.pop("ZOFT_DATA_DIR", None)

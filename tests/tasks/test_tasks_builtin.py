@@ -1,4 +1,5 @@
 """Builtin tasks load the shared data and render the MeZO paper's prompts."""
+import os
 from collections import Counter
 
 import pytest
@@ -95,3 +96,21 @@ def test_data_dir_env_override(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOFT_DATA_DIR", str(tmp_path))
     [ex] = load_task("sst2").load_split("validation")
     assert ex.context == "fine . It was" and ex.target == 1
+
+
+def test_a_configs_data_dir_is_used_without_touching_the_environment(tmp_path, monkeypatch):
+    """``data_dir=`` reaches the task loads of its own run only (it once set $ZOFT_DATA_DIR for the
+    whole process, so a later run in the same process read the first run's folder)."""
+    from zoft.config import load_config
+    from zoft.methods.common import prepare
+    (tmp_path / "sst2").mkdir()
+    for split in ("train", "validation"):
+        (tmp_path / "sst2" / f"{split}.jsonl").write_text(
+            "".join(f'{{"sentence": "{split} {i} .", "label": {i % 2}}}\n' for i in range(8)))
+    monkeypatch.delenv("ZOFT_DATA_DIR", raising=False)
+    cfg = load_config(overrides={"method": "zero-shot", "task": "sst2", "data_dir": str(tmp_path),
+                                 "n_train": 4, "n_dev": 2, "n_eval": 3, "progress": False})
+    setup = prepare(cfg, load_lm=False)
+    assert {ex.context.split()[0] for ex in setup.data.eval} == {"validation"} and len(setup.data.eval) == 3
+    assert "ZOFT_DATA_DIR" not in os.environ
+    assert data_dir() != tmp_path   # outside the run, the default folder again

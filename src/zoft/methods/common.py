@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -19,7 +18,7 @@ from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches, resolve_compute_dtype
 from zoft.models import LoadedModel, load_model
 from zoft.runs import owned_tensor
-from zoft.tasks import Task, TaskData, compute_metric, load_task
+from zoft.tasks import Task, TaskData, compute_metric, load_task, using_data_dir
 
 
 @dataclass
@@ -75,11 +74,10 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         set_threads(cfg.threads)
-    if cfg.data_dir:   # where builtin tasks (and relative dataset paths) find their files
-        os.environ["ZOFT_DATA_DIR"] = cfg.data_dir
-    task = load_task(cfg.task)
-    data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
-                         seed=cfg.data_seed, k_per_class=cfg.k_per_class)
+    with using_data_dir(cfg.data_dir):   # where builtin tasks (and relative dataset paths) find their files
+        task = load_task(cfg.task)
+        data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
+                             seed=cfg.data_seed, k_per_class=cfg.k_per_class)
     if loaded is None and load_lm:
         loaded = load_model(cfg.model, dtype=cfg.dtype, device="cpu" if cfg.offload or cfg.device_map else cfg.device,
                             trust_remote_code=cfg.trust_remote_code)

@@ -7,7 +7,8 @@ Example:
 """
 from zoft.tasks.example import Example, TaskData
 from zoft.tasks.metrics import METRICS, compute_metric
+from zoft.tasks.readers import using_data_dir
 from zoft.tasks.registry import load_task
 from zoft.tasks.task import Task, list_tasks
 
-__all__ = ["Task", "Example", "TaskData", "load_task", "list_tasks", "compute_metric", "METRICS"]
+__all__ = ["Task", "Example", "TaskData", "load_task", "list_tasks", "compute_metric", "METRICS", "using_data_dir"]

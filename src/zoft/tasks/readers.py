@@ -7,20 +7,41 @@ point at the exact row. Row numbers are 1-based lines for JSONL and 1-based data
 from __future__ import annotations
 
 import codecs
+import contextlib
+import contextvars
 import csv
 import io
 import json
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 from zoft.errors import DataError
 
 Row = tuple[int, dict]
 
 
+_DATA_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("zoft_data_dir", default=None)
+
+
+@contextlib.contextmanager
+def using_data_dir(path: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, :func:`data_dir` is ``path`` (a config's ``data_dir``), for this thread or
+    task only: the process environment is left alone. ``None`` changes nothing."""
+    token = _DATA_DIR.set(str(path)) if path else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _DATA_DIR.reset(token)
+
+
 def data_dir() -> Path | None:
-    """The shared data folder: ``$ZOFT_DATA_DIR``, else ``../shared/data`` from cwd or the repo."""
+    """The shared data folder: a config's ``data_dir`` (:func:`using_data_dir`), else
+    ``$ZOFT_DATA_DIR``, else ``../shared/data`` from cwd or the repo."""
+    if _DATA_DIR.get():
+        return Path(_DATA_DIR.get()).expanduser()
     if os.environ.get("ZOFT_DATA_DIR"):
         return Path(os.environ["ZOFT_DATA_DIR"]).expanduser()
     repo_root = Path(__file__).resolve().parents[3]
