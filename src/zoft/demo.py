@@ -15,9 +15,10 @@ DEMO = dict(model="smollm2-135m", task="sst2", n_train=1000, n_dev=100, n_eval=3
             seed=0, max_length=64, batch_size=16, eval_batch_size=32)
 # lr 1e-4 is too large for a long run (it diverges over thousands of steps on this model), but
 # in a CPU budget of 200 steps it is the setting that moves; a linear decay to 0 settles the last
-# steps. With the CPU defaults (bf16 compute, Rademacher z from random bits: about 1.5 s a step
-# here) dev went 71 / 74 / 75 / 72% at steps 50 / 100 / 150 / 200 and eval to 76.0% with the
-# step-150 weights, in 334 s (README, "Measured"); 150 steps at a constant lr gave 74.7%.
+# steps. With the CPU defaults (bf16 compute, Rademacher z from random bits through the compiled
+# CPU passes: about 1.0 s a step here) dev went 71 / 74 / 75 / 72% at steps 50 / 100 / 150 / 200
+# and eval to 76.0% with the step-150 weights, in 217 s (README, "Measured"); 150 steps at a
+# constant lr gave 74.7%.
 MEZO = dict(method="mezo", mode="full", steps=200, lr=1e-4, lr_schedule="linear", eps=1e-3, eval_every=50)
 
 
