@@ -200,7 +200,7 @@ def run_lp_mezo(setup: Setup, run_dir, resume: bool = False) -> dict:
     pass anywhere, so memory stays at inference's plus the untied head.
 
     Its trajectory starts from the probed model, which the base model alone does not give, so
-    ``zoft replay`` refuses it (``init_sha`` is the probe head's); resume reloads the saved probe."""
+    ``zoft replay`` refuses it (by the method its header names); resume reloads the saved probe."""
     probe_train_acc = install_probe(setup, run_dir, resume, what="LP-MeZO")
     result = run(setup, run_dir, resume)
     result["probe_train_acc"] = probe_train_acc
