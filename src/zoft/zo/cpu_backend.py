@@ -225,8 +225,6 @@ def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], dist
         p = p.detach()   # dynamo refuses no_grad views of leaves that require grad
         flat = p.view(-1) if p.is_contiguous() else p.flatten()
         n, whole = flat.numel(), flat.numel() // 64 * 64
-        order = [(s, c - undo[1] if k == 0 and undo is not None else c) for k, (s, c) in enumerate(coeffs.items())]
-        order += [then] if then is not None else []
         # one words tensor per seed: sweep_ knows two terms on one direction by identity
         words = {s: _recent_words(s, index, -(-n // 64))[:whole // 64] for s, _ in order}
         cpu_kernels.sweep_(flat[:whole], [(words[s], c) for s, c in order])
@@ -235,6 +233,10 @@ def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], dist
         if flat.data_ptr() != p.data_ptr():
             p.copy_(flat.view(p.shape))
 
+    # the compiled sweeps' terms in the block path's order (its fp32 branch of _combine_block):
+    # the undo folded into the first direction's coefficient, the pending ``then`` term last
+    order = [(s, c - undo[1] if k == 0 and undo is not None else c) for k, (s, c) in enumerate(coeffs.items())]
+    order += [then] if then is not None else []
     if bits and distribution == "rademacher" and (kernels if kernels is not None else cpu_kernels.available()):
         compiled = {i for i, p in enumerate(params) if cpu_kernels.takes(p)}
         for i in sorted(compiled):   # one tensor at a time: each sweep runs on every core (OpenMP)
