@@ -11,7 +11,7 @@ MeZO's perturbation and update, and AdamW stay fp32). The MeZO step is timed for
 perturbation backend named by ``--backend`` (names zoft.zo.get_backend does not know are
 skipped with a note) and for a plain-torch reference of the same algorithm written the way
 the MeZO reference code does it (torch.manual_seed + one torch.normal per tensor, fp32).
-The backend name ``cpu-fast-blocks`` is cpu-fast with its compiled sweeps switched off
+The backend name ``cpu-fast-blocks`` is cpu-fast with its C sweep switched off
 (``ZOFT_CPU_KERNELS=0``: the block path, bit-identical and slower), for a row beside cpu-fast.
 ``--compile`` adds forwards of the model compiled by torch.compile (inductor, CPU), and the
 fused MeZO step of each backend on that compiled forward (zoft's ``compile=default``), bf16.

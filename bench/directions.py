@@ -13,8 +13,8 @@ its time over this row's (``torch`` now runs blocked with the same z, ``cpu-fast
 draws Rademacher z from hashed bits). ``cpu-fast-1w`` is cpu-fast on one thread: the passes
 before they ran whole tensors on one worker per thread, so on a parameter list (``--model``)
 its time over cpu-fast's is what the workers buy (one big tensor is one worker's either way).
-``cpu-fast-blocks`` is cpu-fast with its compiled fp32 sweeps off (``zoft.zo.cpu_kernels``: the
-Rademacher passes of big fp32 tensors), the block path they replace bit for bit.
+``cpu-fast-blocks`` is cpu-fast with its C sweep off (``zoft.zo.cpu_kernels``: the Rademacher
+passes of fp32 tensors, all of a pass's tensors in one call), the block path it replaces bit for bit.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ ROWS = [(name, dist) for dist in ("gaussian", "rademacher")
 
 
 class BlocksOnly(CPUFastBackend):
-    """cpu-fast without the compiled sweeps."""
+    """cpu-fast without the C sweep."""
 
     def combine_(self, params, terms=(), distribution="gaussian", undo=None, then=None):
         blocked_combine_(params, terms, distribution, undo, then, bits=True, kernels=False)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from zoft import api
 from zoft.cli import main
-from zoft.guard import NORM_FACTOR, WARMUP, Guard, GuardState
+from zoft.guard import NORM_FACTOR, QUIET, REFERENCE_BATCHES, WARMUP, Guard, GuardState
 from zoft.models import tiny_random_model
 from zoft.runs import RunDir
 from zoft.training import DivergedError
@@ -61,6 +61,55 @@ def test_weights_that_blow_up_or_hold_inf_fire():
     assert "inf" in guard.check_weights(state, [w[0], torch.full((3, 3), math.inf)])
 
 
+def test_a_climb_the_reference_batches_do_not_confirm_is_not_rolled_back_and_the_rule_rests():
+    """Hard batches lift the loss EMA, but the weights are as good as at the last good state: the
+    fixed reference batches say so, and the loss rule stays quiet for QUIET steps."""
+    guard, state = Guard(1.5), GuardState(reference=0.50)
+    losses = [0.7] * 30 + [2.0] * 40
+    measured, fired = [], []
+    for i, loss in enumerate(losses):
+        reason = guard.observe(state, loss, reference=lambda: measured.append(i) or 0.70)   # ≤ 1.5 × 0.5
+        fired += [i] if reason else []
+    assert not fired
+    assert state.false_alarms == len(measured) >= 2
+    assert all(b - a == QUIET + 1 for a, b in zip(measured, measured[1:]))   # judged again after the rest
+    assert state.last_check["reference"] == 0.70 and state.last_check["reference_limit"] == pytest.approx(0.75)
+    # the same climb with the reference up as well is a climb
+    confirmed = GuardState(reference=0.50)
+    reasons = [guard.observe(confirmed, loss, reference=lambda: 0.80) for loss in losses]
+    fired = [r for r in reasons if r]
+    assert fired and "reference batches' loss 0.8 > 0.75" in fired[0] and confirmed.false_alarms == 0
+    # no reference at a good state yet, or none given: the loss rule alone, as before
+    unjudged = GuardState()
+    assert [i for i, loss in enumerate(losses) if guard.observe(unjudged, loss, lambda: 0.1)]
+
+
+def test_hard_batches_do_not_roll_back_a_run_and_a_resume_after_the_check_is_bit_identical(tmp_path):
+    """ZOFT_FAULT=hard: steps 21-30 read a 3× loss, the weights are fine. The guard checks the
+    reference batches, logs the check, rolls nothing back; killed after it, the run resumes to the
+    bits of the uninterrupted one."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = train("mezo-full-fused", straight, "hard:step=21", "steps=34")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rolled back" not in done.stderr and "no rollback" in done.stderr
+    records = RunDir(straight).read_metrics()
+    checks = [r for r in records if r.get("event") == "guard_check"]
+    assert checks and all(r["verdict"] == "no climb" and r["reference"] <= r["reference_limit"] for r in checks)
+    assert not [r for r in records if r.get("event") == "rollback"]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 35))
+    cut = train("mezo-full-fused", killed, f"hard:step=21,kill:step={checks[0]['step'] + 3}", "steps=34")
+    assert cut.returncode == -9, cut.stderr[-3000:]
+    resumed = zoft("train", "--resume", str(killed), fault="hard:step=21")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_run(straight, killed, 34)
+
+
+def calls_before(step: int, checkpoint_every: int = 4) -> int:
+    """Loss calls of a SMALL MeZO run before step ``step`` (1-based): two per step, and the guard's
+    reference batches at the start and at every checkpoint."""
+    return REFERENCE_BATCHES * (1 + (step - 1) // checkpoint_every) + 2 * (step - 1)
+
+
 def climbing_loss(monkeypatch, from_call: int):
     """Make the MeZO training loss read 10× from the ``from_call``-th forward on."""
     from zoft.lm import CandidateScorer
@@ -75,7 +124,7 @@ def climbing_loss(monkeypatch, from_call: int):
 def test_a_climb_that_goes_on_rolls_back_halving_the_lr_then_stops_in_one_line(tmp_path, monkeypatch, capsys, caplog):
     # two forwards a step: the climb starts in step 23's second forward; step 24 reads 10× in full.
     # After each rollback the loss stays 10× high, so the first step redone (21) climbs at once
-    climbing_loss(monkeypatch, from_call=2 * (WARMUP + 3))
+    climbing_loss(monkeypatch, from_call=calls_before(WARMUP + 3) + 2)
     out = tmp_path / "run"
     argv = ["train", *[f"{k}={v}" for k, v in SMALL.items()], "steps=40", "eval_every=4", "guard_max_rollbacks=2",
             f"output_dir={out}"]
@@ -98,7 +147,7 @@ def test_a_nan_loss_rolls_back_and_the_run_finishes(tmp_path, monkeypatch):
 
     def loss(self, enc, idx):   # one NaN: step 7's first forward
         calls["n"] += 1
-        return real(self, enc, idx) * (math.nan if calls["n"] == 13 else 1.0)
+        return real(self, enc, idx) * (math.nan if calls["n"] == calls_before(7) + 1 else 1.0)
     monkeypatch.setattr(CandidateScorer, "loss", loss)
     out = tmp_path / "run"
     result = api.train({**SMALL, "steps": 10, "eval_every": 4, "output_dir": str(out)},
@@ -120,7 +169,7 @@ def test_lr_1e30_behind_rmsnorm_is_caught_by_the_weight_norm_and_stops(tmp_path)
 
 
 def test_without_the_guard_the_same_climb_runs_to_the_end(tmp_path, monkeypatch):
-    climbing_loss(monkeypatch, from_call=2 * (WARMUP + 3))
+    climbing_loss(monkeypatch, from_call=calls_before(WARMUP + 3) + 2)
     api.train({**SMALL, "steps": 28, "eval_every": 4, "guard": False, "output_dir": str(tmp_path / "run")},
               loaded=tiny_random_model("causal", seed=0))
     assert [r["step"] for r in RunDir(tmp_path / "run").read_metrics()] == list(range(1, 29))

@@ -8,6 +8,8 @@ The environment variable ``ZOFT_FAULT`` names a fault (or several); without it e
     ZOFT_FAULT=enospc:write=2                  the 2nd write fails with ENOSPC (a full disk)
     ZOFT_FAULT=climb:step=7                    from step 7 on the training loss reads 10× higher while the
                                                lr is still the run's own (the divergence guard's test)
+    ZOFT_FAULT=hard:step=7                     steps 7-16 read a 3× training loss while the weights are fine
+                                               (hard batches: the guard's reference batches disagree)
     ZOFT_FAULT=climb:step=7,kill:step=10       several faults, comma-separated
 
 Phases of a write: ``before`` (nothing written yet), ``middle`` (the temporary file or folder is
@@ -33,7 +35,7 @@ PHASES = ("before", "middle", "swap", "after")
 
 @dataclass(frozen=True)
 class Fault:
-    action: str             # kill | enospc | climb
+    action: str             # kill | enospc | climb | hard
     step: int | None = None
     write: int | None = None
     phase: str = "middle"
@@ -43,14 +45,14 @@ class Fault:
 def parse(text: str) -> Fault:
     """``"kill:write=3:after:checkpoint-*"`` → Fault(...); a malformed spec is a ValueError."""
     action, *parts = text.strip().split(":")
-    if action not in ("kill", "enospc", "climb") or not parts:
+    if action not in ("kill", "enospc", "climb", "hard") or not parts:
         raise ValueError(f"ZOFT_FAULT={text!r}: expected kill|enospc:step=N, kill|enospc:write=N[:phase[:glob]] "
-                         f"or climb:step=N")
+                         f"or climb|hard:step=N")
     where, _, n = parts[0].partition("=")
     if where not in ("step", "write") or not n.isdigit() or int(n) < 1:
         raise ValueError(f"ZOFT_FAULT={text!r}: expected step=N or write=N with N >= 1")
-    if action == "climb" and (where != "step" or len(parts) > 1):
-        raise ValueError(f"ZOFT_FAULT={text!r}: expected climb:step=N")
+    if action in ("climb", "hard") and (where != "step" or len(parts) > 1):
+        raise ValueError(f"ZOFT_FAULT={text!r}: expected {action}:step=N")
     phase = parts[1] if len(parts) > 1 else "middle"
     if phase not in PHASES:
         raise ValueError(f"ZOFT_FAULT={text!r}: phase must be one of {', '.join(PHASES)}")
@@ -58,8 +60,10 @@ def parse(text: str) -> Fault:
 
 
 _FAULTS = [parse(part) for part in os.environ.get("ZOFT_FAULT", "").split(",") if part.strip()]
-_FAULT = next((f for f in _FAULTS if f.action != "climb"), None)   # the kill or ENOSPC, if any
+_FAULT = next((f for f in _FAULTS if f.action in ("kill", "enospc")), None)   # the kill or ENOSPC, if any
 _CLIMB = next((f for f in _FAULTS if f.action == "climb"), None)
+_HARD = next((f for f in _FAULTS if f.action == "hard"), None)
+HARD_STEPS = 10
 _writes_seen = 0
 
 
@@ -75,11 +79,15 @@ def step_done(step: int) -> None:
         _fire(_FAULT, None)
 
 
-def loss(step: int, value: float, lr_scale: float) -> float:
+def loss(step: int, value: float, lr_scale: float, reference: bool = False) -> float:
     """The training loss of step ``step`` as the loop sees it: 10× from the climb's step on, while
-    the divergence guard has not yet lowered the lr (``lr_scale`` 1)."""
+    the divergence guard has not yet lowered the lr (``lr_scale`` 1), also on the guard's reference
+    batches (``reference``), as in a real climb; 3× for the ``HARD_STEPS`` steps of hard batches,
+    which leave the reference batches alone."""
     if _CLIMB is not None and step >= _CLIMB.step and lr_scale == 1.0:
         return 10.0 * value
+    if _HARD is not None and not reference and _HARD.step <= step < _HARD.step + HARD_STEPS:
+        return 3.0 * value
     return value
 
 

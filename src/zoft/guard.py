@@ -13,6 +13,17 @@ Three signs, checked by the training loop (:mod:`zoft.training`):
 - the weights, every 10 steps and at every eval or checkpoint: non-finite, or an L2 norm more
   than 10× the initial (a loss behind RMSNorm can stay finite while lr=1e30 blows the weights up).
 
+A climbing loss EMA can also be a run of hard batches: a MeZO run started from a good point
+(LP-MeZO) sits at a low loss, where the noise of a few batches crosses 1.5× its best, and after a
+rollback the same batches come back in the same order and fire again. So where the method gives
+the loop a ``reference`` loss (the loss on ``REFERENCE_BATCHES`` fixed training batches), a climb
+of the EMA is judged on it before anything is undone: the reference is measured at every good
+state (the start and each checkpoint) and again when the EMA fires. If it has not climbed by the
+same factor, the alarm was the batches, not the weights: the loop logs
+``{"event": "guard_check", "verdict": "no climb", ...}`` and goes on, and the loss rule stays
+quiet for ``QUIET`` steps before it may fire (and be judged) again. The reference costs
+``REFERENCE_BATCHES`` forwards per checkpoint and per check. NaN and weight signs are not judged.
+
 The loop then rolls back to the last good state, halves the lr for the rest of the run, logs
 ``{"step": N, "event": "rollback", ...}`` in metrics.jsonl and a console line, and after
 ``max_rollbacks`` rollbacks stops with one line. Everything here is a pure function of the
@@ -23,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -31,6 +42,8 @@ FAST, SLOW = 0.9, 0.99   # EMA decays of the training loss: averages over about 
 WARMUP = 20         # steps before the slow EMA counts as a "best" (its first values average few batches)
 NORM_FACTOR = 10.0  # weights whose norm grew this much beyond the start have blown up
 WEIGHT_CHECK_EVERY = 10   # steps between weight checks (and at every eval and checkpoint): one read pass
+REFERENCE_BATCHES = 4     # fixed training batches a suspected climb is judged on
+QUIET = 20                # steps the loss rule stays quiet after a climb the reference did not confirm
 
 
 @dataclass
@@ -44,6 +57,10 @@ class GuardState:
     norm0: float | None = None  # L2 norm of the trained weights at the start
     lr_scale: float = 1.0       # 0.5 per rollback, for the rest of the run
     rollbacks: int = 0
+    reference: float | None = None   # the reference batches' loss at the last good state
+    quiet_until: int = 0        # ``seen`` up to which the loss rule is quiet (after a false alarm)
+    false_alarms: int = 0
+    last_check: dict | None = None   # the numbers of the last unconfirmed climb, for the log
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,8 +73,9 @@ class Guard:
     factor: float = 1.5
     max_rollbacks: int = 3
 
-    def observe(self, state: GuardState, loss: float) -> str | None:
-        """Add a step's loss to the EMA; the reason to roll back, or None."""
+    def observe(self, state: GuardState, loss: float, reference: Callable[[], float] | None = None) -> str | None:
+        """Add a step's loss to the EMA; the reason to roll back, or None. With ``reference`` (the
+        loss on the fixed reference batches, measured now), a climb of the EMA is judged on it."""
         if not math.isfinite(loss):
             return f"loss is {loss}"
         state.seen += 1
@@ -68,8 +86,18 @@ class Guard:
             return None
         state.best = level if state.best is None else min(state.best, level)
         limit = state.best + (self.factor - 1) * abs(state.best)
-        if smoothed > limit:
-            return f"loss EMA {smoothed:.4g} > {limit:.4g} ({self.factor:g}× its best, {state.best:.4g})"
+        if smoothed <= limit or state.seen <= state.quiet_until:
+            return None
+        reason = f"loss EMA {smoothed:.4g} > {limit:.4g} ({self.factor:g}× its best, {state.best:.4g})"
+        if reference is None or state.reference is None:
+            return reason
+        now, good = reference(), state.reference
+        allowed = good + (self.factor - 1) * abs(good)
+        if not math.isfinite(now) or now > allowed:
+            return f"{reason}, and the reference batches' loss {now:.4g} > {allowed:.4g} ({self.factor:g}× {good:.4g})"
+        state.quiet_until, state.false_alarms = state.seen + QUIET, state.false_alarms + 1
+        state.last_check = {"loss_ema": smoothed, "limit": limit, "reference": now, "reference_good": good,
+                            "reference_limit": allowed}
         return None
 
     def check_weights(self, state: GuardState, tensors: Iterable[torch.Tensor]) -> str | None:

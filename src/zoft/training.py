@@ -168,7 +168,8 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
                on_resume: Callable[[TrainState | None], TrainState | None] | None = None,
                save_weights: bool = True, writer: bool = True, report_to: str = "none",
                export: Callable[[Path], None] | None = None, guard: Guard | None = None,
-               on_rollback: Callable[[int], None] | None = None) -> TrainState:
+               on_rollback: Callable[[int], None] | None = None,
+               reference: Callable[[], float] | None = None) -> TrainState:
     """Run ``step_fn`` for steps [start, steps), evaluating, logging and checkpointing.
 
     ``on_save(step, state)`` runs at every checkpoint, before the weights are written (MeZO writes
@@ -183,6 +184,8 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
     With a ``guard``, ``step_fn(step, lr_scale=s)`` must scale its lr by ``s``; a divergence rolls
     the weights back to the last good state (:class:`LastGood`), halves ``s``, logs it, and calls
     ``on_rollback(step)`` with the step training continues from (MeZO cuts its trajectory there).
+    ``reference()``, the loss on fixed training batches at the current (settled) weights, lets the
+    guard judge a climbing loss before it rolls back (:mod:`zoft.guard`).
 
     Returns the final state; the best weights are in ``run.path / "best"``.
     """
@@ -210,14 +213,24 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
 
     guarded = GuardState(**state.guard)
     last_good = LastGood(run, trainable, on_disk=save_weights) if guard else None
+    reference = reference if guard else None
+
+    def measure_reference() -> float:   # at settled weights: θ, not a pending ±εz
+        trainable.settle()
+        return reference()
+
     if guard:
         trainable.settle()
         guard.check_weights(guarded, trainable.tensors.values())   # records the starting norm
+        if reference is not None and guarded.reference is None:
+            guarded.reference = measure_reference()
         state.guard = guarded.to_dict()
         last_good.mark(state)
 
     def save(step: int) -> None:
         state.step = step
+        if reference is not None:   # this checkpoint becomes the last good state: its reference loss
+            guarded.reference = measure_reference()
         state.guard = guarded.to_dict()
         if on_save is not None:
             on_save(step, dict(state.__dict__))
@@ -286,7 +299,18 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
                 last_lr = record.get("lr", last_lr)
                 record = {"step": done, **record, "elapsed": round(time.perf_counter() - start_time, 3)}
                 if guard:
-                    reason = guard.observe(guarded, record["loss"])
+                    alarms = guarded.false_alarms
+                    # an injected climb (faults) moves the reference loss too, as a real one would
+                    judge = None if reference is None else (
+                        lambda: faults.loss(done, measure_reference(), guarded.lr_scale, reference=True))
+                    reason = guard.observe(guarded, record["loss"], judge)
+                    if guarded.false_alarms > alarms:
+                        check = {k: round(v, 6) for k, v in guarded.last_check.items()}
+                        run.log({"step": done, "event": "guard_check", "verdict": "no climb", **check})
+                        log.warning("%s: step %d: loss EMA %.4g > %.4g, but the reference batches' loss %.4g "
+                                    "≤ %.4g (%g× that of the last good state): no rollback", run.path, done,
+                                    check["loss_ema"], check["limit"], check["reference"],
+                                    check["reference_limit"], guard.factor)
             checks = done % eval_every == 0 or done % save_every == 0 or done == steps
             if reason is None and checks:
                 trainable.settle()   # eval and checkpoints must see θ, not a pending perturbation

@@ -1,11 +1,11 @@
-"""The compiled CPU sweeps must give the block path's weights bit for bit, or not run at all."""
+"""The C sweep must give the block path's weights bit for bit, or not run at all."""
 import pytest
 import torch
 
 from zoft.zo import cpu_backend, cpu_kernels
 from zoft.zo.cpu_backend import CPUFastBackend
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="torch.compile cannot build CPU kernels here")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler builds the sweep here")
 
 # (terms, undo, then): the fused step's two passes, a plain update, several seeds, an undo alone
 PASSES = [
@@ -19,7 +19,7 @@ PASSES = [
 
 def start_tensors():
     torch.manual_seed(0)
-    sizes = [cpu_kernels.MIN_ELEMENTS, cpu_kernels.MIN_ELEMENTS + 37, 3 * cpu_backend.BLOCK + 5, 100, 70_001]
+    sizes = [1 << 16, (1 << 16) + 37, 3 * cpu_backend.BLOCK + 5, 100, 70_001, 64, 5, 1]
     return [torch.randn(n) for n in sizes] + [torch.randn(400, 300).t(), torch.randn(200_000).bfloat16()]
 
 
@@ -41,7 +41,7 @@ def run(kernels: bool, terms, undo, then, threads: int = 2):
 @pytest.mark.parametrize("terms,undo,then", PASSES)
 def test_compiled_sweeps_equal_the_block_path_bitwise(terms, undo, then):
     block_path = run(False, terms, undo, then)
-    for threads in (1, 2):
+    for threads in (1, 2, 3):   # 3: shares of unequal sizes
         compiled = run(True, terms, undo, then, threads)
         for a, b, s in zip(block_path, compiled, start_tensors()):
             assert torch.equal(a, b)
@@ -64,10 +64,17 @@ def test_a_fused_mezo_round_trip_through_the_backend_is_the_same_with_and_withou
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_only_large_fp32_cpu_tensors_are_swept():
-    assert cpu_kernels.takes(torch.zeros(cpu_kernels.MIN_ELEMENTS))
-    assert not cpu_kernels.takes(torch.zeros(cpu_kernels.MIN_ELEMENTS - 1))
-    assert not cpu_kernels.takes(torch.zeros(cpu_kernels.MIN_ELEMENTS, dtype=torch.bfloat16))
+def test_only_fp32_cpu_tensors_are_swept():
+    assert cpu_kernels.takes(torch.zeros(3))
+    assert not cpu_kernels.takes(torch.zeros(3, dtype=torch.bfloat16))
+    assert not cpu_kernels.takes(torch.zeros(3, dtype=torch.float64))
+
+
+@needs_kernels
+def test_more_terms_than_one_call_takes_are_applied_in_order():
+    terms = [(s, (-1) ** s * 10.0 ** -s) for s in range(1, cpu_kernels.MAX_TERMS + 4)]
+    block_path, swept = run(False, terms, (50, 1e-3), (51, 2e-3)), run(True, terms, (50, 1e-3), (51, 2e-3))
+    assert all(torch.equal(a, b) for a, b in zip(block_path, swept))
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -79,32 +86,33 @@ def test_switched_off_by_the_environment(monkeypatch):
         cpu_kernels.available.cache_clear()
 
 
-def test_a_compiler_failure_falls_back_to_the_block_path_with_one_warning(monkeypatch):
-    def broken():
-        raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(cpu_kernels, "_compiled", broken)
+def test_a_compiler_that_fails_leaves_the_block_path_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")   # a "compiler" that fails every build
+    monkeypatch.setenv("ZOFT_CACHE_DIR", str(tmp_path))
+    cpu_kernels._library.cache_clear()
     cpu_kernels.available.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="compiled CPU passes unavailable.*no C\\+\\+ compiler"):
+        with pytest.warns(UserWarning, match="compiled CPU passes unavailable.*could not build"):
             assert cpu_kernels.available() is False
         ps, expected = start_tensors(), start_tensors()
         cpu_backend.blocked_combine_(ps, [(1, 0.5)], "rademacher", None, None, bits=True)   # kernels=None: auto
         cpu_backend.blocked_combine_(expected, [(1, 0.5)], "rademacher", None, None, bits=True, kernels=False)
         assert all(torch.equal(a, b) for a, b in zip(ps, expected))
+        assert not list(tmp_path.glob("*.so"))   # nothing half-built is left to be loaded later
     finally:
+        cpu_kernels._library.cache_clear()
         cpu_kernels.available.cache_clear()
 
 
 @needs_kernels
-def test_the_fused_steps_plus_to_minus_pass_makes_its_direction_once(monkeypatch):
-    """θ+εz → θ−εz applies two terms of one direction: the sweep that expands z once must take it
-    (same weights either way: the bit-exact tests above)."""
-    calls = []
-    kernels = dict(zip(("one", "two", "two_same"), cpu_kernels._compiled()))
-    monkeypatch.setattr(cpu_kernels, "_compiled", lambda: [
-        (lambda *a, name=name, fn=fn: (calls.append(name), fn(*a))) for name, fn in kernels.items()])
-    cpu_backend.blocked_combine_([torch.randn(cpu_kernels.MIN_ELEMENTS)], [], "rademacher", (3, 1e-3), (3, -1e-3),
-                                 bits=True, kernels=True)
-    cpu_backend.blocked_combine_([torch.randn(cpu_kernels.MIN_ELEMENTS)], [(3, -1e-6)], "rademacher", (3, -1e-3),
-                                 (4, 1e-3), bits=True, kernels=True)
-    assert calls == ["two_same", "two"]
+def test_the_library_is_built_per_cpu(monkeypatch, tmp_path):
+    """-march=native code must not be loaded on another CPU that shares the cache directory."""
+    monkeypatch.setenv("ZOFT_CACHE_DIR", str(tmp_path))
+    built = []
+    for flags in ("flags : avx2", "flags : avx2 avx512f"):
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda flags=flags: flags)
+        cpu_kernels._library.cache_clear()
+        cpu_kernels._library()
+        built.append(sorted(p.name for p in tmp_path.glob("*.so")))
+    cpu_kernels._library.cache_clear()
+    assert len(built[0]) == 1 and len(built[1]) == 2

@@ -15,10 +15,12 @@ from tqdm.auto import tqdm
 from zoft.adapters import apply_mode
 from zoft.config import Config
 from zoft.errors import ZoftError
+from zoft.guard import REFERENCE_BATCHES
 from zoft.lm import CandidateScorer, Encoded, batches, resolve_compute_dtype
 from zoft.models import LoadedModel, load_model
 from zoft.runs import owned_tensor
 from zoft.tasks import Task, TaskData, compute_metric, load_task, using_data_dir
+from zoft.training import batch_indices
 
 
 @dataclass
@@ -85,6 +87,17 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True
             from zoft.placement import place
             loaded.model = place(loaded.model, cfg.device_map)
     return Setup(cfg, task, data, loaded)
+
+
+REFERENCE_SEED_OFFSET = 1_000_003   # the reference batches' shuffle seed is the run's seed plus this
+
+
+def guard_reference(cfg: Config, n_train: int, loss_on: Callable[[list[int]], float]) -> Callable[[], float]:
+    """The divergence guard's reference (:mod:`zoft.guard`): the mean of ``loss_on`` over
+    ``REFERENCE_BATCHES`` fixed training batches of the run's batch size, drawn with their own seed
+    so that they are not the batches of any step near the alarm."""
+    fixed = [batch_indices(n_train, cfg.batch_size, cfg.seed + REFERENCE_SEED_OFFSET, p) for p in range(REFERENCE_BATCHES)]
+    return lambda: sum(loss_on(idx) for idx in fixed) / len(fixed)
 
 
 def set_threads(n: int) -> None:

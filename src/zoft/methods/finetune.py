@@ -37,7 +37,7 @@ from zoft.adapters import MODES, named_trainable
 from zoft.atomic import atomic_write_bytes
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
-from zoft.methods.common import Setup, evaluate, finish, hf_export, load_trained_lm
+from zoft.methods.common import Setup, evaluate, finish, guard_reference, hf_export, load_trained_lm
 from zoft.methods.linear_probe import fit_probe, require_classification
 from zoft.methods.registry import Method, register_method
 from zoft.guard import Guard
@@ -170,12 +170,22 @@ def train(setup: Setup, run_dir, model, resume: bool = False, head_only_steps: i
     def dev_fn() -> float:
         return evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size, cfg.progress)[task.metric]
 
+    @torch.no_grad()
+    def reference_loss(idx: list[int]) -> float:   # the guard's reference, without dropout
+        training = model.training
+        model.eval()
+        try:
+            return scorer.loss(enc_train, idx).item()
+        finally:
+            model.train(training)
+
     trainable = adamw_trainable(named, optimizer, params)
+    guard = Guard(cfg.guard_factor, cfg.guard_max_rollbacks) if cfg.guard else None
     state = train_loop(run_dir, steps=cfg.steps, eval_every=cfg.eval_every, save_every=cfg.save_every,
                        step_fn=step_fn, dev_fn=dev_fn, trainable=trainable, resume=resume,
                        progress=cfg.progress, metric_name=task.metric, report_to=cfg.report_to,
                        export=hf_export(model, scorer.tokenizer, setup.loaded),
-                       guard=Guard(cfg.guard_factor, cfg.guard_max_rollbacks) if cfg.guard else None)
+                       guard=guard, reference=guard_reference(cfg, len(enc_train), reference_loss) if guard else None)
     model.eval()
     return finish(setup, run_dir, scorer, trainable, state, model_name)
 

@@ -18,7 +18,7 @@ from zoft.adapters import MODES, named_trainable
 from zoft.config import AUTO
 from zoft.errors import ZoftError
 from zoft.guard import Guard
-from zoft.methods.common import Setup, evaluate, finish, hf_export, load_trained_lm
+from zoft.methods.common import Setup, evaluate, finish, guard_reference, hf_export, load_trained_lm
 from zoft.methods.finetune import install_probe, load_lp_ft
 from zoft.methods.registry import Method, register_method
 from zoft.offload import Offloader
@@ -145,9 +145,9 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
 
     zo = build_step(cfg, model, objective, len(enc_train), par=par, offloader=offloader)
     writer = par is None or par.is_writer
+    # a metric is too coarse to judge one step (lr=auto) or a climb (the guard's reference) by
+    measure = (objective if cfg.objective == "loss" else Objective(lambda idx: scorer.loss(enc_train, idx).item()))
     if cfg.lr == AUTO:   # before any step and before the trajectory header, which records the lr
-        measure = (objective if cfg.objective == "loss"   # a metric is too coarse to judge one step by
-                   else Objective(lambda idx: scorer.loss(enc_train, idx).item()))
         chosen = auto_lr(cfg, zo, measure)
         cfg.lr = chosen.lr
         if writer:   # config.yaml keeps the number: --resume continues with it, without a new probe
@@ -187,7 +187,8 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
                        on_save=on_save,
                        on_resume=recorder.resume if recorder else None, save_weights=cfg.save_weights,
                        report_to=cfg.report_to, export=hf_export(model, setup.loaded.tokenizer, setup.loaded),
-                       guard=guard, on_rollback=on_rollback)
+                       guard=guard, on_rollback=on_rollback,
+                       reference=guard_reference(cfg, len(enc_train), measure) if guard else None)
     settle()
     if not writer:
         return {"rank": par.rank}

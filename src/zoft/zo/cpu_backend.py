@@ -181,29 +181,14 @@ class CPUFastBackend:
         blocked_combine_(params, terms, distribution, undo, then, bits=True)
 
 
-_RECENT: dict[int, dict[tuple[int, int], torch.Tensor]] = {}   # seed -> (index, words) -> words
-
-
-def _recent_words(seed: int, index: int, n_words: int) -> torch.Tensor:
-    """``sign_words`` of (seed, tensor index), kept for the last two seeds: a fused step reads z_t
-    in three passes (its +εz, its −εz and its update), so the words are made once a step, not
-    three times. At 1/32 of the fp32 weights' bytes per seed (17 MB for SmolLM2-135M)."""
-    held = _RECENT.setdefault(seed, {})
-    if (index, n_words) not in held:
-        held[(index, n_words)] = sign_words(tensor_seed(seed, index), 0, n_words)
-    while len(_RECENT) > 2:
-        _RECENT.pop(next(iter(_RECENT)))   # the oldest seed (dicts keep insertion order)
-    return held[(index, n_words)]
-
-
 @torch.no_grad()
 def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], distribution: str,
                      undo: Term | None, then: Term | None, bits: bool, kernels: bool | None = None) -> None:
     """``combine_`` in blocks, with Rademacher z from hashed bits (``bits``) or, as in the torch
     backend, the signs of the Gaussian draw (which the torch backend runs its CPU passes through).
 
-    With hashed bits, large fp32 tensors take the compiled sweep of :mod:`zoft.zo.cpu_kernels`
-    instead (bit-identical; ``kernels=None`` uses it where ``cpu_kernels.available()``)."""
+    With hashed bits, fp32 CPU tensors take the C sweep of :mod:`zoft.zo.cpu_kernels` instead
+    (bit-identical; ``kernels=None`` uses it where ``cpu_kernels.available()``)."""
     coeffs = _merge(terms)
     if undo is not None:   # the undo seed's direction comes first, as in the torch backend
         coeffs = {undo[0]: coeffs.pop(undo[0], 0.0), **coeffs}
@@ -221,27 +206,14 @@ def blocked_combine_(params: Sequence[torch.Tensor], terms: Sequence[Term], dist
         if flat.data_ptr() != p.data_ptr():
             p.copy_(flat.view(p.shape))
 
-    def swept(index: int, p: torch.Tensor) -> None:   # the same arithmetic as one_tensor, compiled
-        p = p.detach()   # dynamo refuses no_grad views of leaves that require grad
-        flat = p.view(-1) if p.is_contiguous() else p.flatten()
-        n, whole = flat.numel(), flat.numel() // 64 * 64
-        # one words tensor per seed: sweep_ knows two terms on one direction by identity
-        words = {s: _recent_words(s, index, -(-n // 64))[:whole // 64] for s, _ in order}
-        cpu_kernels.sweep_(flat[:whole], [(words[s], c) for s, c in order])
-        if whole < n:   # the last, partial word: the block path on those few elements
-            _combine_block(flat[whole:], *streams_of(index, p), whole, n, undo)
-        if flat.data_ptr() != p.data_ptr():
-            p.copy_(flat.view(p.shape))
-
-    # the compiled sweeps' terms in the block path's order (its fp32 branch of _combine_block):
+    # the C sweep's terms in the block path's order (its fp32 branch of _combine_block):
     # the undo folded into the first direction's coefficient, the pending ``then`` term last
     order = [(s, c - undo[1] if k == 0 and undo is not None else c) for k, (s, c) in enumerate(coeffs.items())]
     order += [then] if then is not None else []
     if bits and distribution == "rademacher" and (kernels if kernels is not None else cpu_kernels.available()):
-        compiled = {i for i, p in enumerate(params) if cpu_kernels.takes(p)}
-        for i in sorted(compiled):   # one tensor at a time: each sweep runs on every core (OpenMP)
-            swept(i, params[i])
-        rest = [i for i in range(len(params)) if i not in compiled]
+        swept = [i for i, p in enumerate(params) if cpu_kernels.takes(p)]
+        cpu_kernels.sweep_([params[i] for i in swept], swept, order)   # one call, every core
+        rest = sorted(set(range(len(params))) - set(swept))
         _over_tensors([params[i] for i in rest], lambda k, p: one_tensor(rest[k], p))
         return
     _over_tensors(params, one_tensor)

@@ -1,107 +1,193 @@
-"""Compiled CPU sweeps for the cpu-fast backend's fp32 passes with hashed-bit Rademacher z.
+"""A C sweep for the cpu-fast backend's fp32 passes with hashed-bit Rademacher z.
 
 The block path (``cpu_backend._combine_block``) expands every z to a float32 block with a table
 lookup and then adds it, a dozen torch ops per 1 MiB block: on SmolLM2-135M a pass spends more
 time making z than moving the weights (a single-term pass 0.18 s, where an add of a ready block
-over the same 540 MB takes 0.05 s). Here inductor (``torch.compile``, CPU) fuses the whole sweep
-into one vectorised, OpenMP-parallel loop: read θ, take each term's sign bit from its 32-bit word,
-``θ ← θ + c·z`` term after term, write θ. Only the words (1/32 of the tensor's bytes) are made
-in eager torch, by ``cpu_backend.sign_words``.
+over the same 540 MB takes 0.05 s). Here one C loop does a whole pass over every fp32 tensor in
+one call: per 64 elements it hashes each term's 64-bit word (``tensor_seed`` and ``mix64``, the
+rule of ``cpu_backend``), then reads θ, adds each term's ±c in order and writes θ. So a pass
+moves the weights once, and costs one call, not one per tensor (a compiled torch kernel per
+tensor left ~40 µs of dispatch per call, 0.02 s per pass over SmolLM2's 272 tensors).
 
 **Bit-identical to the block path**, so nothing about a run changes but its speed (no config
-key, no trajectory field): z = ±1, so c·z is exact and each term's add rounds once, with or
-without an FMA, exactly as ``block.add_(z, alpha=c)`` does; the terms are applied in the block
-path's order. ``tests/zo/test_cpu_kernels.py`` checks this, and :func:`available` checks it again
-on a probe tensor before the first use, so a compiler that is missing or disagrees (or a
-big-endian CPU: the 64-bit words are read as two 32-bit halves, low half first) leaves the block
-path in charge, with one warning. ``ZOFT_CPU_KERNELS=0`` turns the sweeps off.
+key, no trajectory field): z = ±1, so c·z is ±c exactly (here: c with its sign bit flipped) and
+each term's add rounds once, exactly as ``block.add_(z, alpha=c)`` does; the terms are applied
+in the block path's order. The source is compiled without fast-math, so the compiler may not
+reassociate the adds. ``tests/zo/test_cpu_kernels.py`` checks this, and :func:`available`
+checks it again on a probe tensor before the first use, so a missing C compiler or a result
+that differs leaves the block path in charge, with one warning. ``ZOFT_CPU_KERNELS=0`` turns
+the sweep off.
 
-Tensors below ``MIN_ELEMENTS`` stay on the block path, where a compiled call's fixed cost
-(guards, argument checks: tens of µs) would be more than their work.
+The library is built once per machine with the system C compiler (``$CC``, else ``cc``; well
+under a second) into ``$ZOFT_CACHE_DIR`` (default ``~/.cache/zoft``), named by a hash of the
+source, the flags and the CPU's feature flags: ``-march=native`` code must not run on another
+CPU of a cluster sharing one home directory. The cores are used by calling it from one Python
+thread per intra-op thread, each on its share of every tensor's words (ctypes releases the GIL);
+no OpenMP runtime is loaded beside torch's.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import os
-import sys
+import platform
+import shutil
+import subprocess
+import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-MIN_ELEMENTS = 1 << 16
-_BITS = torch.arange(32, dtype=torch.int32)   # bit b of a 32-bit word gives z of its element b
+MAX_TERMS = 8   # a pass has at most 3 (undo, update, next +εz); more go in several calls
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+
+static inline uint64_t mix64(uint64_t x) {   /* splitmix64's finaliser */
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* a table, not 1u << e: a lane-wise AND with constants vectorises even without -march=native */
+static const uint32_t BIT[32] = {1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u << 5, 1u << 6, 1u << 7, 1u << 8, 1u << 9, 1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15, 1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23, 1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+
+/* theta[i] += c[k] * z(seeds[k], index[i]) for every term k in order, on the words
+   [words*part/parts, words*(part+1)/parts) of every tensor i (element e of a tensor takes
+   bit e%64 of its word e/64; bit 0 gives +1, bit 1 gives -1, so c*z is c or -c exactly). */
+void zoft_sweep(int64_t n_tensors, float *const *theta, const int64_t *numel, const int64_t *index,
+                int64_t n_terms, const uint64_t *seeds, const float *coeff, int64_t part, int64_t parts) {
+    for (int64_t i = 0; i < n_tensors; i++) {
+        uint64_t key[8];
+        for (int64_t k = 0; k < n_terms; k++)   /* perturb.tensor_seed */
+            key[k] = mix64(seeds[k] * GOLDEN + (uint64_t)index[i] + 1) >> 1;
+        int64_t n = numel[i], words = (n + 63) / 64;
+        for (int64_t j = words * part / parts; j < words * (part + 1) / parts; j++) {
+            float *row = theta[i] + 64 * j, buf[64] = {0};   /* 64 elements, one word per term */
+            int64_t m = n - 64 * j < 64 ? n - 64 * j : 64;
+            memcpy(buf, row, (size_t)m * sizeof(float));
+            for (int64_t k = 0; k < n_terms; k++) {
+                uint64_t w = mix64(key[k] + (uint64_t)(j + 1) * GOLDEN);
+                uint32_t low = (uint32_t)w, high = (uint32_t)(w >> 32);
+                float plus = coeff[k], minus = -coeff[k];
+                for (int e = 0; e < 32; e++) buf[e] += (low & BIT[e]) ? minus : plus;
+                for (int e = 0; e < 32; e++) buf[32 + e] += (high & BIT[e]) ? minus : plus;
+            }
+            memcpy(row, buf, (size_t)m * sizeof(float));
+        }
+    }
+}
+"""
 
 
-def _z(words: torch.Tensor) -> torch.Tensor:
-    """(rows, 32) float32 z from (rows,) int32 words: bit 0 gives +1, bit 1 gives −1."""
-    return 1.0 - 2.0 * ((words.view(-1, 1) >> _BITS) & 1).to(torch.float32)
+def _cpu_flags() -> str:
+    """What ``-march=native`` code depends on: the CPU's feature flags (Linux), else its name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
 
 
-def _one(theta, w1, c1):
-    theta.copy_(theta + c1 * _z(w1))
-
-
-def _two(theta, w1, c1, w2, c2):
-    theta.copy_((theta + c1 * _z(w1)) + c2 * _z(w2))
-
-
-def _two_same(theta, w1, c1, c2):   # both terms on one direction (the fused step's θ+εz → θ−εz)
-    z = _z(w1)
-    theta.copy_((theta + c1 * z) + c2 * z)
+def _cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zoft"
+    return Path(os.environ.get("ZOFT_CACHE_DIR", default))
 
 
 @functools.cache
-def _compiled():
-    compile = functools.partial(torch.compile, dynamic=True, fullgraph=True)
-    return compile(_one), compile(_two), compile(_two_same)
+def _library() -> ctypes.CDLL:
+    """The compiled sweep, built on first use (see the module docstring); raises if no compiler
+    builds it."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler (set CC)")
+    errors = []
+    for flags in (["-O3", "-march=native"], ["-O3"]):   # the second where -march=native is unknown
+        tag = hashlib.sha256("\0".join([SOURCE, compiler, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"sweep-{tag}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                source, built = Path(tmp) / "sweep.c", Path(tmp) / "sweep.so"
+                source.write_text(SOURCE)
+                done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(source)],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    errors.append(done.stderr.strip().splitlines()[-1:] or ["failed"])
+                    continue
+                os.replace(built, target)   # atomic: a concurrent process sees a whole file or none
+        library = ctypes.CDLL(str(target))
+        library.zoft_sweep.restype = None
+        library.zoft_sweep.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
+                                       ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
+                                       ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64),
+                                       ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_int64]
+        return library
+    raise RuntimeError(f"{compiler} could not build the sweep: {errors}")
 
 
-def sweep_(theta: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]]) -> None:
-    """``θ ← θ + c·z(words)`` for each ``(words, c)`` in order, on a contiguous fp32 tensor whose
-    element count is a multiple of 64; ``words`` holds its 64-bit words as int64."""
-    one, two, two_same = _compiled()
-    rows = theta.view(-1, 32)
-    for k in range(0, len(terms), 2):
-        (w1, c1), *rest = terms[k:k + 2]
-        if not rest:
-            one(rows, w1.view(torch.int32), coeff(c1))
-        elif rest[0][0] is w1:
-            two_same(rows, w1.view(torch.int32), coeff(c1), coeff(rest[0][1]))
-        else:
-            two(rows, w1.view(torch.int32), coeff(c1), rest[0][0].view(torch.int32), coeff(rest[0][1]))
+@functools.cache
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """Worker threads for the sweep's other shares, per process: a forked child has none of its
+    parent's threads, and a pool copied from the parent would wait for them forever."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="zoft-sweep")
 
 
-@functools.lru_cache(maxsize=64)
-def coeff(c: float) -> torch.Tensor:
-    """c as a 0-d fp32 tensor (a tensor, so that a new c is not a recompile), made once per value:
-    a pass applies the same coefficients to every tensor."""
-    return torch.tensor(c, dtype=torch.float32)
+def sweep_(params: Sequence[torch.Tensor], indices: Sequence[int], terms: Sequence[tuple[int, float]]) -> None:
+    """``θ ← θ + c·z(seed, index)`` for each ``(seed, c)`` of ``terms`` in order, on fp32 CPU
+    tensors ``params`` whose direction indices are ``indices``: one call on every core."""
+    if not params or not terms:
+        return
+    flats = [p.detach().view(-1) if p.is_contiguous() else p.detach().flatten() for p in params]
+    n, sweep, parts = len(flats), _library().zoft_sweep, max(1, torch.get_num_threads())
+    tensors = ((ctypes.c_void_p * n)(*[f.data_ptr() for f in flats]),
+               (ctypes.c_int64 * n)(*[f.numel() for f in flats]), (ctypes.c_int64 * n)(*indices))
+    for k in range(0, len(terms), MAX_TERMS):   # each add rounds once, so chunks give the same bits
+        chunk = terms[k:k + MAX_TERMS]
+        args = (n, *tensors, len(chunk), (ctypes.c_uint64 * len(chunk))(*[s & 0xFFFFFFFFFFFFFFFF for s, _ in chunk]),
+                (ctypes.c_float * len(chunk))(*[c for _, c in chunk]))
+        others = [_pool(parts - 1, os.getpid()).submit(sweep, *args, part, parts) for part in range(1, parts)]
+        sweep(*args, 0, parts)
+        for other in others:
+            other.result()
+    for p, flat in zip(params, flats):   # a non-contiguous tensor was swept in a copy
+        if flat.data_ptr() != p.data_ptr():
+            p.detach().copy_(flat.view(p.shape))
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the compiled sweeps run here and equal the block path bit for bit (checked once,
-    on a probe tensor, against :func:`zoft.zo.cpu_backend.blocked_combine_` without them)."""
-    if os.environ.get("ZOFT_CPU_KERNELS", "1") == "0" or sys.byteorder != "little":
+    """Whether the sweep runs here and equals the block path bit for bit (checked once, on a
+    probe, against :func:`zoft.zo.cpu_backend.blocked_combine_` without it)."""
+    if os.environ.get("ZOFT_CPU_KERNELS", "1") == "0":
         return False
     from zoft.zo import cpu_backend
-    probe = torch.randn(MIN_ELEMENTS + 64, generator=torch.Generator().manual_seed(0))
-    expected, got = probe.clone(), probe.clone()
+    gen = torch.Generator().manual_seed(0)
+    probe = [torch.randn(n, generator=gen) for n in (100_003, 64, 5)]
+    expected, got = [p.clone() for p in probe], [p.clone() for p in probe]
     terms, undo, then = [(7, 0.25), (8, -1e-3), (9, 3e-2)], (7, 1e-2), (7, -1e-2)
     try:
-        cpu_backend.blocked_combine_([expected], terms, "rademacher", undo, then, bits=True, kernels=False)
-        cpu_backend.blocked_combine_([got], terms, "rademacher", undo, then, bits=True, kernels=True)
-    except Exception as e:   # no C++ compiler, an inductor error: the block path does the same work
+        cpu_backend.blocked_combine_(expected, terms, "rademacher", undo, then, bits=True, kernels=False)
+        cpu_backend.blocked_combine_(got, terms, "rademacher", undo, then, bits=True, kernels=True)
+    except Exception as e:   # no C compiler, a failed build: the block path does the same work
         warnings.warn(f"zoft: compiled CPU passes unavailable ({type(e).__name__}: {str(e)[:200]}); "
                       "using the slower block path")
         return False
-    if not torch.equal(expected, got):
+    if not all(torch.equal(a, b) for a, b in zip(expected, got)):
         warnings.warn("zoft: compiled CPU passes differ from the block path here; using the block path")
         return False
     return True
 
 
 def takes(p: torch.Tensor) -> bool:
-    """Whether a tensor's pass can run compiled (fp32 on the CPU, big enough to pay)."""
-    return p.dtype == torch.float32 and p.device.type == "cpu" and p.numel() >= MIN_ELEMENTS
+    """Whether a tensor's pass can run in the sweep (fp32 on the CPU)."""
+    return p.dtype == torch.float32 and p.device.type == "cpu"
