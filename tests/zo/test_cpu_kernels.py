@@ -1,4 +1,6 @@
 """The C sweep must give the block path's weights bit for bit, or not run at all."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -102,6 +104,19 @@ def test_a_compiler_that_fails_leaves_the_block_path_with_one_warning(monkeypatc
     finally:
         cpu_kernels._library.cache_clear()
         cpu_kernels.available.cache_clear()
+
+
+@needs_kernels
+def test_an_unwritable_cache_folder_builds_in_a_private_temporary_one(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")   # a file where the folder should be: mkdir fails
+    monkeypatch.setenv("ZOFT_CACHE_DIR", str(blocked / "zoft"))
+    cpu_kernels._library.cache_clear()
+    try:
+        path = Path(cpu_kernels._library()._name)
+        assert path.exists() and path.parent.name.startswith("zoft-sweep-") and path.parent.stat().st_mode & 0o077 == 0
+    finally:
+        cpu_kernels._library.cache_clear()
 
 
 @needs_kernels

@@ -99,8 +99,18 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
+    """Where the built library is kept: ``$ZOFT_CACHE_DIR``, else ``~/.cache/zoft``; where that
+    cannot be written (a read-only home), a fresh private temporary folder, so this process
+    builds its own (a shared one in /tmp could hold another user's library)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zoft"
-    return Path(os.environ.get("ZOFT_CACHE_DIR", default))
+    folder = Path(os.environ.get("ZOFT_CACHE_DIR", default))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="zoft-sweep-"))
 
 
 @functools.cache
@@ -110,17 +120,16 @@ def _library() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler (set CC)")
-    errors = []
+    errors, folder = [], _cache_dir()
     for flags in (["-O3", "-march=native"], ["-O3"]):   # the second where -march=native is unknown
         tag = hashlib.sha256("\0".join([SOURCE, compiler, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"sweep-{tag}.so"
+        target = folder / f"sweep-{tag}.so"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 source, built = Path(tmp) / "sweep.c", Path(tmp) / "sweep.so"
                 source.write_text(SOURCE)
                 done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(source)],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
                     errors.append(done.stderr.strip().splitlines()[-1:] or ["failed"])
                     continue
