@@ -61,24 +61,35 @@ static const uint32_t BIT[32] = {1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u
 
 /* theta[i] += c[k] * z(seeds[k], index[i]) for every term k in order, on the words
    [words*part/parts, words*(part+1)/parts) of every tensor i (element e of a tensor takes
-   bit e%64 of its word e/64; bit 0 gives +1, bit 1 gives -1, so c*z is c or -c exactly). */
+   bit e%64 of its word e/64; bit 0 gives +1, bit 1 gives -1, so c*z is c or -c exactly).
+   With masks[i] (one byte per element, or masks NULL), only elements whose byte is nonzero move. */
 void zoft_sweep(int64_t n_tensors, float *const *theta, const int64_t *numel, const int64_t *index,
-                int64_t n_terms, const uint64_t *seeds, const float *coeff, int64_t part, int64_t parts) {
+                int64_t n_terms, const uint64_t *seeds, const float *coeff, int64_t part, int64_t parts,
+                const uint8_t *const *masks) {
     for (int64_t i = 0; i < n_tensors; i++) {
         uint64_t key[8];
         for (int64_t k = 0; k < n_terms; k++)   /* perturb.tensor_seed */
             key[k] = mix64(seeds[k] * GOLDEN + (uint64_t)index[i] + 1) >> 1;
+        const uint8_t *mask = masks ? masks[i] : 0;
         int64_t n = numel[i], words = (n + 63) / 64;
         for (int64_t j = words * part / parts; j < words * (part + 1) / parts; j++) {
             float *row = theta[i] + 64 * j, buf[64] = {0};   /* 64 elements, one word per term */
             int64_t m = n - 64 * j < 64 ? n - 64 * j : 64;
+            uint8_t moves[64] = {0};
             memcpy(buf, row, (size_t)m * sizeof(float));
+            if (mask) memcpy(moves, mask + 64 * j, (size_t)m);
             for (int64_t k = 0; k < n_terms; k++) {
                 uint64_t w = mix64(key[k] + (uint64_t)(j + 1) * GOLDEN);
                 uint32_t low = (uint32_t)w, high = (uint32_t)(w >> 32);
                 float plus = coeff[k], minus = -coeff[k];
-                for (int e = 0; e < 32; e++) buf[e] += (low & BIT[e]) ? minus : plus;
-                for (int e = 0; e < 32; e++) buf[32 + e] += (high & BIT[e]) ? minus : plus;
+                if (!mask) {
+                    for (int e = 0; e < 32; e++) buf[e] += (low & BIT[e]) ? minus : plus;
+                    for (int e = 0; e < 32; e++) buf[32 + e] += (high & BIT[e]) ? minus : plus;
+                } else {   /* a masked element keeps its value (no +0.0, which would turn -0.0 into +0.0) */
+                    for (int e = 0; e < 32; e++) buf[e] = moves[e] ? buf[e] + ((low & BIT[e]) ? minus : plus) : buf[e];
+                    for (int e = 0; e < 32; e++)
+                        buf[32 + e] = moves[32 + e] ? buf[32 + e] + ((high & BIT[e]) ? minus : plus) : buf[32 + e];
+                }
             }
             memcpy(row, buf, (size_t)m * sizeof(float));
         }
@@ -139,7 +150,8 @@ def _library() -> ctypes.CDLL:
         library.zoft_sweep.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
                                        ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
                                        ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64),
-                                       ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_int64]
+                                       ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.POINTER(ctypes.c_void_p)]
         return library
     raise RuntimeError(f"{compiler} could not build the sweep: {errors}")
 
@@ -151,21 +163,27 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="zoft-sweep")
 
 
-def sweep_(params: Sequence[torch.Tensor], indices: Sequence[int], terms: Sequence[tuple[int, float]]) -> None:
+def sweep_(params: Sequence[torch.Tensor], indices: Sequence[int], terms: Sequence[tuple[int, float]],
+           masks: Sequence[torch.Tensor | None] | None = None) -> None:
     """``θ ← θ + c·z(seed, index)`` for each ``(seed, c)`` of ``terms`` in order, on fp32 CPU
-    tensors ``params`` whose direction indices are ``indices``: one call on every core."""
+    tensors ``params`` whose direction indices are ``indices``: one call on every core. With
+    ``masks`` (bool tensors shaped as the params, or None for "all"), only the masked-in elements
+    move (Sparse MeZO's z ⊙ m)."""
     if not params or not terms:
         return
     flats = [p.detach().view(-1) if p.is_contiguous() else p.detach().flatten() for p in params]
     n, sweep, parts = len(flats), _library().zoft_sweep, max(1, torch.get_num_threads())
+    bytes_ = None if masks is None else [None if m is None else m.reshape(-1).contiguous().view(torch.uint8)
+                                         for m in masks]
     tensors = ((ctypes.c_void_p * n)(*[f.data_ptr() for f in flats]),
                (ctypes.c_int64 * n)(*[f.numel() for f in flats]), (ctypes.c_int64 * n)(*indices))
+    mask_ptrs = None if bytes_ is None else (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in bytes_])
     for k in range(0, len(terms), MAX_TERMS):   # each add rounds once, so chunks give the same bits
         chunk = terms[k:k + MAX_TERMS]
         args = (n, *tensors, len(chunk), (ctypes.c_uint64 * len(chunk))(*[s & 0xFFFFFFFFFFFFFFFF for s, _ in chunk]),
                 (ctypes.c_float * len(chunk))(*[c for _, c in chunk]))
-        others = [_pool(parts - 1, os.getpid()).submit(sweep, *args, part, parts) for part in range(1, parts)]
-        sweep(*args, 0, parts)
+        others = [_pool(parts - 1, os.getpid()).submit(sweep, *args, part, parts, mask_ptrs) for part in range(1, parts)]
+        sweep(*args, 0, parts, mask_ptrs)
         for other in others:
             other.result()
     for p, flat in zip(params, flats):   # a non-contiguous tensor was swept in a copy

@@ -20,8 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
+from zoft.zo import cpu_kernels
 from zoft.zo.perturb import PerturbationBackend, TorchBackend, _unround_add, tensor_seed
 
 LossFn = Callable[[], float]
@@ -286,7 +288,17 @@ class SparseBackend:
     @torch.no_grad()
     def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
                    distribution: str = "gaussian", undo: float = 0.0) -> None:
+        swept = set()
+        if getattr(self.dense, "name", None) == "cpu-fast" and distribution == "rademacher" and cpu_kernels.available():
+            # cpu-fast's z from the same hashed bits, masked in the C loop: no z tensor per pass, and
+            # the same bits as below (a masked-out weight is nonzero, so θ + 0·c is θ either way)
+            swept = {i for i, p in enumerate(params) if cpu_kernels.takes(p)}
+            order = sorted(swept)
+            cpu_kernels.sweep_([params[i] for i in order], order, [(seed, scale - undo)],
+                               masks=[self.masks[i] if i < len(self.masks) else None for i in order])
         for index, p in enumerate(params):
+            if index in swept:
+                continue
             z = self.direction(p, seed, index, distribution)
             if p.dtype in (torch.float32, torch.float64):
                 p.add_(z.to(p.dtype), alpha=scale - undo)
@@ -307,7 +319,11 @@ def small_magnitude_mask(p: torch.Tensor, fraction: float) -> torch.Tensor:
     k = max(1, min(sample.numel(), math.ceil(fraction * sample.numel())))
     # kthvalue in float32 at least (none for bf16 on CPU); the threshold is one of the tensor's own
     # values, so it converts back to the tensor's dtype exactly
-    threshold = sample.to(torch.promote_types(sample.dtype, torch.float32)).kthvalue(k).values
+    sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
+    if sample.device.type == "cpu":   # numpy's introselect: the same k-th value, 2-3x faster than kthvalue here
+        threshold = torch.tensor(np.partition(sample.numpy(), k - 1)[k - 1])
+    else:
+        threshold = sample.kthvalue(k).values
     return flat.le(threshold.to(flat.dtype)).reshape(p.shape)
 
 
