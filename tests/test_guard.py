@@ -74,6 +74,13 @@ def test_a_climb_the_reference_batches_do_not_confirm_is_not_rolled_back_and_the
     assert state.false_alarms == len(measured) >= 2
     assert all(b - a == QUIET + 1 for a, b in zip(measured, measured[1:]))   # judged again after the rest
     assert state.last_check["reference"] == 0.70 and state.last_check["reference_limit"] == pytest.approx(0.75)
+    assert state.best > 0.7   # measured from the level the reference vouched for
+    # a run that settles at a higher training loss (LP-MeZO from the probe's head) is judged once,
+    # not every QUIET steps for the rest of the run
+    settled, checks = GuardState(reference=0.5), []
+    for i, loss in enumerate([0.3] * 30 + [0.5] * 300):
+        assert guard.observe(settled, loss, reference=lambda: checks.append(i) or 0.5) is None
+    assert len(checks) == 1
     # the same climb with the reference up as well is a climb
     confirmed = GuardState(reference=0.50)
     reasons = [guard.observe(confirmed, loss, reference=lambda: 0.80) for loss in losses]

@@ -20,8 +20,9 @@ the loop a ``reference`` loss (the loss on ``REFERENCE_BATCHES`` fixed training 
 of the EMA is judged on it before anything is undone: the reference is measured at every good
 state (the start and each checkpoint) and again when the EMA fires. If it has not climbed by the
 same factor, the alarm was the batches, not the weights: the loop logs
-``{"event": "guard_check", "verdict": "no climb", ...}`` and goes on, and the loss rule stays
-quiet for ``QUIET`` steps before it may fire (and be judged) again. The reference costs
+``{"event": "guard_check", "verdict": "no climb", ...}`` and goes on, the loss rule's best
+becomes the slow EMA's current level (the reference vouched for the weights at it), and the rule
+stays quiet for ``QUIET`` steps before it may fire (and be judged) again. The reference costs
 ``REFERENCE_BATCHES`` forwards per checkpoint and per check. NaN and weight signs are not judged.
 
 The loop then rolls back to the last good state, halves the lr for the rest of the run, logs
@@ -95,6 +96,9 @@ class Guard:
         allowed = good + (self.factor - 1) * abs(good)
         if not math.isfinite(now) or now > allowed:
             return f"{reason}, and the reference batches' loss {now:.4g} > {allowed:.4g} ({self.factor:g}× {good:.4g})"
+        # the reference vouches for the weights at this loss level: the loss rule measures from it
+        # now (else a run that settles at a higher training loss is checked every QUIET steps)
+        state.best = level
         state.quiet_until, state.false_alarms = state.seen + QUIET, state.false_alarms + 1
         state.last_check = {"loss_ema": smoothed, "limit": limit, "reference": now, "reference_good": good,
                             "reference_limit": allowed}
