@@ -114,3 +114,57 @@ def test_icl_prepends_demonstrations_and_truncates_from_the_left():
     enc = scorer.encode(prompted)
     full = loaded.tokenizer(prompted[0].context).input_ids
     assert len(enc.context_ids[0]) <= 11 and enc.context_ids[0] == full[-len(enc.context_ids[0]):]
+
+
+def _labelled(contexts, labels, targets):
+    from zoft.tasks.example import Example
+    return [Example(context=c, choices=list(labels), target=t, answers=[labels[t]], doc={}, ref=f"t:{i}")
+            for i, (c, t) in enumerate(zip(contexts, targets))]
+
+
+def test_labels_sharing_their_first_tokens_score_as_the_whole_labels_in_one_row_per_example():
+    """' level 0' .. ' level 3' share their first token: it moves into the context, and the label
+    probabilities and loss equal those of scoring each whole label after the unfolded context."""
+    from zoft.lm import common_label_tokens
+    loaded = tiny_random_model("causal", seed=3)
+    loaded.model.double()
+    labels = ["level 0", "level 1", "level 2", "level 3"]
+    contexts = ["the answer names two plastics and a test", "no idea", "it stretched more so it is better"]
+    examples = _labelled(contexts, labels, [2, 0, 3])
+    scorer = CandidateScorer(loaded.model, loaded.tokenizer, "classification", max_length=64)
+    full = [loaded.tokenizer(" " + w, add_special_tokens=False).input_ids for w in labels]
+    assert common_label_tokens([full] * 3) == full[0][:1] and all(len(f) == 2 for f in full)
+    enc = scorer.encode(examples)
+    assert enc.label_ids is not None and enc.label_ids.tolist() == [f[-1] for f in full]
+    with torch.no_grad():
+        probs = scorer.candidate_logprobs(enc, [0, 1, 2])[0].softmax(-1)
+        loss = scorer.loss(enc, [0, 1, 2]).item()
+        manual = torch.zeros(3, 4, dtype=torch.float64)
+        for i, ex in enumerate(examples):
+            context = loaded.tokenizer(ex.context).input_ids
+            for c, label in enumerate(full):
+                logp = loaded.model(torch.tensor([context + label])).logits[0].log_softmax(-1)
+                manual[i, c] = sum(logp[len(context) - 1 + j, t] for j, t in enumerate(label))
+    assert torch.allclose(probs, manual.softmax(-1), atol=1e-9)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(manual, torch.tensor([2, 0, 3])).item(), abs=1e-9)
+    assert (probs.argmax(-1) == manual.argmax(-1)).all()
+
+
+def test_labels_that_differ_before_their_last_token_are_not_folded():
+    from zoft.lm import common_label_tokens
+    assert common_label_tokens([[[1, 5], [2, 5]]]) == []            # different first tokens
+    assert common_label_tokens([[[1, 5], [1, 6, 7]]]) == []         # different lengths
+    assert common_label_tokens([[[1, 5], [1, 5]]]) == []            # the same last token: not told apart
+    assert common_label_tokens([[[1, 5], [1, 6]], [[1, 5], [1, 7]]]) == []   # tokenised differently per example
+    assert common_label_tokens([[[9, 1, 5], [9, 1, 6]]]) == [9, 1]
+    loaded = tiny_random_model("causal", seed=3)
+    scorer = CandidateScorer(loaded.model, loaded.tokenizer, "classification", max_length=64)
+    enc = scorer.encode(_labelled(["a b c"], ["yes please", "no please"], [0]))
+    assert enc.label_ids is None and enc.context_ids[0] == loaded.tokenizer("a b c").input_ids
+
+
+def test_folded_rows_keep_max_length():
+    loaded = tiny_random_model("causal", seed=3)
+    scorer = CandidateScorer(loaded.model, loaded.tokenizer, "classification", max_length=8)
+    enc = scorer.encode(_labelled([" ".join(["word"] * 40)], ["level 0", "level 1"], [1]))
+    assert enc.label_ids is not None and len(enc.context_ids[0]) + 1 == 8

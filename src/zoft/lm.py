@@ -7,7 +7,8 @@ pads integer lists, never calls the tokenizer.
 
 Causal LMs score a continuation by the sum of its token log-probs given the context
 (rows are left-padded, so the continuation always sits at the end of the row and only the
-last few positions need logits). Masked LMs score single-token label words at a mask
+last few positions need logits). Single-token label words, or label words that share all but their
+last token (moved into the context, :func:`common_label_tokens`), cost one row per example. Masked LMs score single-token label words at a mask
 placed after the context, as in LM-BFF.
 """
 from __future__ import annotations
@@ -129,12 +130,18 @@ class CandidateScorer:
         targets = torch.tensor([ex.target if ex.target is not None else 0 for ex in examples])
         if self.is_masked_lm:
             return self._encode_masked(examples, choice_ids, targets)
+        # Label words that differ only in their last token (SmolLM2 reads " 0" as " " + "0") have their
+        # common tokens moved to the end of the context: each row then runs once, not once per label.
+        common = common_label_tokens(choice_ids) if self.kind == "classification" else []
+        if common:
+            choice_ids = [[c[len(common):] for c in cands] for cands in choice_ids]
         context_ids, truncated = [], []
         for ex, cands in zip(examples, choice_ids):
             ids = tok(ex.context).input_ids
-            room = self.max_length - max((len(c) for c in cands), default=0)
-            context_ids.append(ids[-room:] if room > 0 else ids[-1:])
-            truncated.append(len(context_ids[-1]) < len(ids))
+            room = self.max_length - len(common) - max((len(c) for c in cands), default=0)
+            kept = ids[-room:] if room > 0 else ids[-1:]
+            context_ids.append(kept + common)
+            truncated.append(len(kept) < len(ids))
         label_ids = None
         if self.kind == "classification" and all(len(c) == 1 for cs in choice_ids for c in cs):
             label_ids = torch.tensor([c[0] for c in choice_ids[0]])
@@ -375,6 +382,23 @@ class CandidateScorer:
             pos = torch.tensor([enc.mask_positions[i] for i in idx], device=hidden.device)
             return _upcast(hidden[torch.arange(len(idx), device=hidden.device), pos])
         return _upcast(hidden[:, -1])
+
+
+def common_label_tokens(choice_ids: list[list[list[int]]]) -> list[int]:
+    """The tokens every label word starts with, where after them each label is one distinct token, else [].
+
+    Classification normalises over the labels, so log P(common | context) is the same for every
+    label and cancels: scoring the last token after ``context + common`` gives the same
+    probabilities (and cross-entropy) as scoring each whole label, in one row per example instead
+    of one per label. Needs the same label words, tokenised the same way, in every example.
+    """
+    labels = choice_ids[0] if choice_ids else []
+    if len(labels) < 2 or any(cands != labels for cands in choice_ids):
+        return []
+    common = labels[0][:-1]
+    if not common or any(len(c) != len(common) + 1 or c[:-1] != common for c in labels):
+        return []
+    return common if len({c[-1] for c in labels}) == len(labels) else []
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
