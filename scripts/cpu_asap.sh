@@ -2,7 +2,9 @@
 # The ASAP-SAS table on a CPU: the recommended scorer (configs/scoring.yaml, an ensemble) per set,
 # with each of its members on its own beside it: bert-cls on MiniLM-L6 (the study's BERT-class
 # baseline, with the baseline's own recipe) and lm-cls on SmolLM2-135M, and wall time; zero-shot
-# too with ZERO_SHOT=1 (slow on a CPU: the rubric prompt is ~500 tokens a response).
+# too with ZERO_SHOT=1, and the study's prompt-based LLM rows with LORA=1: SmolLM2 on the rubric
+# prompt (max_length=512, the item's header shared), FT-LoRA (300 AdamW steps, lr 3e-4) and MeZO-LoRA
+# (lr=auto, ε 1e-2, MEZO_STEPS steps, default 500). SCORER=0 leaves the recommended scorer out.
 #
 #   scripts/cpu_asap.sh OUT_DIR [SET ...]          # sets default 1 2 10
 #   SCORER_ARGS="steps=200" scripts/cpu_asap.sh OUT 1     # try a variant of the recipe
@@ -42,8 +44,15 @@ for s in $sets; do
   if [ "${ZERO_SHOT:-0}" = 1 ]; then
     timed "$out/asap-$s/zero-shot" $zoft train method=zero-shot $data max_length=512 compute_dtype=bf16
   fi
-  # shellcheck disable=SC2086  # SCORER_ARGS is a list of key=value overrides
-  timed "$out/asap-$s/scorer" $zoft train "$here/configs/scoring.yaml" $data ${SCORER_ARGS:-}
+  if [ "${LORA:-0}" = 1 ]; then   # the rubric prompt: each response runs on its item's shared header
+    prompt="$data max_length=512 compute_dtype=bf16 mode=lora batch_size=16 eval_batch_size=32 eval_every=100"
+    timed "$out/asap-$s/ft-lora" $zoft train method=ft $prompt steps=300 lr=3e-4
+    timed "$out/asap-$s/mezo-lora" $zoft train method=mezo $prompt steps="${MEZO_STEPS:-500}" lr=auto eps=1e-2
+  fi
+  if [ "${SCORER:-1}" = 1 ]; then
+    # shellcheck disable=SC2086  # SCORER_ARGS is a list of key=value overrides
+    timed "$out/asap-$s/scorer" $zoft train "$here/configs/scoring.yaml" $data ${SCORER_ARGS:-}
+  fi
 done
 
 $python - "$out" $sets <<'EOF'

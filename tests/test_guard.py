@@ -91,6 +91,18 @@ def test_a_climb_the_reference_batches_do_not_confirm_is_not_rolled_back_and_the
     assert [i for i, loss in enumerate(losses) if guard.observe(unjudged, loss, lambda: 0.1)]
 
 
+def test_a_reference_that_drifts_up_slowly_across_checkpoints_is_judged_from_its_lowest_value():
+    """0.50 at the start, 0.70 and 0.90 at the next checkpoints: each within 1.5× of the one before,
+    but 0.90 is past 1.5× the lowest, so a climb of the loss EMA there is confirmed."""
+    guard, state = Guard(1.5), GuardState()
+    for good in (0.50, 0.70, 0.45, 0.68):
+        guard.record_reference(state, good)
+    assert state.reference == 0.45
+    reasons = [guard.observe(state, loss, reference=lambda: 0.90) for loss in [0.5] * 30 + [2.0] * 20]
+    fired = [r for r in reasons if r]
+    assert fired and "reference batches' loss 0.9 > 0.675" in fired[0]
+
+
 def test_hard_batches_do_not_roll_back_a_run_and_a_resume_after_the_check_is_bit_identical(tmp_path):
     """ZOFT_FAULT=hard: steps 21-30 read a 3× loss, the weights are fine. The guard checks the
     reference batches, logs the check, rolls nothing back; killed after it, the run resumes to the

@@ -18,8 +18,9 @@ A climbing loss EMA can also be a run of hard batches: a MeZO run started from a
 rollback the same batches come back in the same order and fire again. So where the method gives
 the loop a ``reference`` loss (the loss on ``REFERENCE_BATCHES`` fixed training batches), a climb
 of the EMA is judged on it before anything is undone: the reference is measured at every good
-state (the start and each checkpoint) and again when the EMA fires. If it has not climbed by the
-same factor, the alarm was the batches, not the weights: the loop logs
+state (the start and each checkpoint) and again when the EMA fires, and judged against its lowest
+value at any good state (so a drift too slow to climb by the factor between two checkpoints is
+still caught once it adds up to it). If it has not climbed by the same factor, the alarm was the batches, not the weights: the loop logs
 ``{"event": "guard_check", "verdict": "no climb", ...}`` and goes on, the loss rule's best
 becomes the slow EMA's current level (the reference vouched for the weights at it), and the rule
 stays quiet for ``QUIET`` steps before it may fire (and be judged) again. The reference costs
@@ -58,7 +59,7 @@ class GuardState:
     norm0: float | None = None  # L2 norm of the trained weights at the start
     lr_scale: float = 1.0       # 0.5 per rollback, for the rest of the run
     rollbacks: int = 0
-    reference: float | None = None   # the reference batches' loss at the last good state
+    reference: float | None = None   # the reference batches' lowest loss at a good state
     quiet_until: int = 0        # ``seen`` up to which the loss rule is quiet (after a false alarm)
     false_alarms: int = 0
     last_check: dict | None = None   # the numbers of the last unconfirmed climb, for the log
@@ -103,6 +104,11 @@ class Guard:
         state.last_check = {"loss_ema": smoothed, "limit": limit, "reference": now, "reference_good": good,
                             "reference_limit": allowed}
         return None
+
+    def record_reference(self, state: GuardState, loss: float) -> None:
+        """The reference batches' loss at a good state (the start, a checkpoint): the climb it is
+        judged against is from the lowest such loss, not the latest, so a slow drift adds up."""
+        state.reference = loss if state.reference is None else min(state.reference, loss)
 
     def check_weights(self, state: GuardState, tensors: Iterable[torch.Tensor]) -> str | None:
         """The weights' L2 norm (recorded as ``norm0`` on the first call); the reason to roll back, or None."""

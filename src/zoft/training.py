@@ -223,14 +223,14 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
         trainable.settle()
         guard.check_weights(guarded, trainable.tensors.values())   # records the starting norm
         if reference is not None and guarded.reference is None:
-            guarded.reference = measure_reference()
+            guard.record_reference(guarded, measure_reference())
         state.guard = guarded.to_dict()
         last_good.mark(state)
 
     def save(step: int) -> None:
         state.step = step
-        if reference is not None:   # this checkpoint becomes the last good state: its reference loss
-            guarded.reference = measure_reference()
+        if reference is not None:   # this checkpoint becomes the last good state: its reference loss counts
+            guard.record_reference(guarded, measure_reference())
         state.guard = guarded.to_dict()
         if on_save is not None:
             on_save(step, dict(state.__dict__))
