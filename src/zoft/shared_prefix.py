@@ -29,7 +29,6 @@ import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import torch
 
 from zoft.errors import ZoftError
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from zoft.zo import (FZOO, LOZO, OPTIMIZERS, SPSA, Estimate, LowRankBackend, TorchBackend, ZOAdam,
+from zoft.zo import (FZOO, LOZO, OPTIMIZERS, SPSA, LowRankBackend, TorchBackend, ZOAdam,
                      ZOSGDConservative, ZOSGDMomentum, ZOSGDSign, build_optimizer, spsa)
 
 A = torch.linspace(0.5, 3.0, 40, dtype=torch.float64)     # L(θ) = ½ Σ aᵢθᵢ² − bᵀθ, two tensors of 30 + 10
