@@ -135,6 +135,22 @@ def test_frozen_weights_run_each_header_once_across_batches():
     assert header_and_rows > rows_only + enc.header_lens[0]
 
 
+def test_linear_probe_features_equal_unshared_and_the_header_runs_once_per_group():
+    task = two_item_task()
+    examples = task.load_split("train")
+    loaded = tiny_random_model("causal", seed=2, vocab_texts=[ex.context for ex in examples])
+    shared, whole = scorers(loaded.model, loaded.tokenizer)
+    enc_shared, enc_whole = shared.encode(examples), whole.encode(examples)
+    idx = [5, 0, 3, 1, 4, 2]   # groups out of order; item q2 has a row of its own in this batch
+    seen = count_tokens(loaded.model)
+    got = shared.features(enc_shared, idx)
+    shared_tokens, seen[:] = sum(seen), []
+    want = whole.features(enc_whole, idx)
+    assert got.shape == want.shape == (6, loaded.model.config.hidden_size)
+    assert torch.allclose(got, want, atol=TOL)
+    assert shared_tokens < sum(seen)
+
+
 def test_bf16_compute_shares_too():
     task = two_item_task()
     examples = task.load_split("train")

@@ -214,9 +214,10 @@ class CandidateScorer:
         finally:
             self._header_cache = None
 
-    def _shared_forward(self, header: list[int], tails: list[list[int]], keep: int
+    def _shared_forward(self, header: list[int], tails: list[list[int]], keep: int, hidden: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, keep) last ids and (G, keep, V) logits of ``header + tail`` for each tail, the header run once."""
+        """(G, keep) last ids and (G, keep, V) logits of ``header + tail`` for each tail, the header run once
+        (``hidden``: the last layer's (G, keep, H) hidden states instead of logits)."""
         device, key = self.device, tuple(header)
         cache = self._header_cache.get(key) if self._header_cache is not None else None
         if cache is None:
@@ -237,12 +238,14 @@ class CandidateScorer:
         kwargs[self._cache_argument] = expand_cache(cache, len(tails))
         with self.compute():
             out = forward(input_ids=ids, attention_mask=torch.cat([mask.new_ones(len(tails), past), mask], dim=1),
-                          position_ids=past + (mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **kwargs)
-        return ids[:, -keep:], out.logits[:, -keep:]
+                          position_ids=past + (mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                          output_hidden_states=hidden, **kwargs)
+        return ids[:, -keep:], (out.hidden_states[-1] if hidden else out.logits)[:, -keep:]
 
     def _tail_logits(self, rows: list[list[int]], keep: int, groups: list[int] | None = None,
-                     header_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, keep) left-padded last ids of each row and (R, keep, V) their logits.
+                     header_lens: list[int] | None = None, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, keep) left-padded last ids of each row and (R, keep, V) their logits (``hidden``: the
+        last layer's (R, keep, H) hidden states, what the LM head reads).
 
         Rows with a header ``groups`` shares with another row run on that header's cache; the rest
         run whole, in one padded batch. Rows come back in their given order.
@@ -254,11 +257,12 @@ class CandidateScorer:
         parts, order = [], []
         if whole:
             ids, mask = self._pad([rows[r] for r in whole], left=True)
-            parts.append((ids[:, -keep:], self._forward(ids, mask, keep=keep)[1]))
+            out, logits = self._forward(ids, mask, keep=keep, output_hidden_states=hidden)
+            parts.append((ids[:, -keep:], out.hidden_states[-1][:, -keep:] if hidden else logits))
             order += whole
         for members in shared:
             n = header_lens[members[0]]
-            parts.append(self._shared_forward(rows[members[0]][:n], [rows[r][n:] for r in members], keep))
+            parts.append(self._shared_forward(rows[members[0]][:n], [rows[r][n:] for r in members], keep, hidden))
             order += members
         if len(parts) == 1 and order == sorted(order):
             return parts[0]
@@ -374,14 +378,15 @@ class CandidateScorer:
 
     @torch.no_grad()
     def features(self, enc: Encoded, idx: list[int]) -> torch.Tensor:
-        """(B, H) last-layer hidden state where the label is predicted: features for linear probing."""
+        """(B, H) last-layer hidden state where the label is predicted: features for linear probing.
+        A causal LM reads rows on their shared header (:mod:`zoft.shared_prefix`) as scoring does."""
         rows = [enc.context_ids[i] for i in idx]
-        ids, mask = self._pad(rows, left=not self.is_masked_lm)
+        if not self.is_masked_lm:
+            return _upcast(self._tail_logits(rows, 1, *self._groups(enc, idx, True), hidden=True)[1][:, -1])
+        ids, mask = self._pad(rows, left=False)
         hidden = self._forward(ids, mask, output_hidden_states=True).hidden_states[-1]
-        if self.is_masked_lm:
-            pos = torch.tensor([enc.mask_positions[i] for i in idx], device=hidden.device)
-            return _upcast(hidden[torch.arange(len(idx), device=hidden.device), pos])
-        return _upcast(hidden[:, -1])
+        pos = torch.tensor([enc.mask_positions[i] for i in idx], device=hidden.device)
+        return _upcast(hidden[torch.arange(len(idx), device=hidden.device), pos])
 
 
 def common_label_tokens(choice_ids: list[list[list[int]]]) -> list[int]:
