@@ -20,7 +20,8 @@ the loop a ``reference`` loss (the loss on ``REFERENCE_BATCHES`` fixed training 
 of the EMA is judged on it before anything is undone: the reference is measured at every good
 state (the start and each checkpoint) and again when the EMA fires, and judged against its lowest
 value at any good state (so a drift too slow to climb by the factor between two checkpoints is
-still caught once it adds up to it). If it has not climbed by the same factor, the alarm was the batches, not the weights: the loop logs
+still caught once it adds up to it). If it has not climbed by the same factor, the alarm was the
+batches, not the weights: the loop logs
 ``{"event": "guard_check", "verdict": "no climb", ...}`` and goes on, the loss rule's best
 becomes the slow EMA's current level (the reference vouched for the weights at it), and the rule
 stays quiet for ``QUIET`` steps before it may fire (and be judged) again. The reference costs

@@ -8,8 +8,8 @@ pads integer lists, never calls the tokenizer.
 Causal LMs score a continuation by the sum of its token log-probs given the context
 (rows are left-padded, so the continuation always sits at the end of the row and only the
 last few positions need logits). Single-token label words, or label words that share all but their
-last token (moved into the context, :func:`common_label_tokens`), cost one row per example. Masked LMs score single-token label words at a mask
-placed after the context, as in LM-BFF.
+last token (moved into the context, :func:`common_label_tokens`), cost one row per example. Masked
+LMs score single-token label words at a mask placed after the context, as in LM-BFF.
 """
 from __future__ import annotations
 
