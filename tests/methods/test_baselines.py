@@ -168,6 +168,38 @@ def test_lp_matches_sklearn_on_the_same_features(sst2, tmp_path):
     assert feats["train"].shape == (32, setup.loaded.model.config.hidden_size)
 
 
+def test_a_finished_lp_run_loads_with_its_probe_and_scores_as_the_probe_did(sst2, tmp_path, capsys):
+    """zoft eval/score/serve and an ensemble load an LP run with its probe in the LM head: the
+    label-normalised probabilities are the probe's, so predictions and confidences match eval.json."""
+    setup = make_setup(sst2, method="lp")
+    result = linear_probe.run(setup, RunDir(tmp_path))
+    assert result["probe_head"] and (tmp_path / linear_probe.PROBE_HEAD_FILE).is_file()
+    fresh = make_setup(sst2, method="lp")
+    base = fresh.scorer()
+    feats = {name: linear_probe.extract_features(base, base.encode(getattr(fresh.data, name)), 8)
+             for name in ("train", "eval")}
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=fresh.cfg.lp_c, max_iter=5000))
+    reference.fit(feats["train"], [ex.target for ex in fresh.data.train])
+    scorer = linear_probe.load(fresh, RunDir(tmp_path))
+    enc = scorer.encode(fresh.data.eval)
+    with torch.no_grad():
+        probs = scorer.candidate_logprobs(enc, list(range(len(enc))))[0].double().softmax(-1)
+    assert np.allclose(probs.numpy(), reference.predict_proba(feats["eval"]), atol=1e-4)
+    outputs = result["eval_outputs"]
+    assert probs.argmax(-1).tolist() == outputs["predictions"]
+    assert np.allclose(probs.max(-1).values.numpy(), outputs["confidences"], atol=1e-4)
+    assert "keeps no" not in capsys.readouterr().err
+
+
+def test_an_lp_run_without_a_probe_head_loads_the_base_lm_and_says_so(sst2, tmp_path, capsys):
+    setup = make_setup(sst2, "masked", method="lp")   # a masked LM's head reads other vectors: no rows kept
+    result = linear_probe.run(setup, RunDir(tmp_path))
+    assert not result["probe_head"] and not (tmp_path / linear_probe.PROBE_HEAD_FILE).exists()
+    assert "not kept as LM-head rows" in capsys.readouterr().err
+    linear_probe.load(make_setup(sst2, "masked", method="lp"), RunDir(tmp_path))
+    assert "keeps no probe_head.safetensors; scoring with the base LM" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["copa", "qa"])
 @pytest.mark.parametrize("method", ["lp", "lp-ft"])
 def test_lp_needs_a_classification_task(name, method, tmp_path, request):

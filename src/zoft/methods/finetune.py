@@ -27,24 +27,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from zoft.adapters import MODES, named_trainable
-from zoft.atomic import atomic_write_bytes
 from zoft.errors import ZoftError
 from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.methods.common import Setup, evaluate, finish, guard_reference, hf_export, load_trained_lm
-from zoft.methods.linear_probe import fit_probe, require_classification
+from zoft.methods.linear_probe import (PROBE_HEAD_FILE, fit_probe, install_head, probe_to_head, require_classification,
+                                       restore_probe_head, save_probe_head)
 from zoft.methods.registry import Method, register_method
 from zoft.guard import Guard
 from zoft.training import Trainable, batch_indices, check_finite, train_loop
 from zoft.zo import learning_rate
 
-PROBE_HEAD_FILE = "probe_head.safetensors"
 
 
 # ---------------------------------------------------------------- optimizer
@@ -227,68 +225,6 @@ def head_inputs(scorer: CandidateScorer, enc: Encoded, batch_size: int) -> np.nd
     return torch.cat(out).double().numpy()
 
 
-def probe_to_head(probe, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head rows (C, H) and biases (C,) whose logits on raw features equal the probe's, per class.
-
-    The scaler folds in: ``((h − μ)/σ)·w + b = h·(w/σ) + (b − μ·(w/σ))``.
-    """
-    scaler, logreg = probe.named_steps["scale"], probe.named_steps["logreg"]
-    classes = [int(c) for c in logreg.classes_]
-    if sorted(classes) != list(range(n_classes)):
-        missing = sorted(set(range(n_classes)) - set(classes))
-        raise ZoftError(f"LP-FT: the training sample has no example of class(es) {missing}; "
-                        "the probe cannot give them a head row (use more training examples or k_per_class)")
-    coef = np.asarray(logreg.coef_, dtype=np.float64)
-    intercept = np.asarray(logreg.intercept_, dtype=np.float64)
-    if coef.shape[0] == 1:   # binary: one vector scores class 1 against class 0
-        coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    rows, bias = np.zeros((n_classes, coef.shape[1])), np.zeros(n_classes)
-    rows[classes], bias[classes] = coef, intercept
-    scale = np.asarray(scaler.scale_ if scaler.scale_ is not None else np.ones(coef.shape[1]))
-    mean = np.asarray(scaler.mean_ if scaler.mean_ is not None else np.zeros(coef.shape[1]))
-    rows = rows / scale
-    bias = bias - rows @ mean
-    return torch.from_numpy(rows), torch.from_numpy(bias)
-
-
-@torch.no_grad()
-def install_head(model, label_ids: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> None:
-    """Write probe rows and biases into the output head, untying it from the input embeddings first."""
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight") or not hasattr(head, "bias"):
-        raise ZoftError("LP-FT needs a model whose output head is a linear layer over the vocabulary")
-    embeddings = model.get_input_embeddings()
-    if embeddings is not None and head.weight.data_ptr() == embeddings.weight.data_ptr():
-        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            config.tie_word_embeddings = False
-    if head.bias is None:   # a plain LM head has no bias: add a zero one for the probe's intercepts
-        head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0], dtype=head.weight.dtype,
-                                                   device=head.weight.device))
-    ids = label_ids.to(head.weight.device)
-    head.weight[ids] = rows.to(head.weight)
-    head.bias[ids] = bias.to(head.bias)
-
-
-def _save_probe_head(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))   # a few rows: bytes are cheap
-
-
-def restore_probe_head(model, run_path) -> bool:
-    """Re-install a finished LP-FT run's probe head (untie, add bias) on a freshly loaded model.
-
-    Call before applying the mode and loading the run's trained tensors: in full mode those
-    then overwrite the head with its fine-tuned values; in LoRA mode the head stays frozen
-    at the probe, which this restores. Returns False if the run has no probe head file.
-    """
-    path = Path(run_path) / PROBE_HEAD_FILE
-    if not path.is_file():
-        return False
-    saved = load_file(str(path))
-    install_head(model, saved["label_ids"], saved["rows"], saved["bias"])
-    return True
-
-
 def install_probe(setup: Setup, run_dir, resume: bool = False, what: str = "LP-FT") -> float:
     """Fit the linear probe on the training features (forward passes only) and write it into the
     LM head's label-word rows (untied, with a bias); returns the probe's training accuracy.
@@ -309,7 +245,7 @@ def install_probe(setup: Setup, run_dir, resume: bool = False, what: str = "LP-F
         labels = np.array([ex.target for ex in data.train])
         probe = fit_probe(features, labels, cfg.lp_c, cfg.seed)
         rows, bias = probe_to_head(probe, len(enc_train.label_ids))
-        _save_probe_head(path, {"rows": rows.float(), "bias": bias.float(), "label_ids": enc_train.label_ids,
+        save_probe_head(path, {"rows": rows.float(), "bias": bias.float(), "label_ids": enc_train.label_ids,
                                 "probe_train_acc": torch.tensor(float((probe.predict(features) == labels).mean()))})
     saved = load_file(str(path))
     install_head(model, saved["label_ids"], saved["rows"], saved["bias"])
