@@ -4,7 +4,8 @@
 # baseline, with the baseline's own recipe) and lm-cls on SmolLM2-135M, and wall time; zero-shot
 # too with ZERO_SHOT=1, and the study's prompt-based LLM rows with LORA=1: SmolLM2 on the rubric
 # prompt (max_length=512, the item's header shared), FT-LoRA (300 AdamW steps, lr 3e-4) and MeZO-LoRA
-# (lr=auto, ε 1e-2, MEZO_STEPS steps, default 500). SCORER=0 leaves the recommended scorer out.
+# (lr=auto, ε 1e-2, MEZO_STEPS steps, default 500); LP=1 adds the linear probe on the same prompt's
+# features. SCORER=0 leaves the recommended scorer out.
 #
 #   scripts/cpu_asap.sh OUT_DIR [SET ...]          # sets default 1 2 10
 #   SCORER_ARGS="steps=200" scripts/cpu_asap.sh OUT 1     # try a variant of the recipe
@@ -48,6 +49,9 @@ for s in $sets; do
     prompt="$data max_length=512 compute_dtype=bf16 mode=lora batch_size=16 eval_batch_size=32 eval_every=100"
     timed "$out/asap-$s/ft-lora" $zoft train method=ft $prompt steps=300 lr=3e-4
     timed "$out/asap-$s/mezo-lora" $zoft train method=mezo $prompt steps="${MEZO_STEPS:-500}" lr=auto eps=1e-2
+  fi
+  if [ "${LP:-0}" = 1 ]; then
+    timed "$out/asap-$s/lp" $zoft train method=lp $data max_length=512 compute_dtype=bf16 eval_batch_size=16
   fi
   if [ "${SCORER:-1}" = 1 ]; then
     # shellcheck disable=SC2086  # SCORER_ARGS is a list of key=value overrides
