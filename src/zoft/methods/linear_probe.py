@@ -76,7 +76,7 @@ def probe_to_head(probe, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     classes = [int(c) for c in logreg.classes_]
     if sorted(classes) != list(range(n_classes)):
         missing = sorted(set(range(n_classes)) - set(classes))
-        raise ZoftError(f"LP-FT: the training sample has no example of class(es) {missing}; "
+        raise ZoftError(f"the training sample has no example of class(es) {missing}; "
                         "the probe cannot give them a head row (use more training examples or k_per_class)")
     coef = np.asarray(logreg.coef_, dtype=np.float64)
     intercept = np.asarray(logreg.intercept_, dtype=np.float64)
@@ -145,16 +145,16 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     y_train = np.array([ex.target for ex in data.train])
     probe = fit_probe(x_train, y_train, cfg.lp_c, cfg.seed)
     enc_train = scorer.encode(data.train[:1])
-    head_kept = None   # why the probe is not kept as head rows, or None
+    not_kept = None   # why the probe is not kept as head rows, or None
     if scorer.is_masked_lm or enc_train.label_ids is None:
-        head_kept = "its rows need a causal LM whose label words are one scored token each"
+        not_kept = "its rows need a causal LM whose label words are one scored token each"
     else:
         try:
             rows, bias = probe_to_head(probe, len(enc_train.label_ids))
             save_probe_head(run_dir.path / PROBE_HEAD_FILE,
                             {"rows": rows.float(), "bias": bias.float(), "label_ids": enc_train.label_ids})
         except ZoftError as e:   # a class missing from the training sample has no row
-            head_kept = str(e)
+            not_kept = str(e)
     train_seconds = time.perf_counter() - start
 
     splits, outputs = {}, {}
@@ -179,10 +179,10 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
         "train_acc": float((probe.predict(x_train) == y_train).mean()),
         "n_train": len(data.train), "n_dev": len(data.dev), "n_eval": len(data.eval),
         "train_seconds": round(train_seconds, 1), "compute_dtype": scorer.compute_dtype,
-        "probe_head": head_kept is None, "eval_outputs": outputs,
+        "probe_head": not_kept is None, "eval_outputs": outputs,
     }
-    if head_kept is not None:
-        print(f"zoft: lp: the probe is not kept as LM-head rows ({head_kept}); a loaded run scores with "
+    if not_kept is not None:
+        print(f"zoft: lp: the probe is not kept as LM-head rows ({not_kept}); a loaded run scores with "
               "the base LM", file=sys.stderr)
     run_dir.write_json("eval.json", result)
     return result
