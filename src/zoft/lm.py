@@ -242,7 +242,7 @@ class CandidateScorer:
                           output_hidden_states=hidden, **kwargs)
         return ids[:, -keep:], (out.hidden_states[-1] if hidden else out.logits)[:, -keep:]
 
-    def _tail_logits(self, rows: list[list[int]], keep: int, groups: list[int] | None = None,
+    def _tail_outputs(self, rows: list[list[int]], keep: int, groups: list[int] | None = None,
                      header_lens: list[int] | None = None, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, keep) left-padded last ids of each row and (R, keep, V) their logits (``hidden``: the
         last layer's (R, keep, H) hidden states, what the LM head reads).
@@ -286,14 +286,14 @@ class CandidateScorer:
             pos = torch.tensor([enc.mask_positions[i] for i in idx], device=ids.device)
             logits = logits[torch.arange(len(idx), device=ids.device), pos]
         else:
-            logits = self._tail_logits(rows, 1, *self._groups(enc, idx, share))[1][:, -1]
+            logits = self._tail_outputs(rows, 1, *self._groups(enc, idx, share))[1][:, -1]
         return _upcast(logits).log_softmax(-1)[:, enc.label_ids.to(logits.device)]
 
     def _continuation_logprobs(self, rows: list[list[int]], cont_lens: list[int], groups: list[int] | None = None,
                                header_lens: list[int] | None = None) -> torch.Tensor:
         """(R,) summed log-prob of the last ``cont_lens[r]`` tokens of each row."""
         k = max(cont_lens)
-        ids, logits = self._tail_logits(rows, k + 1, groups, header_lens)
+        ids, logits = self._tail_outputs(rows, k + 1, groups, header_lens)
         logits = _upcast(logits[:, :-1])                                   # (R, k, V): predicts the last k tokens
         logprobs = logits.log_softmax(-1).gather(-1, ids[:, -k:, None]).squeeze(-1)
         in_cont = torch.arange(k, device=ids.device)[None, :] >= (k - torch.tensor(cont_lens, device=ids.device))[:, None]
@@ -382,7 +382,7 @@ class CandidateScorer:
         A causal LM reads rows on their shared header (:mod:`zoft.shared_prefix`) as scoring does."""
         rows = [enc.context_ids[i] for i in idx]
         if not self.is_masked_lm:
-            return _upcast(self._tail_logits(rows, 1, *self._groups(enc, idx, True), hidden=True)[1][:, -1])
+            return _upcast(self._tail_outputs(rows, 1, *self._groups(enc, idx, True), hidden=True)[1][:, -1])
         ids, mask = self._pad(rows, left=False)
         hidden = self._forward(ids, mask, output_hidden_states=True).hidden_states[-1]
         pos = torch.tensor([enc.mask_positions[i] for i in idx], device=hidden.device)

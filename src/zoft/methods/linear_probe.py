@@ -141,10 +141,10 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     model = setup.loaded.model
     model.eval()
     scorer = setup.scorer(model)
-    x_train = extract_features(scorer, scorer.encode(data.train), cfg.eval_batch_size, cfg.progress, "train")
+    enc_train = scorer.encode(data.train)
+    x_train = extract_features(scorer, enc_train, cfg.eval_batch_size, cfg.progress, "train")
     y_train = np.array([ex.target for ex in data.train])
     probe = fit_probe(x_train, y_train, cfg.lp_c, cfg.seed)
-    enc_train = scorer.encode(data.train[:1])
     not_kept = None   # why the probe is not kept as head rows, or None
     if scorer.is_masked_lm or enc_train.label_ids is None:
         not_kept = "its rows need a causal LM whose label words are one scored token each"
