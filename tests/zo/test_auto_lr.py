@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from zoft.zo import SPSA, build_optimizer
-from zoft.zo.auto_lr import FRACTION, GRID, probe_lr, probe_seed
+from zoft.zo.auto_lr import DRIFT, FRACTION, GRID, probe_lr, probe_seed
 
 from test_zo_optim import A, quadratic, tiny_step, zs
 
 
-def probe_quadratic(optimizer_name="zo-sgd", calls=None):
+def probe_quadratic(optimizer_name="zo-sgd", calls=None, run_steps=0.0):
     params, loss_fn, _ = quadratic()
 
     def counted():
@@ -19,7 +19,8 @@ def probe_quadratic(optimizer_name="zo-sgd", calls=None):
             calls.append(1)
         return loss_fn()
     result = probe_lr(params, SPSA(eps=1e-4), build_optimizer(optimizer_name, momentum=0.9),
-                      train_loss=lambda p: counted, measure=lambda p: counted, seeds=lambda p: [probe_seed(0, p)])
+                      train_loss=lambda p: counted, measure=lambda p: counted, seeds=lambda p: [probe_seed(0, p)],
+                      run_steps=run_steps)
     return result, params
 
 
@@ -38,6 +39,35 @@ def test_zo_sgd_on_a_quadratic_picks_the_grid_point_nearest_one_over_the_curvatu
     median = sorted(expected)[1]
     assert result.lr == pytest.approx(FRACTION * median, rel=1e-12)
     assert 0.1 / float(A.sum()) < median < 10 / float(A.sum())   # ≈ 1/tr(A): the scale-free rule
+
+
+def test_the_run_length_caps_the_lr_where_its_random_walk_would_outgrow_the_weights():
+    """Over T steps the updates' noise adds up to about lr·u·√T, u = |g·z| per unit lr: the lr is
+    capped at DRIFT·|θ₀| / (u·√T), u the probes' median, computed here by hand. On a quadratic SPSA's
+    g is exactly zᵀ∇L(θ₀), so u_p = |zᵀ∇L|·|z| with ∇L = Aθ₀ − b."""
+    params, _, _ = quadratic()
+    flat = torch.cat([p.reshape(-1) for p in params])
+    torch.manual_seed(0)
+    b = torch.randn(40, dtype=torch.float64)   # quadratic()'s own b: the same seed, drawn first
+    grad = A * flat - b
+    moves = []
+    for p in range(3):
+        z = torch.cat([zi.reshape(-1) for zi in zs(params, probe_seed(0, p))])
+        moves.append(abs(float(z @ grad)) * float(z.norm()))
+    cap_one_step = DRIFT * float(flat.norm()) / sorted(moves)[1]
+
+    short, _ = probe_quadratic(run_steps=1e-6)   # a cap far above the one-step choice: it does not bind
+    assert short.lr == short.one_step and short.drift_cap == pytest.approx(cap_one_step / 1e-3, rel=1e-6)
+    long, _ = probe_quadratic(run_steps=1e8)
+    assert long.per_probe == short.per_probe and long.one_step == short.one_step
+    assert long.lr == long.drift_cap == pytest.approx(cap_one_step / 1e4, rel=1e-6) and long.lr < long.one_step
+    quarter, _ = probe_quadratic(run_steps=4e8)   # 4× the steps: half the lr
+    assert quarter.lr == pytest.approx(long.lr / 2, rel=1e-12)
+    momentum, _ = probe_quadratic("zo-sgd-momentum", run_steps=1e8)   # its walk is ĝ/(1 − μ) a step
+    assert momentum.lr == pytest.approx(0.1 * long.lr, rel=1e-12)
+    none, _ = probe_quadratic()
+    assert none.drift_cap is None and none.lr == none.one_step
+    assert {"one_step", "drift_cap"} <= set(long.record())
 
 
 def test_loss_noise_at_tiny_steps_does_not_end_the_scan():
@@ -86,6 +116,7 @@ def test_tiny_llama_lr_auto_is_finite_seeded_and_lowers_the_loss(mode):
     again = auto_lr(cfg, zo, objective)
     assert (again.lr, again.forwards, again.per_probe) == (first.lr, first.forwards, first.per_probe)
     assert math.isfinite(first.lr) and GRID[0] * FRACTION <= first.lr <= GRID[-1] * FRACTION
+    assert first.drift_cap is not None and first.lr == min(first.one_step, first.drift_cap)
     other_seed = auto_lr(type(cfg)(**{**cfg.to_dict(), "seed": 1}), zo, objective)
     assert other_seed.per_probe != first.per_probe or other_seed.forwards != first.forwards   # seeds matter
 
@@ -95,6 +126,18 @@ def test_tiny_llama_lr_auto_is_finite_seeded_and_lowers_the_loss(mode):
         zo.step_fn(step)
     zo.stepper.settle()
     assert train_loss_mean(zo, objective) < before
+
+
+def test_the_cap_follows_the_runs_schedule():
+    """T_eff = Σ_t (lr_t / lr)²: a linear decay to 0 adds up to about T/3, so its cap is about √3× the
+    constant schedule's over the same steps, and 4× the steps halve it."""
+    from zoft.methods.mezo import auto_lr
+    caps = {}
+    for schedule, steps in [("constant", 300), ("linear", 300), ("constant", 1200)]:
+        zo, objective, cfg = tiny_step(lr="auto", steps=steps, lr_schedule=schedule)
+        caps[schedule, steps] = auto_lr(cfg, zo, objective).drift_cap
+    assert caps["linear", 300] / caps["constant", 300] == pytest.approx(math.sqrt(3), rel=0.01)
+    assert caps["constant", 1200] == pytest.approx(caps["constant", 300] / 2, rel=1e-9)
 
 
 @pytest.mark.parametrize("choice", [dict(mode="prefix"), dict(optimizer="zo-adam"), dict(optimizer="zo-sgd-sign"),

@@ -113,9 +113,12 @@ def auto_lr(cfg, zo: ZOStep, measure: Objective) -> AutoLR:
 
     def batch(p: int) -> list[int]:
         return batch_indices(zo.n_train, cfg.batch_size, cfg.seed, p)
+    # T_eff = Σ_t (lr_t / lr)²: how the run's steps add up as a random walk, for the drift cap
+    run_steps = sum(learning_rate(t, cfg.steps, 1.0, cfg.lr_schedule, cfg.warmup_steps) ** 2 for t in range(cfg.steps))
     return probe_lr(zo.params, estimator, optimizer,
                     train_loss=lambda p: zo.objective.on(batch(p)), measure=lambda p: measure.on(batch(p)),
-                    seeds=lambda p: [probe_seed(cfg.seed, p, k) for k in range(cfg.n_directions)])
+                    seeds=lambda p: [probe_seed(cfg.seed, p, k) for k in range(cfg.n_directions)],
+                    run_steps=run_steps)
 
 
 def trajectory_header(setup: Setup, zo: ZOStep) -> dict:
@@ -153,8 +156,10 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
         if writer:   # config.yaml keeps the number: --resume continues with it, without a new probe
             run_dir.write_config(cfg.to_dict())
             run_dir.log({"step": 0, **chosen.record()})
+        cap = "" if chosen.drift_cap is None else f", run-length cap {chosen.drift_cap:.3g}"
         print(f"zoft: lr=auto chose lr={chosen.lr:.3g} ({chosen.forwards} probe forwards; one-step optima "
-              f"{', '.join('-' if x is None else f'{x:.3g}' for x in chosen.per_probe)})", file=sys.stderr, flush=True)
+              f"{', '.join('-' if x is None else f'{x:.3g}' for x in chosen.per_probe)} → {chosen.one_step:.3g}{cap})",
+              file=sys.stderr, flush=True)
     if cfg.trajectory:
         zo.recorder = TrajectoryRecorder(run_dir.path / FILENAME, trajectory_header(setup, zo), zo.stepper)
     recorder = zo.recorder

@@ -30,6 +30,20 @@ and so the loss by a tiny random amount either way, and stopping at the first si
 that noise (SmolLM2-135M on SST-2 got lr 3e-9 and never moved). Past the optimum a real overshoot
 is large: one grid point beyond lr* (×√10) a step raises the loss by ~1.8× what the best step lowered it.
 
+**The run's length caps it too.** The one-step optimum is blind to what many steps add up to: the
+part of each update that is noise (most of it: a random direction carries little of the gradient)
+adds up as a random walk, |Δθ| ≈ lr·u·√T after T steps, where u = |update| / lr on the first step.
+Where that walk has no curvature to pay (LoRA's A while B = 0: its gradient is zero, so every move
+of A is noise, yet it multiplies B later) the one-step optimum is huge and the run drifts until the
+weights are 10-30× their initial norm (MeZO-LoRA on ASAP set 1 at lr=auto 1e-2: the guard's weight
+norm rule rolled it back three times). So the lr is also capped where the walk over the run stays
+within DRIFT of the trained tensors' own norm:
+
+    lr ≤ DRIFT · |θ₀| / (u · √T_eff),     T_eff = Σ_t (lr_t / lr)²   (the schedule's shape: T/3 for linear decay)
+
+This is the rule behind hand-picked MeZO lrs: 1e-4 for a few hundred full-parameter steps and 3e-5
+for thousands (1/√T), and MeZO's LoRA lrs of 1e-4-5e-5 (README "lr=auto", measured).
+
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
 started from without the probe: replay and resume stay exact.
@@ -52,6 +66,7 @@ FRACTION = 0.1              # of the one-step optimum lr* (module docstring)
 GRID = [10 ** (k / 2) for k in range(-16, 1)]   # 1e-8, 3.2e-8, ..., 1: the lrs tried
 PROBES, MAX_TRIES = 3, 9    # probes that found a descent; batches tried at most
 RISE = 0.1                  # relative rise above L_B(θ), after a fall, that ends a probe's scan (docstring)
+DRIFT = 0.1                 # the run's random walk may move θ by this fraction of |θ₀| (docstring)
 
 
 def probe_seed(seed: int, probe: int, k: int = 0) -> int:
@@ -66,25 +81,33 @@ class AutoLR:
     lr: float
     forwards: int
     per_probe: list[float | None] = field(default_factory=list)
+    one_step: float | None = None     # FRACTION × the probes' median optimum
+    drift_cap: float | None = None    # the run-length cap (None: no run length given)
 
     def record(self) -> dict:
-        return {"event": "lr_auto", "lr": self.lr, "forwards": self.forwards, "per_probe": self.per_probe}
+        return {"event": "lr_auto", "lr": self.lr, "forwards": self.forwards, "per_probe": self.per_probe,
+                "one_step": self.one_step, "drift_cap": self.drift_cap}
+
+
+def _distance(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float((p.detach().float().cpu() - s.float()).square().sum()) for p, s in zip(params, saved)))
 
 
 @torch.no_grad()
 def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
              train_loss: Callable[[int], Callable[[], float]], measure: Callable[[int], Callable[[], float]],
-             seeds: Callable[[int], list[int]]) -> AutoLR:
+             seeds: Callable[[int], list[int]], run_steps: float = 0.0) -> AutoLR:
     """Choose the lr (module docstring). ``train_loss(p)`` is the training objective on probe p's
     batch, ``measure(p)`` the loss the step is judged by on that batch (the LM loss where the objective
-    is a metric), ``seeds(p)`` its directions. ``optimizer`` must be fresh (no state): each trial takes a copy of it."""
+    is a metric), ``seeds(p)`` its directions. ``optimizer`` must be fresh (no state): each trial takes a copy of it.
+    ``run_steps`` is T_eff, Σ_t (lr_t / lr)² over the run (0: no drift cap)."""
     saved = [p.detach().to("cpu", copy=True) for p in params]
 
     def restore() -> None:
         for p, s in zip(params, saved):
             p.copy_(s)
 
-    forwards, per_probe = 0, []
+    forwards, per_probe, unit_moves = 0, [], []   # unit_moves: u_p = |Δθ| / lr of each probe's update
     steady = 1 - optimizer.momentum if isinstance(optimizer, ZOSGDMomentum) else 1.0
     for p in range(MAX_TRIES):
         if sum(x is not None for x in per_probe) == PROBES:
@@ -111,10 +134,20 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
             curve.append(change if math.isfinite(change) else math.inf)
         best = min(range(len(GRID)), key=curve.__getitem__)
         per_probe.append(GRID[best] if curve[best] < 0 else None)   # None: no lr lowered this batch's loss
+        if curve[best] < 0 and run_steps > 0:   # the update's size per unit lr, at an lr large enough to
+            copy.deepcopy(optimizer).update(params, estimate, GRID[best], estimator.backend, estimator.distribution)
+            unit_moves.append(_distance(params, saved) / GRID[best])   # stand clear of fp32 rounding (no forward)
+            restore()
     restore()
     found = [x for x in per_probe if x is not None]
     if not found:
         raise ZoftError(f"lr=auto: no trial step lowered the training loss at any lr in [{GRID[0]:g}, {GRID[-1]:g}] "
                         f"({len(per_probe)} probes, {forwards} forwards); raise eps or set lr explicitly")
-    lr = FRACTION * steady * 10 ** statistics.median(math.log10(x) for x in found)
-    return AutoLR(lr=lr, forwards=forwards, per_probe=per_probe)
+    one_step = FRACTION * steady * 10 ** statistics.median(math.log10(x) for x in found)
+    drift_cap = None
+    if run_steps > 0 and statistics.median(unit_moves) > 0:
+        # momentum's steady step is its first one / (1 − μ), and so is the walk it adds up to
+        norm0 = math.sqrt(sum(float(s.float().square().sum()) for s in saved))
+        drift_cap = DRIFT * steady * norm0 / (statistics.median(unit_moves) * math.sqrt(run_steps))
+    lr = one_step if drift_cap is None else min(one_step, drift_cap)
+    return AutoLR(lr=lr, forwards=forwards, per_probe=per_probe, one_step=one_step, drift_cap=drift_cap)
