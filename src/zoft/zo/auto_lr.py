@@ -12,7 +12,7 @@ run's own estimator and optimizer, so the rule is the same for all of them:
                   for lr = 10⁻⁸, 10^-7.5, ..., 1, until the loss has fallen and then risen RISE·|L_B(θ)|
                   above L_B(θ), or doubled
         lr*_p  = argmin f_p
-    lr = FRACTION · geometric median of lr*_p
+    lr = min(FRACTION · geometric median of lr*_p,  the run-length cap below)
 
 On its own batch, a ZO-SGD step changes the loss by f(lr) ≈ −g²·lr + ½·g²·(zᵀHz)·lr², whose
 argmin 1/zᵀHz does not depend on g (so not on the luck of the direction) and concentrates around
@@ -35,14 +35,15 @@ part of each update that is noise (most of it: a random direction carries little
 adds up as a random walk, |Δθ| ≈ lr·u·√T after T steps, where u = |update| / lr on the first step.
 Where that walk has no curvature to pay (LoRA's A while B = 0: its gradient is zero, so every move
 of A is noise, yet it multiplies B later) the one-step optimum is huge and the run drifts until the
-weights are 10-30× their initial norm (MeZO-LoRA on ASAP set 1 at lr=auto 1e-2: the guard's weight
+weights are 15-33× their initial norm (MeZO-LoRA on ASAP set 1 at lr=auto 1e-2: the guard's weight
 norm rule rolled it back three times). So the lr is also capped where the walk over the run stays
 within DRIFT of the trained tensors' own norm:
 
     lr ≤ DRIFT · |θ₀| / (u · √T_eff),     T_eff = Σ_t (lr_t / lr)²   (the schedule's shape: T/3 for linear decay)
 
-This is the rule behind hand-picked MeZO lrs: 1e-4 for a few hundred full-parameter steps and 3e-5
-for thousands (1/√T), and MeZO's LoRA lrs of 1e-4-5e-5 (README "lr=auto", measured).
+and the run uses min(FRACTION · lr*, the cap). DRIFT = 0.1 reproduces the lrs picked by hand for
+SmolLM2-135M in full mode, 1e-4 for a few hundred steps and 3e-5 for thousands (README "lr=auto":
+caps of 1.9e-4 and 3.5e-5), and lands in MeZO's LoRA range (1e-4, 5e-5) in LoRA mode.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
@@ -134,9 +135,10 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
             curve.append(change if math.isfinite(change) else math.inf)
         best = min(range(len(GRID)), key=curve.__getitem__)
         per_probe.append(GRID[best] if curve[best] < 0 else None)   # None: no lr lowered this batch's loss
-        if curve[best] < 0 and run_steps > 0:   # the update's size per unit lr, at an lr large enough to
+        if curve[best] < 0 and run_steps > 0:
+            # u_p, the update's size per unit lr, taken at lr*_p: a step of 1e-8 would drown in fp32 rounding
             copy.deepcopy(optimizer).update(params, estimate, GRID[best], estimator.backend, estimator.distribution)
-            unit_moves.append(_distance(params, saved) / GRID[best])   # stand clear of fp32 rounding (no forward)
+            unit_moves.append(_distance(params, saved) / GRID[best])   # no forward: only θ's distance
             restore()
     restore()
     found = [x for x in per_probe if x is not None]
