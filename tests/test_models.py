@@ -146,6 +146,27 @@ def test_gguf_changed_file_gets_a_new_entry(tmp_path):
     assert not torch.equal(logits(a), logits(b))
 
 
+def test_gguf_same_file_under_a_new_fingerprint_links_its_twin_instead_of_a_second_copy(tmp_path, monkeypatch):
+    """A reinstall rewrites the GGUF with a new mtime, so its cheap fingerprint changes. The new entry
+    must reuse the entry of the same sha256 (hard links: no second 540 MB copy, no dequantising)."""
+    gguf, cache = write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "cache"
+    first = load_model(gguf, cache_dir=cache)
+    os.utime(gguf, ns=(0, 10**18))   # same bytes, new mtime
+
+    def must_not_run(*a, **k):
+        raise AssertionError("GGUF dequantised again although its twin is cached")
+    monkeypatch.setattr(models, "_dequantise_gguf", must_not_run)
+    second = load_model(gguf, cache_dir=cache)
+    assert len(entries(cache)) == 2 and second.identity == first.identity
+    old, new = (cache / e for e in entries(cache))
+    assert sorted(f.name for f in old.iterdir()) == sorted(f.name for f in new.iterdir())
+    assert (old / "model.safetensors").stat().st_ino == (new / "model.safetensors").stat().st_ino
+    assert torch.equal(logits(first), logits(second))
+    write_tiny_gguf(gguf, seed=1)   # other bytes: no twin, so it must dequantise
+    with pytest.raises(AssertionError, match="dequantised again"):
+        load_model(gguf, cache_dir=cache)
+
+
 def test_gguf_failed_first_load_leaves_no_cache(tmp_path, monkeypatch):
     gguf, cache = write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "cache"
     real = models._dequantise_gguf

@@ -321,7 +321,11 @@ def _build_cache_entry(entry: Path, path: Path | None, file_name: str,
         assert gguf is not None
         _check_gguf_magic(gguf)
         sha = _file_sha(gguf)
-        _dequantise_gguf(gguf, tmp)
+        twin = _entry_with_sha(entry.parent, sha)
+        if twin is not None:   # the same file under a new fingerprint (a reinstall or a copy touches its mtime)
+            _link_files(twin, tmp)
+        else:
+            _dequantise_gguf(gguf, tmp)
         if make_gguf:
             shutil.rmtree(tmp / "src")  # the assembled GGUF is not needed once dequantised
         (tmp / _META).write_text(json.dumps({"source": str(path or file_name), "sha256": sha,
@@ -335,6 +339,28 @@ def _build_cache_entry(entry: Path, path: Path | None, file_name: str,
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _entry_with_sha(cache: Path, sha: str) -> Path | None:
+    """A complete cache entry dequantised from a GGUF with this sha256, if there is one."""
+    for meta in sorted(cache.glob(f"*/{_META}")):
+        try:
+            if json.loads(meta.read_text()).get("sha256") == sha:
+                return meta.parent
+        except (OSError, ValueError, AttributeError):
+            continue   # an unreadable entry is no twin; loading it names it
+    return None
+
+
+def _link_files(src: Path, out: Path) -> None:
+    """``src``'s files in ``out`` as hard links (no second copy on disk), or copies across filesystems."""
+    for f in src.iterdir():
+        if f.name == _META or not f.is_file():
+            continue
+        try:
+            os.link(f, out / f.name)
+        except OSError:
+            shutil.copy2(f, out / f.name)
 
 
 def _dequantise_gguf(gguf: Path, out: Path) -> None:
