@@ -113,8 +113,11 @@ def auto_lr(cfg, zo: ZOStep, measure: Objective) -> AutoLR:
 
     def batch(p: int) -> list[int]:
         return batch_indices(zo.n_train, cfg.batch_size, cfg.seed, p)
-    # T_eff = Σ_t (lr_t / lr)²: how the run's steps add up as a random walk, for the drift cap
-    run_steps = sum(learning_rate(t, cfg.steps, 1.0, cfg.lr_schedule, cfg.warmup_steps) ** 2 for t in range(cfg.steps))
+    # T_eff = Σ_t (lr_t / lr)²: how the run's steps add up as a random walk, for the drift cap. Full
+    # mode only: there |θ₀| is the pretrained weights' scale; an adapter's init norm is no scale of the
+    # function (LoRA's A moves nothing while B = 0), and capped by it MeZO-LoRA on ASAP did not learn
+    run_steps = (sum(learning_rate(t, cfg.steps, 1.0, cfg.lr_schedule, cfg.warmup_steps) ** 2 for t in range(cfg.steps))
+                 if cfg.mode == "full" else 0.0)
     return probe_lr(zo.params, estimator, optimizer,
                     train_loss=lambda p: zo.objective.on(batch(p)), measure=lambda p: measure.on(batch(p)),
                     seeds=lambda p: [probe_seed(cfg.seed, p, k) for k in range(cfg.n_directions)],

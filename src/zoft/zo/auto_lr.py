@@ -33,17 +33,17 @@ is large: one grid point beyond lr* (×√10) a step raises the loss by ~1.8× w
 **The run's length caps it too.** The one-step optimum is blind to what many steps add up to: the
 part of each update that is noise (most of it: a random direction carries little of the gradient)
 adds up as a random walk, |Δθ| ≈ lr·u·√T after T steps, where u = |update| / lr on the first step.
-Where that walk has no curvature to pay (LoRA's A while B = 0: its gradient is zero, so every move
-of A is noise, yet it multiplies B later) the one-step optimum is huge and the run drifts until the
-weights are 15-33× their initial norm (MeZO-LoRA on ASAP set 1 at lr=auto 1e-2: the guard's weight
-norm rule rolled it back three times). So the lr is also capped where the walk over the run stays
-within DRIFT of the trained tensors' own norm:
+Over thousands of steps the one-step optimum diverges (SmolLM2-135M full mode: lr 1e-4 suits 200
+steps and diverges over thousands, where 3e-5 is the long-run setting). So the lr is also capped
+where the walk over the run stays within DRIFT of the trained tensors' own norm:
 
     lr ≤ DRIFT · |θ₀| / (u · √T_eff),     T_eff = Σ_t (lr_t / lr)²   (the schedule's shape: T/3 for linear decay)
 
 and the run uses min(FRACTION · lr*, the cap). DRIFT = 0.1 reproduces the lrs picked by hand for
 SmolLM2-135M in full mode, 1e-4 for a few hundred steps and 3e-5 for thousands (README "lr=auto":
-caps of 1.9e-4 and 3.5e-5), and lands in MeZO's LoRA range (1e-4, 5e-5) in LoRA mode.
+caps of 1.9e-4 and 3.5e-5). The caller applies it in full mode only (zoft.methods.mezo.auto_lr): an
+adapter's init norm is no scale of the function, and on MeZO-LoRA (ASAP set 1, 500 steps) the cap,
+2e-4, left the loss flat for 250 steps where the guarded 1e-2 → 1.25e-3 learned.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
