@@ -344,6 +344,8 @@ def _build_cache_entry(entry: Path, path: Path | None, file_name: str,
 def _entry_with_sha(cache: Path, sha: str) -> Path | None:
     """A complete cache entry dequantised from a GGUF with this sha256, if there is one."""
     for meta in sorted(cache.glob(f"*/{_META}")):
+        if meta.parent.name.startswith("."):
+            continue   # another load's temp folder, not an entry yet
         try:
             if json.loads(meta.read_text()).get("sha256") == sha:
                 return meta.parent
