@@ -43,6 +43,7 @@ OBJECTIVES = ("loss", "acc", "f1")   # what MeZO minimises: the LM loss, or minu
 REPORT_TO = ("none", "tensorboard")  # where training metrics go besides metrics.jsonl (HF's report_to)
 AUTO = "auto"        # lr=auto: MeZO probes its step size (zoft.zo.auto_lr)
 DEFAULT_LR = 1e-6    # the numeric default of the methods without lr=auto
+HEAD_METHODS = ("lm-cls", "bert-cls")   # a fresh classification head on a pretrained body
 ENSEMBLE = "ensemble"   # the method whose members are other runs (zoft.methods.ensemble)
 ZO_METHODS = ("mezo", "lp-mezo")   # methods that train by ZO steps: lr=auto is theirs, and their default
 # what an ensemble's members inherit and may not set: the same data for every member (none may
@@ -112,6 +113,8 @@ class Config:
     icl_k: int = 4
     lp_c: float = 1.0
     lp_ft_probe_steps: int = 0
+    # lm-cls, bert-cls: keep the input embeddings as pretrained (Gemma-3-270M's are 168M of its 268M weights)
+    freeze_embeddings: bool = False
     # bert-cls: the encoder fine-tuned with a classification head (a builtin name or a local HF folder)
     encoder: str = "minilm-l6"
     # ensemble: the member runs whose level probabilities it averages (zoft.methods.ensemble)
@@ -204,6 +207,9 @@ class Config:
         if self.offload and (self.flat_params or self.estimator != "spsa" or self.optimizer != "zo-sgd"):
             raise ZoftError("config: offload=true streams plain MeZO passes: use estimator=spsa, optimizer=zo-sgd, "
                             "flat_params=false")
+        if self.freeze_embeddings and self.method not in (*HEAD_METHODS, ENSEMBLE):
+            raise ZoftError(f"config: freeze_embeddings is for {' and '.join(HEAD_METHODS)} (a classification head "
+                            f"on a pretrained body), not method={self.method}")
         if (self.method == ENSEMBLE) != (self.members is not None):
             raise ZoftError("config: method=ensemble needs members (a list), and members are for method=ensemble only")
         if self.members is not None:
@@ -304,6 +310,7 @@ KEY_HELP: dict[str, str] = {
     "icl_k": "demonstrations per prompt for icl",
     "lp_c": "inverse L2 strength of the linear probe (scikit-learn C)",
     "lp_ft_probe_steps": "LP-FT: first steps that train the head only",
+    "freeze_embeddings": "lm-cls, bert-cls: keep the input embeddings as pretrained (fewer weights to step)",
     "encoder": "bert-cls encoder: builtin name (minilm-l6) or HF folder",
     "members": "ensemble: a list of members, each a mapping of keys over this config's (e.g. {method: bert-cls}) or a finished run folder",
     "trajectory": "write trajectory.safetensors (seeds, g, lr per step) at each checkpoint",

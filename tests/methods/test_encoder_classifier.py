@@ -162,3 +162,16 @@ def test_reloaded_run_reproduces_its_eval_and_scores_new_responses(six_steps, tm
         probs = [float(row[f"p_{lv}"]) for lv in ("0", "1", "2")]
         assert sum(probs) == pytest.approx(1, abs=1e-5)
         assert row["score"] == str(want) == str(max(range(3), key=probs.__getitem__))
+
+
+def test_freeze_embeddings_leaves_the_word_matrix_out_and_trains_the_rest(tmp_path):
+    """freeze_embeddings=true: the word embeddings are not trained or saved; position embeddings,
+    the layers and the head are, and the run reloads to eval.json's numbers."""
+    result = zoft.api.train(**SMALL, steps=2, eval_every=2, freeze_embeddings=True, output_dir=str(tmp_path),
+                            loaded=tiny_random_model("causal"))
+    tensors = load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))
+    assert "bert.embeddings.word_embeddings.weight" not in tensors
+    assert "bert.embeddings.position_embeddings.weight" in tensors and "classifier.weight" in tensors
+    assert any(k.startswith("bert.encoder.layer.5.") for k in tensors)
+    again = zoft.api.evaluate(str(tmp_path), task="asap-10")
+    assert again["eval"] == pytest.approx(result["eval"], abs=1e-12)

@@ -96,3 +96,30 @@ def test_masked_lm_and_non_classification_tasks_are_errors(tmp_path):
     with pytest.raises(ZoftError, match="lm-cls needs a classification task"):
         lmcls.run(setup, RunDir(tmp_path))
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_freeze_embeddings_keeps_the_vocabulary_matrix_and_the_run_reloads(tmp_path):
+    """freeze_embeddings=true: the input embeddings stay bit-identical to the LM's and are left out of
+    the checkpoint while the body and head train; `zoft eval` rebuilds the same model and gets
+    eval.json's numbers again."""
+    import zoft.api
+
+    lm = tiny_random_model("causal")
+    pretrained = lm.model.get_input_embeddings().weight.detach().clone()
+    result = zoft.api.train(**{**SMALL, "steps": 4, "eval_every": 2, "lr": 3e-3}, freeze_embeddings=True,
+                            output_dir=str(tmp_path), loaded=lm)
+    tensors = load_file(str(tmp_path / "checkpoint-4" / "trainable.safetensors"))
+    assert "score.weight" in tensors and not any("embed_tokens" in k for k in tensors)
+    layer = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(tensors[layer], tiny_random_model("causal").model.state_dict()[layer])   # the body trained
+    assert torch.equal(lm.model.get_input_embeddings().weight, pretrained)   # no step touched the vocabulary
+    again = zoft.api.evaluate(str(tmp_path), task="asap-10")
+    assert again["eval"] == pytest.approx(result["eval"], abs=1e-12)
+
+
+def test_freeze_embeddings_is_refused_where_there_is_no_head():
+    with pytest.raises(ZoftError, match="freeze_embeddings is for lm-cls and bert-cls.*method=mezo"):
+        load_config(overrides={**SMALL, "method": "mezo", "freeze_embeddings": True})
+    cfg = load_config(overrides={**SMALL, "method": "ensemble", "freeze_embeddings": True,
+                                 "members": [{"method": "bert-cls"}, {"method": "lm-cls"}]})
+    assert all(member.freeze_embeddings for _, member in cfg.member_configs())   # the ensemble's reaches its members
