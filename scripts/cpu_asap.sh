@@ -9,6 +9,7 @@
 #
 #   scripts/cpu_asap.sh OUT_DIR [SET ...]          # sets default 1 2 10
 #   SCORER_ARGS="steps=200" scripts/cpu_asap.sh OUT 1     # try a variant of the recipe
+#   SCORER_CONFIG=configs/scoring-smollm2.yaml scripts/cpu_asap.sh OUT   # the SmolLM2 scorer (faster, weaker)
 #   EXTRA="model=tiny-llama steps=2 n_eval=16" scripts/cpu_asap.sh OUT 10   # smoke test: every run gets EXTRA
 #   PYTHON=.venv/bin/python scripts/cpu_asap.sh OUT          # the interpreter for zoft and the summary
 #
@@ -55,7 +56,7 @@ for s in $sets; do
   fi
   if [ "${SCORER:-1}" = 1 ]; then
     # shellcheck disable=SC2086  # SCORER_ARGS is a list of key=value overrides
-    timed "$out/asap-$s/scorer" $zoft train "$here/configs/scoring.yaml" $data ${SCORER_ARGS:-}
+    timed "$out/asap-$s/scorer" $zoft train "${SCORER_CONFIG:-$here/configs/scoring.yaml}" $data ${SCORER_ARGS:-}
   fi
 done
 

@@ -230,3 +230,15 @@ def test_recommended_config_runs_end_to_end_and_reloads(tmp_path):
     assert set(saved["eval"]) == {"qwk", "acc", "f1"} and len(saved["eval_outputs"]["predictions"]) == 16
     assert [r["step"] for r in RunDir(out / "members" / "0-lm-cls").read_metrics() if "dev" in r] == [1, 2]
     assert zoft.api.evaluate(str(out))["eval"] == pytest.approx(saved["eval"], abs=1e-12)
+
+
+@pytest.mark.parametrize("name, lm", [("scoring.yaml", "gemma3-270m"), ("scoring-smollm2.yaml", "smollm2-135m")])
+def test_shipped_scoring_configs_name_their_lm_and_keep_bert_cls_as_the_baseline(name, lm):
+    """The two shipped scorers: the same ensemble of lm-cls and bert-cls, differing in the LM; the
+    recommended one keeps Gemma's vocabulary matrix frozen, and no member changes bert-cls's recipe."""
+    cfg = load_config(REPO / "configs" / name, ["task=asap-2"])
+    (_, lm_cls), (_, bert_cls) = cfg.member_configs()
+    assert (lm_cls.method, lm_cls.model, lm_cls.mode) == ("lm-cls", lm, "full")
+    assert lm_cls.freeze_embeddings == (lm == "gemma3-270m")
+    assert (bert_cls.method, bert_cls.encoder, bert_cls.lr, bert_cls.steps) == ("bert-cls", "minilm-l6", 5e-5, 300)
+    assert not bert_cls.freeze_embeddings and bert_cls.lr_schedule == "constant"
