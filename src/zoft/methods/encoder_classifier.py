@@ -244,9 +244,8 @@ class EncoderScorer:
 def freeze_embeddings(model, freeze: bool):
     """``model`` with its input embedding matrix out of training when ``freeze`` (else as it was).
 
-    Why: the vocabulary matrix is most of a small LM's weights (Gemma-3-270M: 168M of 268M), and
-    a scoring set of about a thousand responses touches a few thousand of its rows. Frozen, it
-    gets no gradient, no optimizer moments and no place in the checkpoints, and a step is faster.
+    Why: the vocabulary matrix is most of a small LM's weights (Gemma-3-270M: 168M of 268M). Frozen,
+    it gets no gradient, no optimizer moments and no place in the checkpoints, so a step is faster.
     Position and token-type embeddings, where a model has them, stay trained.
     """
     if freeze:
