@@ -95,5 +95,5 @@ def evaluate(model: str | Path = "smollm2-135m", task: str | None = None, **over
         enc = scorer.encode(setup.data.eval)
         return {"model": str(path), "task": setup.task.name, "compute_dtype": scorer.compute_dtype,
                 "eval": evaluate_split(scorer, enc, setup.data.eval, setup.task, setup.cfg.eval_batch_size,
-                                       progress=setup.cfg.progress, label="eval")}
+                                       progress=setup.cfg.progress, label="eval", decision=setup.cfg.decision)}
     return train(method="zero-shot", model=str(model), task=task or "sst2", **overrides)

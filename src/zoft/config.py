@@ -21,6 +21,7 @@ from zoft.adapters import MODES
 from zoft.errors import ZoftError
 from zoft.lm import COMPUTE_DTYPES
 from zoft.shared_prefix import SHARED_PREFIX_MODES
+from zoft.tasks.decision import DECISIONS
 from zoft.zo import BACKEND_NAMES, DISTRIBUTIONS, ESTIMATORS, OPTIMIZERS, SCHEDULES
 
 class _YamlLoader(yaml.SafeLoader):
@@ -44,6 +45,7 @@ REPORT_TO = ("none", "tensorboard")  # where training metrics go besides metrics
 AUTO = "auto"        # lr=auto: MeZO probes its step size (zoft.zo.auto_lr)
 DEFAULT_LR = 1e-6    # the numeric default of the methods without lr=auto
 HEAD_METHODS = ("lm-cls", "bert-cls")   # a fresh classification head on a pretrained body
+BACKPROP_METHODS = ("ft", "lp-ft", *HEAD_METHODS)   # trained by AdamW in zoft.methods.finetune.train
 ENSEMBLE = "ensemble"   # the method whose members are other runs (zoft.methods.ensemble)
 ZO_METHODS = ("mezo", "lp-mezo")   # methods that train by ZO steps: lr=auto is theirs, and their default
 # what an ensemble's members inherit and may not set: the same data for every member (none may
@@ -81,9 +83,14 @@ class Config:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    # backprop methods (BACKPROP_METHODS), under the names transformers' Trainer gives them
+    group_by_length: bool = False    # batches of similar length (HF's length-grouped sampler): less padding
+    adamw_fused: bool = False        # torch's fused AdamW kernel (HF optim=adamw_torch_fused): one pass, not a loop
+    micro_batch_size: int | None = None   # run each batch, sorted by length, in pieces this big: less padding, same gradient
     eval_every: int = 100
     save_every: int | None = None
     load_best: bool = True
+    decision: str = "argmax"         # argmax | expected: a scoring task's level nearest the expected score (zoft.tasks.decision)
     # MeZO
     eps: float = 1e-3
     n_directions: int = 1
@@ -150,7 +157,7 @@ class Config:
                              ("parallel", ("none", "data", "direction")), ("report_to", REPORT_TO),
                              ("optimizer", tuple(OPTIMIZERS)), ("estimator", tuple(ESTIMATORS)),
                              ("compile", ("off", "default", "reduce-overhead", "cuda-graph")),
-                             ("shared_prefix", SHARED_PREFIX_MODES)):
+                             ("shared_prefix", SHARED_PREFIX_MODES), ("decision", DECISIONS)):
             if getattr(self, key) not in allowed:
                 raise ZoftError(f"config: unknown {key} '{getattr(self, key)}'; choose from {', '.join(allowed)}")
         if self.distribution == "auto":   # resolved here, so config.yaml (and a resume) names the real one
@@ -162,7 +169,7 @@ class Config:
         if self.n_train < 1 and self.n_train != -1:
             raise ZoftError(f"config: n_train must be >= 1, got {self.n_train} (or -1: every training row "
                             "dev does not take)")
-        for key in ("save_every", "k_per_class", "threads"):
+        for key in ("save_every", "k_per_class", "threads", "micro_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1 (or empty for the default), got {getattr(self, key)}")
         for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
@@ -210,6 +217,10 @@ class Config:
         if self.freeze_embeddings and self.method not in (*HEAD_METHODS, ENSEMBLE):
             raise ZoftError(f"config: freeze_embeddings is for {' and '.join(HEAD_METHODS)} (a classification head "
                             f"on a pretrained body), not method={self.method}")
+        for key in ("group_by_length", "adamw_fused", "micro_batch_size"):
+            if getattr(self, key) and self.method not in (*BACKPROP_METHODS, ENSEMBLE):
+                raise ZoftError(f"config: {key} is for the backprop methods ({', '.join(BACKPROP_METHODS)}), "
+                                f"not method={self.method}")
         if (self.method == ENSEMBLE) != (self.members is not None):
             raise ZoftError("config: method=ensemble needs members (a list), and members are for method=ensemble only")
         if self.members is not None:

@@ -51,13 +51,23 @@ def check_finite(step: int, **values: float) -> None:
                                 reason=f"{name} is {value}")
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """The examples of ``step``: epoch-wise shuffling, as a pure function of (seed, step)."""
+def batch_indices(n: int, batch_size: int, seed: int, step: int, lengths: list[int] | None = None) -> list[int]:
+    """The examples of ``step``: epoch-wise shuffling, as a pure function of (seed, step).
+
+    With ``lengths`` (one per example: ``group_by_length``), each epoch's order is transformers'
+    length-grouped one: a shuffle, cut into megabatches of up to 50 batches, each sorted by length, so a
+    batch holds examples of similar length and pads little. Its generator is seeded by (seed, epoch).
+    """
     if n <= batch_size:
         return list(range(n))
     steps_per_epoch = n // batch_size
     epoch, i = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    if lengths is None:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+    else:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+        generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 0x1E]).integers(0, 2**62)))
+        order = np.asarray(get_length_grouped_indices(list(lengths), batch_size, generator=generator))
     return order[i * batch_size:(i + 1) * batch_size].tolist()
 
 

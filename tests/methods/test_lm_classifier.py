@@ -123,3 +123,104 @@ def test_freeze_embeddings_is_refused_where_there_is_no_head():
     cfg = load_config(overrides={**SMALL, "method": "ensemble", "freeze_embeddings": True,
                                  "members": [{"method": "bert-cls"}, {"method": "lm-cls"}]})
     assert all(member.freeze_embeddings for _, member in cfg.member_configs())   # the ensemble's reaches its members
+
+
+def test_speed_keys_resume_exactly_and_track_the_plain_run(tmp_path):
+    """group_by_length, adamw_fused and micro_batch_size together: a run cut after step 2 and resumed
+    ends on the same bits as the whole run (batches stay a function of (seed, step); the fused AdamW's
+    moments and step count survive the checkpoint), and its weights stay within float rounding of the
+    run with one piece per batch and the default AdamW loop."""
+    few = dict(n_train=24, n_dev=4, n_eval=4, batch_size=4, eval_every=2, lr=1e-3, load_best=False,
+               compute_dtype="fp32")   # bf16 rounds each piece differently: the comparison wants fp32
+    fast = dict(few, group_by_length=True, adamw_fused=True, micro_batch_size=3)
+    lmcls.run(asap_setup(**fast, steps=4), RunDir(tmp_path / "whole"))
+    lmcls.run(asap_setup(**fast, steps=2), RunDir(tmp_path / "cut"))             # "killed" after step 2
+    lmcls.run(asap_setup(**fast, steps=4), RunDir(tmp_path / "cut"), resume=True)
+    whole = load_file(str(tmp_path / "whole" / "checkpoint-4" / "trainable.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "checkpoint-4" / "trainable.safetensors"))
+    assert set(whole) == set(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    state = load_file(str(tmp_path / "cut" / "checkpoint-4" / "optimizer.safetensors"))
+    assert state and all(v.item() == 4 for k, v in state.items() if k.endswith(".step"))
+
+    lmcls.run(asap_setup(**few, group_by_length=True, steps=4), RunDir(tmp_path / "loop"))
+    loop = load_file(str(tmp_path / "loop" / "checkpoint-4" / "trainable.safetensors"))
+    start = tiny_random_model("causal").model.state_dict()
+    layer = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(whole[layer], start[layer])   # it trained
+    assert all(torch.allclose(whole[k], loop[k], rtol=0, atol=1e-5) for k in whole)
+
+
+def test_group_by_length_batches_pad_less_and_cover_each_epoch_once():
+    from zoft.training import batch_indices
+
+    lengths = [int(x) for x in torch.randint(5, 200, (97,), generator=torch.Generator().manual_seed(0))]
+    per_epoch = 97 // 8
+
+    def padded(step, grouped):
+        idx = batch_indices(97, 8, 3, step, lengths if grouped else None)
+        return len(idx) * max(lengths[i] for i in idx)
+
+    grouped = [batch_indices(97, 8, 3, s, lengths) for s in range(2 * per_epoch)]
+    assert grouped == [batch_indices(97, 8, 3, s, lengths) for s in range(2 * per_epoch)]   # a pure function
+    for epoch in range(2):   # no example twice in an epoch
+        seen = [i for b in grouped[epoch * per_epoch:(epoch + 1) * per_epoch] for i in b]
+        assert len(seen) == len(set(seen)) == per_epoch * 8
+    assert grouped[:per_epoch] != grouped[per_epoch:]   # each epoch its own order
+    tokens = [sum(padded(s, g) for s in range(per_epoch)) for g in (True, False)]
+    assert tokens[0] < 0.75 * tokens[1], tokens
+
+
+def test_backprop_only_keys_are_refused_for_zo_methods():
+    for key, value in (("group_by_length", True), ("adamw_fused", True), ("micro_batch_size", 4)):
+        with pytest.raises(ZoftError, match=f"{key} is for the backprop methods.*method=mezo"):
+            load_config(overrides={**SMALL, "method": "mezo", key: value})
+    with pytest.raises(ZoftError, match="micro_batch_size must be >= 1"):
+        load_config(overrides={**SMALL, "micro_batch_size": 0})
+
+
+def test_micro_batches_give_the_whole_batch_loss_and_gradient():
+    """backward_in_micro_batches against one backward of the whole batch, float64 weights (the loss
+    itself is taken in float32, as batch_loss does): same loss, same gradient, whatever the pieces
+    (the batch mixes short and long responses, so each piece pads differently)."""
+    from zoft.adapters import named_trainable
+    from zoft.methods.finetune import backward_in_micro_batches
+
+    setup = asap_setup(n_train=12)
+    scorer = lmcls._classifier(setup, len(setup.task.label_words))
+    scorer.model.double()
+    enc = scorer.encode(setup.data.train)
+    lengths = [len(ids) for ids in enc.input_ids]
+    idx = [3, 0, 7, 11, 5, 2, 9]
+    assert len({lengths[i] for i in idx}) > 2
+
+    def run(size):
+        scorer.model.zero_grad(set_to_none=True)
+        loss = backward_in_micro_batches(lambda chunk: scorer.loss(enc, chunk), idx, lengths, size)
+        return loss, {k: p.grad.clone() for k, p in named_trainable(scorer.model).items()}
+
+    whole_loss, whole = run(None)
+    for size in (1, 2, 3, 7):
+        loss, grads = run(size)
+        assert loss == pytest.approx(whole_loss, rel=1e-6)
+        assert all(torch.allclose(grads[k], whole[k], rtol=1e-5, atol=1e-9) for k in whole), size
+
+
+def test_decision_expected_reports_the_level_nearest_the_expected_score(tmp_path):
+    """decision=expected end to end: eval.json's predictions are the levels nearest each response's
+    expected score under its stored probabilities, its confidences those levels' probabilities; dev
+    selection and `zoft eval` use the same rule; a task without ordered levels is refused at once."""
+    import zoft.api
+
+    lm = tiny_random_model("causal")
+    result = zoft.api.train(**{**SMALL, "steps": 2, "eval_every": 1, "lr": 3e-3}, decision="expected",
+                            output_dir=str(tmp_path), loaded=lm)
+    out = result["eval_outputs"]
+    for probs, pred, conf in zip(out["probabilities"], out["predictions"], out["confidences"]):
+        mean = sum(k * p for k, p in enumerate(probs)) / sum(probs)
+        assert pred == min(range(len(probs)), key=lambda k: abs(k - mean))
+        assert conf == pytest.approx(probs[pred], abs=1e-6)
+    again = zoft.api.evaluate(str(tmp_path), task="asap-10")
+    assert again["eval"] == pytest.approx(result["eval"], abs=1e-12)
+    with pytest.raises(ZoftError, match="decision=expected needs a scoring task.*'sst2'"):
+        zoft.api.train(**{**SMALL, "task": "sst2", "steps": 1}, decision="expected", output_dir=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

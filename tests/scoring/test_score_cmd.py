@@ -275,3 +275,26 @@ def test_write_failure_is_one_line_and_leaves_no_file(asap_run, tmp_path, capsys
     assert zoft_score(capsys, asap_run, src, out) == (
         2, f"zoft: error: {out}: cannot write the output: No space left on device\n")
     assert not out.exists()
+
+
+def test_a_decision_expected_run_scores_the_level_nearest_the_expected_score(asap_run, tmp_path):
+    """The run's decision rule reaches zoft score: each row's score is the level nearest the expected
+    score of its own p_ columns, and its confidence that level's probability."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "expected"
+    shutil.copytree(asap_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "decision": "expected"}))
+    src = write_csv(tmp_path / "in.csv", ["id", "text", "note"], INPUT)
+    score_file(run, src, tmp_path / "out.csv", batch_size=2)
+    scored = [r for r in read_csv(tmp_path / "out.csv") if r["score"]]
+    assert len(scored) == 3
+    for row in scored:
+        probs = [float(row[f"p_{level}"]) for level in LEVELS]
+        mean = sum(k * p for k, p in enumerate(probs)) / sum(probs)
+        nearest = min(range(len(LEVELS)), key=lambda k: abs(k - mean))
+        assert row["score"] == LEVELS[nearest]
+        assert float(row["confidence"]) == pytest.approx(probs[nearest], abs=1e-6)

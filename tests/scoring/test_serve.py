@@ -109,6 +109,22 @@ def test_chat_completion_scores_the_levels(client, scorer):
     assert reply.usage.total_tokens == context_tokens + 1
 
 
+def test_a_decision_expected_server_replies_the_level_nearest_the_expected_score(scorer):
+    """create_app(decision="expected"): the reply's level is the one nearest Σ k·p_k of the level
+    probabilities it reports, and its logprob entry is that level's."""
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(scorer, LEVELS, default_context, MODEL, decision="expected")) as tc:
+        for text in ("because the sun light is in the water", "no", "red light is absorbed, blue scattered back"):
+            messages = [MESSAGES[0], {"role": "user", "content": user_prompt(ITEM, Response("r", text, 0))}]
+            reply = tc.post("/v1/chat/completions", json={"messages": messages, "logprobs": True}).json()
+            entry = reply["choices"][0]["logprobs"]["content"][0]
+            probs = level_probabilities(entry["top_logprobs"])
+            mean = sum(k * probs[level] for k, level in enumerate(LEVELS))
+            nearest = LEVELS[min(range(len(LEVELS)), key=lambda k: abs(k - mean))]
+            assert reply["choices"][0]["message"]["content"] == entry["token"] == nearest
+
+
 def test_logprobs_off_and_top_k(client):
     plain = client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content in LEVELS
@@ -164,7 +180,7 @@ def test_serve_uses_the_run(monkeypatch, scorer):
             seen["messages"] = messages
             return "custom prompt Score:"
 
-    setup = types.SimpleNamespace(task=FakeTask(), data=None)
+    setup = types.SimpleNamespace(task=FakeTask(), data=None, cfg=types.SimpleNamespace(decision="argmax"))
     monkeypatch.setattr("zoft.methods.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
 
     def fake_run(app, host, port, log_level):
@@ -406,7 +422,8 @@ def test_create_app_checks_the_limit(scorer):
 @pytest.fixture
 def fake_run(monkeypatch, scorer):
     """serve() on a fake run; uvicorn.run replaced by a TestClient that lists the models without a key."""
-    setup = types.SimpleNamespace(task=types.SimpleNamespace(label_words=LEVELS), data=None)
+    setup = types.SimpleNamespace(task=types.SimpleNamespace(label_words=LEVELS), data=None,
+                                  cfg=types.SimpleNamespace(decision="argmax"))
     monkeypatch.setattr("zoft.methods.load_run", lambda run_dir, trust_remote_code=False: (setup, scorer))
     seen = {}
 

@@ -20,6 +20,7 @@ from zoft.lm import CandidateScorer, Encoded, batches, resolve_compute_dtype
 from zoft.models import LoadedModel, load_model
 from zoft.runs import owned_tensor
 from zoft.tasks import Task, TaskData, compute_metric, load_task, using_data_dir
+from zoft.tasks.decision import decide, requires_scale
 from zoft.training import batch_indices
 
 
@@ -78,6 +79,7 @@ def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True
         set_threads(cfg.threads)
     with using_data_dir(cfg.data_dir):   # where builtin tasks (and relative dataset paths) find their files
         task = load_task(cfg.task)
+        requires_scale(cfg.decision, task)
         data = task.get_data(n_train=cfg.n_train, n_dev=cfg.n_dev, n_eval=cfg.n_eval,
                              seed=cfg.data_seed, k_per_class=cfg.k_per_class)
     if loaded is None and load_lm:
@@ -110,22 +112,23 @@ def set_threads(n: int) -> None:
 
 
 def predictions(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int, progress: bool = False,
-                desc: str = "eval") -> list:
+                desc: str = "eval", decision: str = "argmax") -> list:
     """Choice indices (classification, multiple choice) or generated strings (generation)."""
-    return predictions_with_confidence(scorer, enc, task, batch_size, progress, desc)[0]
+    return predictions_with_probabilities(scorer, enc, task, batch_size, progress, desc, decision)[0]
 
 
 @torch.no_grad()
-def predictions_with_confidence(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int,
-                                progress: bool = False, desc: str = "eval") -> tuple[list, list[float] | None]:
-    """:func:`predictions`, and for classification each prediction's probability among the
-    candidates (the confidence that :mod:`zoft.tasks.rubric.confidence` routes by), else None."""
+def predictions_with_probabilities(scorer: CandidateScorer, enc: Encoded, task: Task, batch_size: int,
+                                   progress: bool = False, desc: str = "eval", decision: str = "argmax"
+                                   ) -> tuple[list, list[list[float]] | None]:
+    """:func:`predictions`, and for classification each example's probability of each candidate, else
+    None. A classification's prediction is the ``decision`` rule's level (:mod:`zoft.tasks.decision`)."""
     was_training = scorer.model.training
     scorer.model.eval()
     # Batch examples of similar length together: padding is wasted compute on a CPU.
     order = sorted(range(len(enc)), key=lambda i: len(enc.context_ids[i]))
     out: list = [None] * len(enc)
-    confidences: list[float] = [0.0] * len(enc)
+    probabilities: list[list[float]] = [[]] * len(enc)
     bar = tqdm(total=len(order), disable=not progress, desc=desc, unit="ex", leave=False, dynamic_ncols=True)
     with scorer.frozen_weights():   # a header's keys and values serve every batch of this pass
         for chunk in batches(len(order), batch_size):
@@ -134,11 +137,11 @@ def predictions_with_confidence(scorer: CandidateScorer, enc: Encoded, task: Tas
                 gen = task.generation_kwargs or {}
                 preds = scorer.generate(enc, idx, max_new_tokens=gen.get("max_gen_toks", 32),
                                         until=tuple(gen.get("until", ["\n"])))
-            elif task.kind == "classification":   # predict's argmax, with the probability behind it
+            elif task.kind == "classification":   # the decision rule's level, with the probabilities behind it
                 probs = scorer.candidate_logprobs(enc, idx)[0].double().softmax(-1)
-                preds = probs.argmax(-1).tolist()
-                for i, q in zip(idx, probs.max(-1).values.tolist()):
-                    confidences[i] = q
+                preds = decide(probs, decision)
+                for i, q in zip(idx, probs.tolist()):
+                    probabilities[i] = q
             else:
                 preds = scorer.predict(enc, idx)
             for i, p in zip(idx, preds):
@@ -146,13 +149,13 @@ def predictions_with_confidence(scorer: CandidateScorer, enc: Encoded, task: Tas
             bar.update(len(idx))
     bar.close()
     scorer.model.train(was_training)
-    return out, (confidences if task.kind == "classification" else None)
+    return out, (probabilities if task.kind == "classification" else None)
 
 
 def evaluate(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int,
-             progress: bool = False, label: str | None = None) -> dict[str, float]:
+             progress: bool = False, label: str | None = None, decision: str = "argmax") -> dict[str, float]:
     """Every metric of the task on a split, e.g. ``{"acc": 0.81}``."""
-    return evaluate_with_predictions(scorer, enc, examples, task, batch_size, progress, label)[0]
+    return evaluate_with_predictions(scorer, enc, examples, task, batch_size, progress, label, decision)[0]
 
 
 def evaluation_line(label: str, metrics: dict[str, float], n: int, seconds: float) -> str:
@@ -162,19 +165,22 @@ def evaluation_line(label: str, metrics: dict[str, float], n: int, seconds: floa
 
 
 def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, task: Task, batch_size: int,
-                              progress: bool = False, label: str | None = None
+                              progress: bool = False, label: str | None = None, decision: str = "argmax"
                               ) -> tuple[dict[str, float], dict[str, list]]:
     """Metrics plus what eval.json keeps for a report (:func:`metrics_and_outputs`), and for
-    classification each prediction's confidence.
+    classification each prediction's confidence (the probability of the predicted level) and every
+    candidate's probability.
 
     ``progress`` shows a bar over the examples; without it, a ``label`` prints one summary line
     (:func:`evaluation_line`) to stderr, so a long quiet evaluation still says what it found.
     """
     start = time.perf_counter()
-    preds, confidences = predictions_with_confidence(scorer, enc, task, batch_size, progress, desc=label or "eval")
+    preds, probabilities = predictions_with_probabilities(scorer, enc, task, batch_size, progress,
+                                                          desc=label or "eval", decision=decision)
     metrics, outputs = metrics_and_outputs(task, preds, examples)
-    if confidences is not None:   # for QWK against coverage (zoft.tasks.rubric.confidence)
-        outputs["confidences"] = [round(c, 6) for c in confidences]
+    if probabilities is not None:   # confidences: for QWK against coverage (zoft.tasks.rubric.confidence)
+        outputs["confidences"] = [round(p[c], 6) for p, c in zip(probabilities, preds)]
+        outputs["probabilities"] = [[round(q, 6) for q in p] for p in probabilities]
     if label and not progress:
         print(evaluation_line(label, metrics, len(examples), time.perf_counter() - start), file=sys.stderr, flush=True)
     return metrics, outputs
@@ -261,7 +267,7 @@ def finish(setup: Setup, run_dir, scorer, trainable, state, model_name: str | No
     if cfg.load_best and (run_dir.path / "best").exists():
         trainable.load(run_dir.load_checkpoint(run_dir.path / "best")[0])
     metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
-                                                 cfg.eval_batch_size, cfg.progress, label="eval")
+                                                 cfg.eval_batch_size, cfg.progress, label="eval", decision=cfg.decision)
     return write_result(setup, run_dir, state, metrics, outputs, model_name)
 
 

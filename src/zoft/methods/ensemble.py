@@ -173,9 +173,10 @@ def run(setup: Setup, run_dir: RunDir, resume: bool = False) -> dict:
     for member in group:
         train_member(member, resume)
     scorer = load_ensemble(group, cfg.trust_remote_code)
-    dev = evaluate(scorer, scorer.encode(data.dev), data.dev, task, cfg.eval_batch_size, cfg.progress, label="dev")
+    dev = evaluate(scorer, scorer.encode(data.dev), data.dev, task, cfg.eval_batch_size, cfg.progress, label="dev",
+                   decision=cfg.decision)
     metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
-                                                 cfg.eval_batch_size, cfg.progress, label="eval")
+                                                 cfg.eval_batch_size, cfg.progress, label="eval", decision=cfg.decision)
     summaries = [_member_summary(m) for m in group]
     result = {"method": METHOD, "mode": cfg.mode, "task": task.name,
               "model": "+".join(str(s["model"]) for s in summaries), "metric": task.metric, "eval": metrics,

@@ -32,10 +32,11 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     evals = {}
     prompted = with_demonstrations(data.eval, demos, task.target_delimiter)
     evals["eval"], outputs = evaluate_with_predictions(scorer, scorer.encode(prompted), prompted, task,
-                                                       cfg.eval_batch_size, cfg.progress, label="eval")
+                                                       cfg.eval_batch_size, cfg.progress, label="eval",
+                                                       decision=cfg.decision)
     prompted = with_demonstrations(data.dev, demos, task.target_delimiter)
     evals["dev"] = evaluate(scorer, scorer.encode(prompted), prompted, task, cfg.eval_batch_size,
-                            cfg.progress, label="dev")
+                            cfg.progress, label="dev", decision=cfg.decision)
     result = {"method": "icl", "k": len(demos), "task": task.name, "model": cfg.model,
               "metric": task.metric, **evals, "n_eval": len(data.eval), "compute_dtype": scorer.compute_dtype,
               "eval_outputs": outputs}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from zoft.atomic import atomic_write_bytes
 from zoft.errors import ZoftError
+from zoft.tasks.decision import decide
 from zoft.lm import CandidateScorer, Encoded, batches
 from zoft.adapters import MODES
 from zoft.methods.common import Setup, evaluation_line, metrics_and_outputs
@@ -165,10 +166,12 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
         split_start = time.perf_counter()
         x = extract_features(scorer, scorer.encode(examples), cfg.eval_batch_size, cfg.progress, name)
         # the eval split's predictions are kept, as every method keeps them, for zoft report
-        probs = probe.predict_proba(x)
-        predicted = [int(c) for c in probe.classes_[probs.argmax(1)]]
+        # every candidate's probability (0 for a class the training sample lacked), then the decision rule
+        probs = np.zeros((len(examples), len(task.label_words)))
+        probs[:, probe.classes_] = probe.predict_proba(x)
+        predicted = decide(torch.from_numpy(probs), cfg.decision)
         splits[name], outputs = metrics_and_outputs(task, predicted, examples)
-        outputs["confidences"] = [round(float(c), 6) for c in probs.max(1)]   # for confidence routing
+        outputs["confidences"] = [round(float(p[c]), 6) for p, c in zip(probs, predicted)]   # for confidence routing
         if not cfg.progress:
             print(evaluation_line(name, splits[name], len(examples), time.perf_counter() - split_start),
                   file=sys.stderr, flush=True)

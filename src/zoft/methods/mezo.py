@@ -170,7 +170,8 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
     def dev_fn() -> float:
         if not writer:   # only rank 0 keeps the best weights; the others would evaluate for nothing
             return 0.0
-        metric = evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size, cfg.progress)[task.metric]
+        metric = evaluate(scorer, enc_dev, data.dev, task, cfg.eval_batch_size, cfg.progress,
+                          decision=cfg.decision)[task.metric]
         settle()   # the best weights are saved from the CPU copies next
         return metric
 

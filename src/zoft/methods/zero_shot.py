@@ -11,10 +11,10 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
     scorer = setup.scorer()
     setup.loaded.model.eval()
     metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
-                                                 cfg.eval_batch_size, cfg.progress, label="eval")
+                                                 cfg.eval_batch_size, cfg.progress, label="eval", decision=cfg.decision)
     result = {"method": "zero-shot", "task": task.name, "model": cfg.model, "metric": task.metric,
               "eval": metrics, "dev": evaluate(scorer, scorer.encode(data.dev), data.dev, task, cfg.eval_batch_size,
-                                                          cfg.progress, label="dev"),
+                                                          cfg.progress, label="dev", decision=cfg.decision),
               "n_eval": len(data.eval), "compute_dtype": scorer.compute_dtype, "eval_outputs": outputs}
     run_dir.write_json("eval.json", result)
     return result

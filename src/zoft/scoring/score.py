@@ -5,7 +5,8 @@ task's item the response answers; needed only when the task has several items, e
 SciEntsBank's questions). Every other column is copied through. The output has every
 input row, in input order, plus:
 
-* ``score``: the most probable score level ("" if the row could not be scored);
+* ``score``: the score level the run's ``decision`` rule picks (default the most probable; see
+  :mod:`zoft.tasks.decision`), "" if the row could not be scored;
 * ``p_<level>``: the probability of each level (softmax of the model's log-likelihoods
   of the levels after the prompt), one column per level, lowest level first;
 * ``confidence``: the probability of the predicted level (multi-label: the least confident
@@ -39,6 +40,7 @@ import torch
 
 from zoft.atomic import atomic_write_text
 from zoft.errors import DataError, ZoftError, excerpt
+from zoft.tasks.decision import decide_one
 from zoft.tasks.rubric.confidence import confidence, coverage_curve, coverage_png, needs_review, review_count
 from zoft.tasks.readers import read_csv_records
 from zoft.tasks.rubric import Response, ScoringTask
@@ -221,7 +223,8 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         scorer.model.train(was_training)
 
     scored = [r for r, dists in enumerate(probs) if dists]
-    confidences = {r: confidence(probs[r]) for r in scored}
+    chosen = {r: [decide_one(d, setup.cfg.decision) for d in probs[r]] for r in scored}   # per aspect
+    confidences = {r: confidence(probs[r], chosen[r]) for r in scored}
     flagged: set[int] = set()
     if review_fraction is not None:
         marks = needs_review([confidences[r] for r in scored], review_fraction)
@@ -232,7 +235,7 @@ def score_file(run_dir: str | Path, input_path: str | Path, output_path: str | P
         if not dists:
             extra = [""] * (len(added) - 1) + [error]
         else:
-            bests = [task.levels[max(range(len(d)), key=d.__getitem__)] for d in dists]
+            bests = [task.levels[c] for c in chosen[r]]
             best = ",".join(bests)
             counts[best] += 1
             predicted[r] = best

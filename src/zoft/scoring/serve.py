@@ -66,6 +66,7 @@ from typing import Any
 import torch
 
 from zoft.errors import ZoftError
+from zoft.tasks.decision import decide_one
 from zoft.tasks.example import Example
 from zoft.tasks.rubric import ScoringTask
 from zoft.tasks.rubric.prompts import ChatError, default_context, message_text
@@ -189,7 +190,8 @@ def _logprob_entry(token: str, logprob: float) -> dict:
 
 
 def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], str], model_name: str,
-               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, headers: Sequence[str] = ()):
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, headers: Sequence[str] = (),
+               decision: str = "argmax"):
     """The FastAPI app serving ``scorer`` (a :class:`zoft.lm.CandidateScorer`) over ``levels``.
 
     Args:
@@ -203,6 +205,8 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         api_key: if set (non-empty), every request needs ``Authorization: Bearer <api_key>``
             (else 401, ``code: "invalid_api_key"``).
         max_body_bytes: larger request bodies are refused with 413.
+        decision: how the reply's level is chosen from the level probabilities (the run's
+            ``decision``: :mod:`zoft.tasks.decision`).
         headers: the shared headers a context may start with (a scoring task's item headers):
             marked as the example's ``shared_prefix``, so a scorer inside
             :meth:`~zoft.lm.CandidateScorer.frozen_weights` runs each item's header once for
@@ -302,7 +306,7 @@ def create_app(scorer, levels: list[str], build_context: Callable[[list[dict]], 
         if not contexts or not all(isinstance(c, Example) or (isinstance(c, str) and c.strip()) for c in contexts):
             raise RequestError("the messages give an empty prompt", "messages")
         scored = [await run_in_threadpool(score, c) for c in contexts]   # one per aspect (or one)
-        best = [max(range(len(levels)), key=logprobs.__getitem__) for logprobs, _, _ in scored]
+        best = [decide_one([math.exp(q) for q in logprobs], decision) for logprobs, _, _ in scored]
         content = ",".join(levels[b] for b in best)
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
                                   "message": {"role": "assistant", "content": content, "refusal": None}}
@@ -372,7 +376,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, model_
     name = model_name or Path(run_dir).resolve().name
     headers = [task.header(item) for item in task.items.values()] if isinstance(task, ScoringTask) else []
     app = create_app(scorer, levels, build_context, name, api_key=api_key, max_body_bytes=max_body_bytes,
-                     headers=headers)
+                     headers=headers, decision=setup.cfg.decision)
     print(f"zoft serve: model '{name}', levels {levels}, at http://{host}:{port}/v1, "
           f"{'API key required' if api_key else 'no API key'}", flush=True)
     if not api_key and not _is_loopback(host):

@@ -1,7 +1,8 @@
 """Confidence routing: which scored responses a teacher should check by hand, and what checking buys.
 
-A response's **confidence** is the probability the scorer gives its predicted level (the largest
-level probability, as in selective classification's "softmax response"); a multi-label response is
+A response's **confidence** is the probability the scorer gives its predicted level (with the default
+``decision=argmax`` the largest level probability, as in selective classification's "softmax
+response"; with ``decision=expected`` the probability of the level nearest the expected score); a multi-label response is
 as confident as its least confident aspect. It is in [1/K, 1] for K levels, and it orders responses:
 how it is calibrated does not matter for routing, only the order.
 
@@ -26,11 +27,16 @@ from zoft.tasks.metrics import quadratic_weighted_kappa
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
-def confidence(distributions: Sequence[Sequence[float]]) -> float:
-    """The smallest, over a response's aspects (one for a single-label task), of the largest level probability."""
+def confidence(distributions: Sequence[Sequence[float]], chosen: Sequence[int] | None = None) -> float:
+    """The smallest, over a response's aspects (one for a single-label task), of the chosen level's
+    probability (``chosen``: one level index per aspect; default the most probable level)."""
     if not distributions or not all(distributions):
         raise ZoftError("confidence needs at least one level distribution")
-    return min(max(dist) for dist in distributions)
+    if chosen is None:
+        return min(max(dist) for dist in distributions)
+    if len(chosen) != len(distributions):
+        raise ZoftError(f"{len(chosen)} chosen levels for {len(distributions)} level distributions")
+    return min(dist[c] for dist, c in zip(distributions, chosen))
 
 
 def review_count(fraction: float, n: int) -> int:
