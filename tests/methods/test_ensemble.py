@@ -235,10 +235,16 @@ def test_recommended_config_runs_end_to_end_and_reloads(tmp_path):
 @pytest.mark.parametrize("name, lm", [("scoring.yaml", "gemma3-270m"), ("scoring-smollm2.yaml", "smollm2-135m")])
 def test_shipped_scoring_configs_name_their_lm_and_keep_bert_cls_as_the_baseline(name, lm):
     """The two shipped scorers: the same ensemble of lm-cls and bert-cls, differing in the LM; the
-    recommended one keeps Gemma's vocabulary matrix frozen, and no member changes bert-cls's recipe."""
+    recommended one keeps Gemma's vocabulary matrix frozen, runs each batch in micro-batches with the
+    fused AdamW and reports the level nearest the expected score, and no member changes bert-cls's
+    learning recipe (lr, steps, schedule, trained weights)."""
     cfg = load_config(REPO / "configs" / name, ["task=asap-2"])
     (_, lm_cls), (_, bert_cls) = cfg.member_configs()
     assert (lm_cls.method, lm_cls.model, lm_cls.mode) == ("lm-cls", lm, "full")
     assert lm_cls.freeze_embeddings == (lm == "gemma3-270m")
     assert (bert_cls.method, bert_cls.encoder, bert_cls.lr, bert_cls.steps) == ("bert-cls", "minilm-l6", 5e-5, 300)
     assert not bert_cls.freeze_embeddings and bert_cls.lr_schedule == "constant"
+    recommended = name == "scoring.yaml"
+    for member in (cfg, lm_cls, bert_cls):
+        assert (member.micro_batch_size, member.adamw_fused) == ((4, True) if recommended else (None, False))
+        assert member.decision == ("expected" if recommended else "argmax") and not member.group_by_length

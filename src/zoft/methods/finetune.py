@@ -52,8 +52,8 @@ def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
     """AdamW with two groups: decay on matrices (dim ≥ 2), none on biases and norm gains.
 
     ``fused`` (``adamw_fused``) takes torch's fused kernel, one pass over each group's tensors
-    instead of a chain of per-op loops: on a 2-core CPU it is several times faster for an LM's
-    100M weights. Its rounding differs from the loop's (weights ~1e-9 apart after a step), so a run
+    instead of a chain of per-op loops: on the 2-core CPU, 0.06 s against 0.17 s a step for
+    Gemma-3-270M's 100M trained weights. Its rounding differs from the loop's (weights ~1e-9 apart after a step), so a run
     resumes bit-identically only under the setting it started with (config.yaml keeps it).
     """
     decay = [p for p in params if p.dim() >= 2]

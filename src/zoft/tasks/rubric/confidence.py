@@ -1,10 +1,11 @@
 """Confidence routing: which scored responses a teacher should check by hand, and what checking buys.
 
-A response's **confidence** is the probability the scorer gives its predicted level (with the default
+A response's **confidence** is the probability the scorer gives its predicted level: with the default
 ``decision=argmax`` the largest level probability, as in selective classification's "softmax
-response"; with ``decision=expected`` the probability of the level nearest the expected score); a multi-label response is
-as confident as its least confident aspect. It is in [1/K, 1] for K levels, and it orders responses:
-how it is calibrated does not matter for routing, only the order.
+response", in [1/K, 1] for K levels; with ``decision=expected`` the probability of the level nearest
+the expected score (:mod:`zoft.tasks.decision`), which can be lower. A multi-label response is as
+confident as its least confident aspect. Confidence orders responses: how it is calibrated does not
+matter for routing, only the order.
 
 ``zoft score --review-fraction F`` marks the ceil(F·n) least confident scored responses
 ``needs_review`` (:func:`needs_review`; equal confidences: the earlier row is reviewed first), so
