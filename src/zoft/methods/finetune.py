@@ -53,8 +53,9 @@ def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
 
     ``fused`` (``adamw_fused``) takes torch's fused kernel, one pass over each group's tensors
     instead of a chain of per-op loops: on the 2-core CPU, 0.06 s against 0.17 s a step for
-    Gemma-3-270M's 100M trained weights. Its rounding differs from the loop's (weights ~1e-9 apart after a step), so a run
-    resumes bit-identically only under the setting it started with (config.yaml keeps it).
+    Gemma-3-270M's 100M trained weights. Its rounding differs from the loop's (weights ~1e-9 apart
+    after a step), so a run resumes bit-identically only under the setting it started with
+    (config.yaml keeps it).
     """
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -150,18 +151,18 @@ def backward_in_micro_batches(loss_of: Callable[[list[int]], torch.Tensor], idx:
     return total
 
 
-def adamw_step(step: int, cfg, model, optimizer, params: list[torch.Tensor], loss_fn, device,
+def adamw_step(step: int, cfg, model, optimizer, params: list[torch.Tensor], backward_loss, device,
                frozen: list[torch.Tensor] = (), lr_scale: float = 1.0) -> dict:
     """One backprop step: stateless LR (× the guard's ``lr_scale``), seeded dropout, finite check,
-    AdamW; ``frozen`` gets no update. ``loss_fn()`` backpropagates the step's loss and returns it
-    (:func:`backward_in_micro_batches`)."""
+    AdamW; ``frozen`` gets no update. ``backward_loss()`` backpropagates the step's loss and returns
+    its value (:func:`backward_in_micro_batches`)."""
     lr = learning_rate(step, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps) * lr_scale
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with seeded_rng(step_rng_seed(cfg.seed, step), device):
-        loss = loss_fn()
+        loss = backward_loss()
     for p in frozen:   # no gradient: AdamW skips the tensor entirely (no moment, no decay)
         p.grad = None
     norm = grad_norm(params)
@@ -317,5 +318,5 @@ def load_lp_ft(setup: Setup, run_dir):
 register_method(Method("ft", run, load=load_trained_lm, modes=MODES, trains=True))
 register_method(Method("lp-ft", run_lp_ft, load=load_lp_ft, modes=MODES, trains=True))
 
-__all__ = ["run", "run_lp_ft", "install_probe", "train", "backward_in_micro_batches", "make_optimizer", "optimizer_state", "load_optimizer_state",
-           "head_inputs", "probe_to_head", "install_head", "restore_probe_head"]
+__all__ = ["run", "run_lp_ft", "install_probe", "train", "backward_in_micro_batches", "make_optimizer",
+           "optimizer_state", "load_optimizer_state", "head_inputs", "probe_to_head", "install_head", "restore_probe_head"]
