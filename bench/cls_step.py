@@ -12,7 +12,9 @@ Copies of the same classifier train side by side, one per variant:
 * ``fused``: ``adamw_fused=true``, torch's fused AdamW kernel;
 * ``micro2``, ``micro4``, ``micro8``: ``micro_batch_size=8/4/2``, the shuffled batch sorted by length
   and run in 2, 4 or 8 pieces (the same gradient as ``plain``);
-* ``micro4+fused``: what configs/scoring.yaml sets.
+* ``micro4+fused``: what configs/scoring.yaml set until 2026-11-28;
+* ``micro4+fused+freeze6``, ``micro4+fused+freeze9``: with ``freeze_layers=6/9`` too, the first 6 or 9
+  blocks kept as pretrained, so the backward pass stops above them (configs/scoring.yaml: 6).
 
 The variants take turns, one step each per round, so a machine that slows down during the run
 slows every variant alike. Each step is zoft's own (``zoft.methods.finetune.adamw_step``: forward,
@@ -40,10 +42,11 @@ from zoft.methods.lm_classifier import LMClassifierScorer, classifier_from_lm, w
 from zoft.adapters import named_trainable
 from zoft.training import batch_indices
 
-VARIANTS = {   # name: (group_by_length, adamw_fused, micro_batch_size)
-    "plain": (False, False, None), "grouped": (True, False, None), "fused": (False, True, None),
-    "micro2": (False, False, 8), "micro4": (False, False, 4), "micro8": (False, False, 2),
-    "micro4+fused": (False, True, 4)}
+VARIANTS = {   # name: (group_by_length, adamw_fused, micro_batch_size, freeze_layers)
+    "plain": (False, False, None, 0), "grouped": (True, False, None, 0), "fused": (False, True, None, 0),
+    "micro2": (False, False, 8, 0), "micro4": (False, False, 4, 0), "micro8": (False, False, 2, 0),
+    "micro4+fused": (False, True, 4, 0), "micro4+fused+freeze6": (False, True, 4, 6),
+    "micro4+fused+freeze9": (False, True, 4, 9)}
 
 
 def tokens_run(lengths: list[int], idx: list[int], micro: int | None) -> int:
@@ -69,7 +72,12 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--task", default="asap-10")
     parser.add_argument("--rounds", type=int, default=6, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, from: " + ", ".join(VARIANTS) + " (the first is the speed-up's base)")
     args = parser.parse_args()
+    chosen = args.variants.split(",")
+    if unknown := sorted(set(chosen) - set(VARIANTS)):
+        parser.error(f"unknown variants {unknown}")
 
     cfg = load_config(overrides={"method": "lm-cls", "model": args.model, "task": args.task, "mode": "full",
                                  "compute_dtype": "bf16", "freeze_embeddings": True, "n_train": -1, "n_dev": 100,
@@ -78,17 +86,19 @@ def main() -> None:
     setup = prepare(cfg)
     n_classes = head_classes(setup.task, setup.data, "lm-cls")
     runs = {}
-    for name, (grouped, fused, micro) in VARIANTS.items():
+    for name in chosen:
+        grouped, fused, micro, frozen = VARIANTS[name]
+        cfg.freeze_layers = frozen
         model = with_mode(classifier_from_lm(setup.loaded.model, n_classes, seed=cfg.seed), cfg)
         scorer = LMClassifierScorer(model, setup.loaded.tokenizer, setup.task, cfg.max_length, compute_dtype="bf16")
         params = list(named_trainable(model).values())
         runs[name] = (grouped, micro, scorer, params, make_optimizer(params, cfg.lr, cfg.weight_decay, fused=fused))
     setup.loaded.model = None   # the LM's body lives on in each classifier
-    enc = runs["plain"][2].encode(setup.data.train)
+    enc = runs[chosen[0]][2].encode(setup.data.train)
     lengths = [len(ids) for ids in enc.input_ids]
 
-    seconds = {name: [] for name in VARIANTS}
-    tokens = {name: [] for name in VARIANTS}
+    seconds = {name: [] for name in chosen}
+    tokens = {name: [] for name in chosen}
     for step in range(args.rounds + 1):   # step 0 warms each variant up (allocations, first AdamW state)
         for name, (grouped, micro, scorer, params, optimizer) in runs.items():
             idx = batch_indices(len(enc), cfg.batch_size, cfg.seed, step, lengths if grouped else None)
@@ -99,7 +109,7 @@ def main() -> None:
             if step:
                 seconds[name].append(time.perf_counter() - start)
                 tokens[name].append(tokens_run(lengths, idx, micro))
-        print(f"round {step}: " + "  ".join(f"{n} {seconds[n][-1]:.2f}s" for n in VARIANTS if seconds[n]), flush=True)
+        print(f"round {step}: " + "  ".join(f"{n} {seconds[n][-1]:.2f}s" for n in chosen if seconds[n]), flush=True)
 
     rows = {}
     for name, (grouped, micro, _, _, _) in runs.items():
@@ -107,12 +117,12 @@ def main() -> None:
         rows[name] = {"median_step_s": statistics.median(seconds[name]), "steps_s": seconds[name],
                       "tokens_run_per_step": statistics.mean(tokens[name]),
                       "epoch_tokens_run": run, "epoch_real_tokens": real, "epoch_padding": 1 - real / run}
-    base = rows["plain"]["median_step_s"]
+    base = rows[chosen[0]]["median_step_s"]
     print(f"\n{args.model}, {args.task}, {len(enc)} training responses, batch 16, {args.rounds} timed rounds, "
           f"{torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
-    print(f"{'variant':<13} {'median step':>12} {'speed-up':>9} {'tokens run/step':>16} {'epoch padding':>14}")
+    print(f"{'variant':<21} {'median step':>12} {'speed-up':>9} {'tokens run/step':>16} {'epoch padding':>14}")
     for name, row in rows.items():
-        print(f"{name:<13} {row['median_step_s']:>11.2f}s {base / row['median_step_s']:>8.2f}x "
+        print(f"{name:<21} {row['median_step_s']:>11.2f}s {base / row['median_step_s']:>8.2f}x "
               f"{row['tokens_run_per_step']:>16.0f} {row['epoch_padding']:>13.1%}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

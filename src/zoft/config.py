@@ -122,6 +122,7 @@ class Config:
     lp_ft_probe_steps: int = 0
     # lm-cls, bert-cls: keep the input embeddings as pretrained (Gemma-3-270M's are 168M of its 268M weights)
     freeze_embeddings: bool = False
+    freeze_layers: int = 0           # lm-cls, bert-cls (full mode): the embeddings and the first N blocks stay as pretrained
     # bert-cls: the encoder fine-tuned with a classification head (a builtin name or a local HF folder)
     encoder: str = "minilm-l6"
     # ensemble: the member runs whose level probabilities it averages (zoft.methods.ensemble)
@@ -172,7 +173,7 @@ class Config:
         for key in ("save_every", "k_per_class", "threads", "micro_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ZoftError(f"config: {key} must be >= 1 (or empty for the default), got {getattr(self, key)}")
-        for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps"):
+        for key in ("icl_k", "lp_ft_probe_steps", "warmup_steps", "freeze_layers"):
             if getattr(self, key) < 0:
                 raise ZoftError(f"config: {key} must be >= 0, got {getattr(self, key)}")
         zo = self.method in ZO_METHODS
@@ -217,6 +218,9 @@ class Config:
         if self.freeze_embeddings and self.method not in (*HEAD_METHODS, ENSEMBLE):
             raise ZoftError(f"config: freeze_embeddings is for {' and '.join(HEAD_METHODS)} (a classification head "
                             f"on a pretrained body), not method={self.method}")
+        if self.freeze_layers and (self.method not in (*HEAD_METHODS, ENSEMBLE) or self.mode != "full"):
+            raise ZoftError(f"config: freeze_layers is for {' and '.join(HEAD_METHODS)} in mode=full, not "
+                            f"method={self.method} mode={self.mode}")
         for key in ("group_by_length", "adamw_fused", "micro_batch_size"):
             if getattr(self, key) and self.method not in (*BACKPROP_METHODS, ENSEMBLE):
                 raise ZoftError(f"config: {key} is for the backprop methods ({', '.join(BACKPROP_METHODS)}), "
@@ -326,6 +330,7 @@ KEY_HELP: dict[str, str] = {
     "lp_c": "inverse L2 strength of the linear probe (scikit-learn C)",
     "lp_ft_probe_steps": "LP-FT: first steps that train the head only",
     "freeze_embeddings": "lm-cls, bert-cls: keep the input embeddings as pretrained (fewer weights to step)",
+    "freeze_layers": "lm-cls, bert-cls (mode=full): keep the embeddings and the first N blocks as pretrained (shorter backward)",
     "encoder": "bert-cls encoder: builtin name (minilm-l6) or HF folder",
     "members": "ensemble: a list of members, each a mapping of keys over this config's (e.g. {method: bert-cls}) or a finished run folder",
     "trajectory": "write trajectory.safetensors (seeds, g, lr per step) at each checkpoint",

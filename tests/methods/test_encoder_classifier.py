@@ -175,3 +175,15 @@ def test_freeze_embeddings_leaves_the_word_matrix_out_and_trains_the_rest(tmp_pa
     assert any(k.startswith("bert.encoder.layer.5.") for k in tensors)
     again = zoft.api.evaluate(str(tmp_path), task="asap-10")
     assert again["eval"] == pytest.approx(result["eval"], abs=1e-12)
+
+
+def test_freeze_layers_leaves_the_embeddings_and_first_blocks_out(tmp_path):
+    """freeze_layers=4 on MiniLM-L6: every embedding (word, position, type, their LayerNorm) and blocks
+    0-3 are neither trained nor saved; blocks 4-5, the pooler and the head are."""
+    zoft.api.train(**SMALL, steps=2, eval_every=2, freeze_layers=4, output_dir=str(tmp_path),
+                   loaded=tiny_random_model("causal"))
+    tensors = load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))
+    assert not any(k.startswith("bert.embeddings.") for k in tensors)
+    assert not any(k.startswith(f"bert.encoder.layer.{i}.") for k in tensors for i in range(4))
+    assert all(any(k.startswith(f"bert.encoder.layer.{i}.") for k in tensors) for i in (4, 5))
+    assert "classifier.weight" in tensors and "bert.pooler.dense.weight" in tensors

@@ -125,6 +125,62 @@ def test_freeze_embeddings_is_refused_where_there_is_no_head():
     assert all(member.freeze_embeddings for _, member in cfg.member_configs())   # the ensemble's reaches its members
 
 
+def test_freeze_layers_keeps_the_bottom_blocks_and_backward_stops_above_them(tmp_path):
+    """freeze_layers=1 on the 2-block tiny Llama: the embeddings and block 0 get no gradient and stay as
+    pretrained, the backward pass never reaches block 0 (its output needs no gradient), the gradients
+    of block 1 and the head are those of the whole model's autograd, and `zoft eval` reloads the run."""
+    import zoft.api
+
+    lm = tiny_random_model("causal").model
+    cfg = load_config(overrides={**SMALL, "freeze_layers": 1})
+    frozen = lmcls.with_mode(lmcls.classifier_from_lm(lm, 3, seed=0), cfg)
+    whole = lmcls.with_mode(lmcls.classifier_from_lm(lm, 3, seed=0), load_config(overrides=SMALL))
+    trained = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("model.layers.1.", "model.norm.", "score.")) for n in trained)
+    assert {n for n, _ in frozen.named_parameters()} - trained >= {"model.embed_tokens.weight",
+                                                                   "model.layers.0.mlp.up_proj.weight"}
+    outputs_need_grad = []
+    frozen.model.layers[0].register_forward_hook(lambda m, i, out: outputs_need_grad.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    labels = torch.tensor([0, 2])
+    for model in (frozen, whole):
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert outputs_need_grad == [False]
+    wholes = dict(whole.named_parameters())
+    for name, param in frozen.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(param.grad, wholes[name].grad, rtol=1e-5, atol=1e-7)
+        else:
+            assert param.grad is None
+
+    loaded = tiny_random_model("causal")
+    pretrained_block0 = loaded.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    result = zoft.api.train(**{**SMALL, "steps": 4, "eval_every": 2, "lr": 3e-3}, freeze_layers=1,
+                            output_dir=str(tmp_path), loaded=loaded)
+    tensors = load_file(str(tmp_path / "checkpoint-4" / "trainable.safetensors"))
+    assert "score.weight" in tensors and "model.layers.1.mlp.up_proj.weight" in tensors
+    assert not any(k.startswith(("model.embed_tokens", "model.layers.0.")) for k in tensors)
+    assert torch.equal(loaded.model.model.layers[0].mlp.up_proj.weight, pretrained_block0)
+    again = zoft.api.evaluate(str(tmp_path), task="asap-10")
+    assert again["eval"] == pytest.approx(result["eval"], abs=1e-12)
+
+
+def test_freeze_layers_is_refused_outside_full_mode_heads_and_past_the_last_block():
+    with pytest.raises(ZoftError, match="freeze_layers is for lm-cls and bert-cls in mode=full.*method=mezo"):
+        load_config(overrides={**SMALL, "method": "mezo", "freeze_layers": 1})
+    with pytest.raises(ZoftError, match="freeze_layers is for .* mode=lora"):
+        load_config(overrides={**SMALL, "mode": "lora", "freeze_layers": 1})
+    with pytest.raises(ZoftError, match="freeze_layers must be >= 0"):
+        load_config(overrides={**SMALL, "freeze_layers": -1})
+    lm = tiny_random_model("causal").model
+    with pytest.raises(ZoftError, match="freeze_layers=2 would freeze all 2 blocks"):
+        lmcls.with_mode(lmcls.classifier_from_lm(lm, 3), load_config(overrides={**SMALL, "freeze_layers": 2}))
+    from zoft.methods.encoder_classifier import freeze_bottom
+    with pytest.raises(ZoftError, match="no numbered transformer blocks"):
+        freeze_bottom(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1)
+
+
 def test_speed_keys_resume_exactly_and_track_the_plain_run(tmp_path):
     """group_by_length, adamw_fused and micro_batch_size together: a run cut after step 2 and resumed
     ends on the same bits as the whole run (batches stay a function of (seed, step); the fused AdamW's

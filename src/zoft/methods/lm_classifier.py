@@ -26,7 +26,7 @@ import torch
 from zoft.adapters import named_trainable
 from zoft.errors import ZoftError
 from zoft.methods.common import Setup, best_or_last_weights
-from zoft.methods.encoder_classifier import EncoderScorer, freeze_embeddings, head_classes, input_texts, tokenize
+from zoft.methods.encoder_classifier import EncoderScorer, freeze_bottom, freeze_embeddings, head_classes, input_texts, tokenize
 from zoft.methods.finetune import train
 from zoft.methods.linear_probe import require_classification
 from zoft.methods.registry import Method, register_method
@@ -71,9 +71,10 @@ def classifier_from_lm(lm, num_labels: int, seed: int = 0):
 
 def with_mode(model, cfg):
     """``model`` with ``requires_grad`` on what ``cfg.mode`` trains: everything (less the input
-    embeddings with ``cfg.freeze_embeddings``), or LoRA plus the head."""
+    embeddings with ``cfg.freeze_embeddings``, less the bottom ``cfg.freeze_layers`` blocks), or LoRA
+    plus the head."""
     if cfg.mode == "full":
-        return freeze_embeddings(model.requires_grad_(True), cfg.freeze_embeddings)
+        return freeze_bottom(freeze_embeddings(model.requires_grad_(True), cfg.freeze_embeddings), cfg.freeze_layers)
     from peft import LoraConfig, TaskType, get_peft_model
 
     with torch.random.fork_rng(devices=[]):   # the adapter init is a pure function of the seed
