@@ -166,7 +166,7 @@ def test_freeze_layers_keeps_the_bottom_blocks_and_backward_stops_above_them(tmp
     assert again["eval"] == pytest.approx(result["eval"], abs=1e-12)
 
 
-def test_freeze_layers_is_refused_outside_full_mode_heads_and_past_the_last_block():
+def test_freeze_layers_is_refused_outside_full_mode_heads_and_keeps_the_last_block():
     with pytest.raises(ZoftError, match="freeze_layers is for lm-cls and bert-cls in mode=full.*method=mezo"):
         load_config(overrides={**SMALL, "method": "mezo", "freeze_layers": 1})
     with pytest.raises(ZoftError, match="freeze_layers is for .* mode=lora"):
@@ -174,8 +174,11 @@ def test_freeze_layers_is_refused_outside_full_mode_heads_and_past_the_last_bloc
     with pytest.raises(ZoftError, match="freeze_layers must be >= 0"):
         load_config(overrides={**SMALL, "freeze_layers": -1})
     lm = tiny_random_model("causal").model
-    with pytest.raises(ZoftError, match="freeze_layers=2 would freeze all 2 blocks"):
-        lmcls.with_mode(lmcls.classifier_from_lm(lm, 3), load_config(overrides={**SMALL, "freeze_layers": 2}))
+    with pytest.warns(UserWarning, match="freeze_layers=6, but LlamaForSequenceClassification has 2 blocks"):
+        model = lmcls.with_mode(lmcls.classifier_from_lm(lm, 3), load_config(overrides={**SMALL, "freeze_layers": 6}))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}   # a recipe for 18 blocks on 2: the last trains
+    assert any(n.startswith("model.layers.1.") for n in trained)
+    assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in trained)
     from zoft.methods.encoder_classifier import freeze_bottom
     with pytest.raises(ZoftError, match="no numbered transformer blocks"):
         freeze_bottom(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1)

@@ -25,8 +25,9 @@ safetensors), so a killed run resumes exactly. Only ``mode=full``.
 from __future__ import annotations
 
 import contextlib
-import re
 import importlib.util
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,23 +265,27 @@ def freeze_bottom(model, n_blocks: int):
     embeddings), out of training (``n_blocks=0``: as it was).
 
     Why: autograd stops where nothing below needs a gradient, so the backward pass, two thirds of
-    a step, runs through the trained blocks only. With the bottom third of a 18-block LM frozen a
+    a step, runs through the trained blocks only. With the bottom third of an 18-block LM frozen a
     step does about 2/9 less work, and the lower blocks, the most general ones, stay as pretrained.
     The bottom is what comes before block ``n_blocks`` in the model's parameter order, which in
     transformers' models is the embeddings, then block 0, 1, ...
 
+    A model with no more than ``n_blocks`` blocks keeps its last block trained, with a warning, so a
+    recipe written for one model (configs/scoring.yaml: 6 of Gemma's 18) still runs on a smaller one.
+
     Raises:
-        ZoftError: the model has no numbered blocks, or ``n_blocks`` would freeze them all.
+        ZoftError: the model has no numbered blocks.
     """
     if n_blocks <= 0:
         return model
     named = list(model.named_parameters())
     blocks = {int(m.group(1)) for name, _ in named if (m := _BLOCK.search(name))}
     if not blocks:
-        raise ZoftError(f"freeze_layers: found no numbered transformer blocks in {type(model).__name__}")
+        raise ZoftError(f"config: freeze_layers: found no numbered transformer blocks in {type(model).__name__}")
     if n_blocks >= len(blocks):
-        raise ZoftError(f"freeze_layers={n_blocks} would freeze all {len(blocks)} blocks of "
-                        f"{type(model).__name__}; at most {len(blocks) - 1}")
+        warnings.warn(f"zoft: freeze_layers={n_blocks}, but {type(model).__name__} has {len(blocks)} blocks: "
+                      f"freezing the first {len(blocks) - 1}, so the last one trains")
+        n_blocks = len(blocks) - 1
     for name, param in named:
         block = _BLOCK.search(name)
         if block and int(block.group(1)) >= n_blocks:
