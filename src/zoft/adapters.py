@@ -5,6 +5,8 @@ p.requires_grad]``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zoft.errors import ZoftError
@@ -45,3 +47,19 @@ def named_trainable(model) -> dict[str, torch.Tensor]:
             seen.add(id(p))
             out[name] = p
     return out
+
+
+def lora_changes(model) -> tuple[list, float] | None:
+    """LoRA's adapted matrices as the model sees them: a callable giving each one's change s·B·A
+    (peft's ``get_delta_weight``, so fan-in/fan-out and scaling are peft's own) and the norm of the
+    base weights W₀ they are added to. None if the model has no LoRA layer (or trains tensors
+    outside them, whose own norm would be the scale): then the caller has no function-space scale."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(m, name) for m in model.modules() if isinstance(m, LoraLayer)
+              for name in m.active_adapters if name in m.lora_A]
+    in_layers = {id(p) for m, name in layers for p in (*m.lora_A[name].parameters(), *m.lora_B[name].parameters())}
+    if not layers or any(id(p) not in in_layers for p in named_trainable(model).values()):
+        return None
+    norm = math.sqrt(sum(float(m.get_base_layer().weight.detach().float().square().sum()) for m, _ in layers))
+    return (lambda: [m.get_delta_weight(name) for m, name in layers]), norm

@@ -70,6 +70,46 @@ def test_the_run_length_caps_the_lr_where_its_random_walk_would_outgrow_the_weig
     assert {"one_step", "drift_cap"} <= set(long.record())
 
 
+def test_function_weights_move_the_cap_to_the_walk_they_make():
+    """With ``function_weights`` the walk is measured on them against their norm: changes 3·θ (a
+    linear map, so its walk is 3× θ's) against a norm of 5 cap at DRIFT·5 / (3·u·√T)."""
+    from zoft.zo.auto_lr import FunctionWeights
+    plain, _ = probe_quadratic(run_steps=1e8)
+    params, loss_fn, _ = quadratic()
+    flat_norm = math.sqrt(sum(float(p.square().sum()) for p in params))
+    weights = FunctionWeights(changes=lambda: [3 * p for p in params], norm=5.0)
+    mapped = probe_lr(params, SPSA(eps=1e-4), build_optimizer("zo-sgd"), train_loss=lambda p: loss_fn,
+                      measure=lambda p: loss_fn, seeds=lambda p: [probe_seed(0, p)], run_steps=1e8,
+                      function_weights=weights)
+    assert mapped.per_probe == plain.per_probe
+    assert mapped.drift_cap == pytest.approx(plain.drift_cap * (5.0 / flat_norm) / 3, rel=1e-6)
+
+
+def test_lora_changes_are_peft_scaling_times_b_times_a_against_the_base_weights():
+    """The LoRA cap's yardstick, computed by hand: each adapted matrix changes by s·B·A (zero while
+    B = 0) and is added to its base weight, whose norm is the scale."""
+    from zoft.adapters import apply_mode, lora_changes
+    from zoft.models import tiny_random_model
+    model = apply_mode(tiny_random_model("causal", seed=0).model, "lora", lora_r=4, lora_alpha=8,
+                       lora_targets=["q_proj", "v_proj"])
+    changes, norm = lora_changes(model)
+    assert all(not c.any() for c in changes())   # B = 0 at init
+    torch.manual_seed(1)
+    expected, base_sq = [], 0.0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("q_proj", "v_proj")) and hasattr(module, "lora_B"):
+                module.lora_B["default"].weight.normal_()
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                expected.append((8 / 4) * b @ a)   # s = alpha / r
+                base_sq += float(module.base_layer.weight.square().sum())
+    assert len(changes()) == len(expected) > 0
+    for got, want in zip(changes(), expected):
+        torch.testing.assert_close(got, want)
+    assert norm == pytest.approx(math.sqrt(base_sq), rel=1e-9)
+    assert lora_changes(apply_mode(tiny_random_model("causal", seed=0).model, "prefix")) is None
+
+
 def test_loss_noise_at_tiny_steps_does_not_end_the_scan():
     """bf16 compute makes the loss of a 1e-8 step a tiny random change either way. Noise that falls
     at the first lr and rises at the second must not stop the scan there (it once chose lr 3e-9 on
@@ -116,10 +156,9 @@ def test_tiny_llama_lr_auto_is_finite_seeded_and_lowers_the_loss(mode):
     again = auto_lr(cfg, zo, objective)
     assert (again.lr, again.forwards, again.per_probe) == (first.lr, first.forwards, first.per_probe)
     assert math.isfinite(first.lr) and GRID[0] * FRACTION <= first.lr <= GRID[-1] * FRACTION
-    if mode == "full":
-        assert first.drift_cap is not None and first.lr == min(first.one_step, first.drift_cap)
-    else:   # an adapter's init norm is no scale for the cap
-        assert first.drift_cap is None and first.lr == first.one_step
+    # both capped: full mode by the weights' norm, LoRA by that of the matrices it adapts
+    assert first.drift_cap is not None and first.lr == min(first.one_step, first.drift_cap)
+    assert (zo.function_weights is None) == (mode == "full")
     other_seed = auto_lr(type(cfg)(**{**cfg.to_dict(), "seed": 1}), zo, objective)
     assert other_seed.per_probe != first.per_probe or other_seed.forwards != first.forwards   # seeds matter
 

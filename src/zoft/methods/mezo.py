@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from zoft import distributed
-from zoft.adapters import MODES, named_trainable
+from zoft.adapters import MODES, lora_changes, named_trainable
 from zoft.config import AUTO
 from zoft.errors import ZoftError
 from zoft.guard import Guard
@@ -25,7 +25,7 @@ from zoft.offload import Offloader
 from zoft.tasks import compute_metric
 from zoft.training import Trainable, batch_indices, check_finite, train_loop
 from zoft.zo import Objective, learning_rate
-from zoft.zo.auto_lr import AutoLR, probe_lr, probe_seed
+from zoft.zo.auto_lr import AutoLR, FunctionWeights, probe_lr, probe_seed
 from zoft.zo.build import build_components, build_stepper, trained_params
 from zoft.zo.schedule import direction_seed
 from zoft.zo.step import Stepper
@@ -66,6 +66,7 @@ class ZOStep:
     trainable: Trainable
     par: distributed.Parallel | None = None
     recorder: TrajectoryRecorder | None = None   # if the run keeps its trajectory
+    function_weights: FunctionWeights | None = None   # LoRA: the adapted matrices, for lr=auto's cap
 
     @torch.no_grad()
     def step_fn(self, step: int, lr_scale: float = 1.0) -> dict:
@@ -102,7 +103,9 @@ def build_step(cfg, model, objective: Objective, n_train: int, par: distributed.
     state = optimizer.state_dict
     trainable = Trainable(named, get_optimizer_state=lambda: state() or None,
                           set_optimizer_state=optimizer.load_state_dict, settle=stepper.settle)
-    return ZOStep(cfg, objective, n_train, params, estimator.backend.name, stepper, trainable, par)
+    changes = lora_changes(model) if cfg.mode == "lora" else None
+    return ZOStep(cfg, objective, n_train, params, estimator.backend.name, stepper, trainable, par,
+                  function_weights=FunctionWeights(*changes) if changes else None)
 
 
 def auto_lr(cfg, zo: ZOStep, measure: Objective) -> AutoLR:
@@ -113,15 +116,17 @@ def auto_lr(cfg, zo: ZOStep, measure: Objective) -> AutoLR:
 
     def batch(p: int) -> list[int]:
         return batch_indices(zo.n_train, cfg.batch_size, cfg.seed, p)
-    # T_eff = Σ_t (lr_t / lr)²: how the run's steps add up as a random walk, for the drift cap. Full
-    # mode only: there |θ₀| is the pretrained weights' scale; an adapter's init norm is no scale of the
-    # function (LoRA's A moves nothing while B = 0), and capped by it MeZO-LoRA on ASAP did not learn
+    # T_eff = Σ_t (lr_t / lr)²: how the run's steps add up as a random walk, for the drift cap. In full
+    # mode the walk is of the weights themselves; in LoRA mode of the adapted matrices W₀ + s·B·A,
+    # against |W₀| (the adapter's own init norm is no scale: A moves nothing while B = 0, and capped
+    # by it MeZO-LoRA on ASAP did not learn). Prefix mode has no weights to measure against: no cap.
+    capped = cfg.mode == "full" or zo.function_weights is not None
     run_steps = (sum(learning_rate(t, cfg.steps, 1.0, cfg.lr_schedule, cfg.warmup_steps) ** 2 for t in range(cfg.steps))
-                 if cfg.mode == "full" else 0.0)
+                 if capped else 0.0)
     return probe_lr(zo.params, estimator, optimizer,
                     train_loss=lambda p: zo.objective.on(batch(p)), measure=lambda p: measure.on(batch(p)),
                     seeds=lambda p: [probe_seed(cfg.seed, p, k) for k in range(cfg.n_directions)],
-                    run_steps=run_steps)
+                    run_steps=run_steps, function_weights=zo.function_weights)
 
 
 def trajectory_header(setup: Setup, zo: ZOStep) -> dict:

@@ -41,9 +41,11 @@ where the walk over the run stays within DRIFT of the trained tensors' own norm:
 
 and the run uses min(FRACTION · lr*, the cap). DRIFT = 0.1 reproduces the lrs picked by hand for
 SmolLM2-135M in full mode, 1e-4 for a few hundred steps and 3e-5 for thousands (README "lr=auto":
-caps of 1.9e-4 and 3.5e-5). The caller applies it in full mode only (zoft.methods.mezo.auto_lr): an
-adapter's init norm is no scale of the function, and on MeZO-LoRA (ASAP set 1, 500 steps) the cap,
-2e-4, left the loss flat for 250 steps where the guarded 1e-2 → 1.25e-3 learned.
+caps of 1.9e-4 and 3.5e-5). In LoRA mode the walk is measured where the model sees it, on the
+adapted matrices W = W₀ + s·B·A against |W₀| (``FunctionWeights``; zoft.methods.mezo.auto_lr): an
+adapter's own init norm is no scale of the function (A moves nothing while B = 0), and capped by
+it, at 2e-4, MeZO-LoRA on ASAP set 1 left the loss flat for 250 steps where the guarded
+1e-2 → 1.25e-3 learned. Prefix mode has no weights to measure against and keeps the one-step rule.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
@@ -94,15 +96,34 @@ def _distance(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> 
     return math.sqrt(sum(float((p.detach().float().cpu() - s.float()).square().sum()) for p, s in zip(params, saved)))
 
 
+@dataclass
+class FunctionWeights:
+    """Where the drift cap measures the walk when the trained tensors are not the model's weights
+    (LoRA: W = W₀ + s·B·A). ``changes()`` gives the tensors a step moves (LoRA: each adapted
+    matrix's s·B·A); ``norm`` is the norm of the weights they are added to (|W₀| of those matrices)."""
+
+    changes: Callable[[], list[torch.Tensor]]
+    norm: float
+
+
 @torch.no_grad()
 def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
              train_loss: Callable[[int], Callable[[], float]], measure: Callable[[int], Callable[[], float]],
-             seeds: Callable[[int], list[int]], run_steps: float = 0.0) -> AutoLR:
+             seeds: Callable[[int], list[int]], run_steps: float = 0.0,
+             function_weights: FunctionWeights | None = None) -> AutoLR:
     """Choose the lr (module docstring). ``train_loss(p)`` is the training objective on probe p's
     batch, ``measure(p)`` the loss the step is judged by on that batch (the LM loss where the objective
     is a metric), ``seeds(p)`` its directions. ``optimizer`` must be fresh (no state): each trial takes a copy of it.
-    ``run_steps`` is T_eff, Σ_t (lr_t / lr)² over the run (0: no drift cap)."""
+    ``run_steps`` is T_eff, Σ_t (lr_t / lr)² over the run (0: no drift cap). The cap bounds the walk
+    of the trained tensors against their own norm, or of ``function_weights`` against theirs."""
     saved = [p.detach().to("cpu", copy=True) for p in params]
+    if function_weights is None:
+        norm0 = math.sqrt(sum(float(s.float().square().sum()) for s in saved))
+        moved = lambda: _distance(params, saved)   # noqa: E731
+    else:
+        start = [t.detach().float().cpu() for t in function_weights.changes()]
+        norm0 = function_weights.norm
+        moved = lambda: _distance(function_weights.changes(), start)   # noqa: E731
 
     def restore() -> None:
         for p, s in zip(params, saved):
@@ -136,9 +157,12 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
         best = min(range(len(GRID)), key=curve.__getitem__)
         per_probe.append(GRID[best] if curve[best] < 0 else None)   # None: no lr lowered this batch's loss
         if curve[best] < 0 and run_steps > 0:
-            # u_p, the update's size per unit lr, taken at lr*_p: a step of 1e-8 would drown in fp32 rounding
-            copy.deepcopy(optimizer).update(params, estimate, GRID[best], estimator.backend, estimator.distribution)
-            unit_moves.append(_distance(params, saved) / GRID[best])   # no forward: only θ's distance
+            # u_p, the update's size per unit lr, taken at the run's scale FRACTION·lr*_p: small enough
+            # that LoRA's s·B·A is still linear in the step (at lr*, A's own move is as large as A),
+            # large enough not to drown in fp32 rounding as a step of 1e-8 would
+            at = FRACTION * GRID[best]
+            copy.deepcopy(optimizer).update(params, estimate, at, estimator.backend, estimator.distribution)
+            unit_moves.append(moved() / at)   # no forward: only the weights' distance
             restore()
     restore()
     found = [x for x in per_probe if x is not None]
@@ -149,7 +173,6 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
     drift_cap = None
     if run_steps > 0 and statistics.median(unit_moves) > 0:
         # momentum's steady step is its first one / (1 − μ), and so is the walk it adds up to
-        norm0 = math.sqrt(sum(float(s.float().square().sum()) for s in saved))
         drift_cap = DRIFT * steady * norm0 / (statistics.median(unit_moves) * math.sqrt(run_steps))
     lr = one_step if drift_cap is None else min(one_step, drift_cap)
     return AutoLR(lr=lr, forwards=forwards, per_probe=per_probe, one_step=one_step, drift_cap=drift_cap)
