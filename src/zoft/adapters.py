@@ -6,6 +6,7 @@ p.requires_grad]``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -49,7 +50,7 @@ def named_trainable(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def lora_changes(model) -> tuple[list, float] | None:
+def lora_changes(model) -> tuple[Callable[[], list[torch.Tensor]], float] | None:
     """LoRA's adapted matrices as the model sees them: a callable giving each one's change s·B·A
     (peft's ``get_delta_weight``, so fan-in/fan-out and scaling are peft's own) and the norm of the
     base weights W₀ they are added to. None if the model has no LoRA layer (or trains tensors

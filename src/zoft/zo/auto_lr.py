@@ -46,6 +46,9 @@ adapted matrices W = W₀ + s·B·A against |W₀| (``FunctionWeights``; zoft.me
 adapter's own init norm is no scale of the function (A moves nothing while B = 0), and capped by
 it, at 2e-4, MeZO-LoRA on ASAP set 1 left the loss flat for 250 steps where the guarded
 1e-2 → 1.25e-3 learned. Prefix mode has no weights to measure against and keeps the one-step rule.
+At LoRA's init the cap is loose: with B = 0 the probe's projected gradients are a fraction of those
+of training (ASAP set 1: |g| ≈ 0.15 against about 1-1.6), so u is too small; probing again once
+B ≠ 0 is still to be built (README "lr=auto").
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
@@ -117,13 +120,15 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
     ``run_steps`` is T_eff, Σ_t (lr_t / lr)² over the run (0: no drift cap). The cap bounds the walk
     of the trained tensors against their own norm, or of ``function_weights`` against theirs."""
     saved = [p.detach().to("cpu", copy=True) for p in params]
-    if function_weights is None:
+    if function_weights is None:   # the walk of θ itself, against |θ₀|
         norm0 = math.sqrt(sum(float(s.float().square().sum()) for s in saved))
-        moved = lambda: _distance(params, saved)   # noqa: E731
+        tensors, start = (lambda: params), saved
     else:
-        start = [t.detach().float().cpu() for t in function_weights.changes()]
         norm0 = function_weights.norm
-        moved = lambda: _distance(function_weights.changes(), start)   # noqa: E731
+        tensors, start = function_weights.changes, [t.detach().float().cpu() for t in function_weights.changes()]
+
+    def moved() -> float:   # how far a trial update took the measured tensors
+        return _distance(tensors(), start)
 
     def restore() -> None:
         for p, s in zip(params, saved):
