@@ -155,6 +155,40 @@ def test_a_finished_run_joins_by_its_folder(finished, tmp_path):
         zoft.api.train(method="ensemble", members=[str(unfinished)], output_dir=str(tmp_path / "y"), **SMALL)
 
 
+def test_eval_averages_the_members_stored_probabilities_and_rescores_rows_they_do_not_match(finished, tmp_path):
+    """The ensemble's eval split comes from its members' eval.json probabilities, not from scoring
+    the split again: a member whose stored probabilities say level 3 for every response pulls the
+    ensemble's mean there. A member whose stored rows are not the ensemble's (ids in another order)
+    is scored live, so its edited file changes nothing."""
+    import shutil
+
+    result, out = finished
+    folders = []
+    for m in result["members"]:
+        shutil.copytree(out / "members" / m["name"], tmp_path / m["name"])
+        folders.append(tmp_path / m["name"])
+    path = folders[0] / "eval.json"
+    own = json.loads(path.read_text())
+    n_levels = len(own["eval_outputs"]["probabilities"][0])
+    sure = [0.0] * (n_levels - 1) + [1.0]
+    own["eval_outputs"]["probabilities"] = [sure] * len(own["eval_outputs"]["ids"])
+    path.write_text(json.dumps(own))
+    other = json.loads((folders[1] / "eval.json").read_text())["eval_outputs"]["probabilities"]
+    stored = zoft.api.train(method="ensemble", members=[str(f) for f in folders], output_dir=str(tmp_path / "a"),
+                            **SMALL)
+    want = (torch.tensor([sure] * len(other), dtype=torch.float64) + torch.tensor(other, dtype=torch.float64)) / 2
+    assert stored["eval_outputs"]["predictions"] == want.argmax(-1).tolist()
+    assert torch.tensor(stored["eval_outputs"]["probabilities"]).double().allclose(want, atol=1e-6, rtol=0)
+    assert stored["eval_outputs"]["predictions"] != result["eval_outputs"]["predictions"]   # the edit was used
+
+    own["eval_outputs"]["ids"] = own["eval_outputs"]["ids"][::-1]   # not these rows one for one: live scoring
+    path.write_text(json.dumps(own))
+    live = zoft.api.train(method="ensemble", members=[str(f) for f in folders], output_dir=str(tmp_path / "b"),
+                          **SMALL)
+    assert live["eval_outputs"]["predictions"] == result["eval_outputs"]["predictions"]
+    assert live["eval"] == pytest.approx(result["eval"], abs=1e-12)
+
+
 def test_killed_during_the_second_member_resumes_it_and_keeps_the_first(finished, tmp_path):
     """Killed after the second member's first checkpoint (the 3rd checkpoint write of the
     process; the first member wrote two): the resume keeps member 0 as it is, continues member 1

@@ -177,21 +177,25 @@ def evaluate_with_predictions(scorer: CandidateScorer, enc: Encoded, examples, t
     start = time.perf_counter()
     preds, probabilities = predictions_with_probabilities(scorer, enc, task, batch_size, progress,
                                                           desc=label or "eval", decision=decision)
-    metrics, outputs = metrics_and_outputs(task, preds, examples)
-    if probabilities is not None:   # confidences: for QWK against coverage (zoft.tasks.rubric.confidence)
-        outputs["confidences"] = [round(p[c], 6) for p, c in zip(probabilities, preds)]
-        outputs["probabilities"] = [[round(q, 6) for q in p] for p in probabilities]
+    metrics, outputs = metrics_and_outputs(task, preds, examples, probabilities)
     if label and not progress:
         print(evaluation_line(label, metrics, len(examples), time.perf_counter() - start), file=sys.stderr, flush=True)
     return metrics, outputs
 
 
-def metrics_and_outputs(task: Task, preds: list, examples) -> tuple[dict[str, float], dict[str, list]]:
+def metrics_and_outputs(task: Task, preds: list, examples, probabilities: list[list[float]] | None = None
+                        ) -> tuple[dict[str, float], dict[str, list]]:
     """Every metric of the task, and what eval.json keeps for a report: predictions, gold
-    targets and the task's per-response columns (ids, second rater, subgroups)."""
+    targets and the task's per-response columns (ids, second rater, subgroups); given each
+    example's level ``probabilities``, also those and each prediction's confidence (the probability
+    of the chosen level: for QWK against coverage, :mod:`zoft.tasks.rubric.confidence`)."""
     metrics = {name: compute_metric(name, preds, examples) for name in task.metrics}
     targets = [ex.target if ex.target is not None else ex.answers for ex in examples]
-    return metrics, {"predictions": preds, "targets": targets, **task.response_columns(examples)}
+    outputs = {"predictions": preds, "targets": targets, **task.response_columns(examples)}
+    if probabilities is not None:
+        outputs["confidences"] = [round(float(p[c]), 6) for p, c in zip(probabilities, preds)]
+        outputs["probabilities"] = [[round(float(q), 6) for q in p] for p in probabilities]
+    return metrics, outputs
 
 
 BASE_MODEL_FILE = "zoft_base_model.json"   # in an adapter folder: zoft's name of the base and where it loads from

@@ -12,6 +12,12 @@ scorers that err differently (a fine-tuned LM and a fine-tuned sentence encoder)
 together: this is how the ASAP-SAS competition's best systems scored, and what
 ``configs/scoring.yaml`` recommends for a CPU.
 
+Each member's ``eval.json`` already holds its level probabilities on the eval rows (from its best
+weights), so the ensemble averages those rather than run every member over the eval split again
+(Gemma-3-270M's 426 ASAP set-2 responses: 30 s); only its dev split is scored live. A member whose
+stored outputs do not cover exactly these rows (another split, an older run without
+probabilities, weights other than its best) is scored live, as ``zoft eval`` always scores.
+
 Resume: a member with an ``eval.json`` is finished and kept; the member a kill interrupted
 resumes from its last checkpoint (exactly, as any run does); the rest train afresh.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +34,18 @@ import torch
 
 from zoft.config import ENSEMBLE_KEYS, Config, load_config
 from zoft.errors import ZoftError
-from zoft.methods.common import Setup, evaluate, evaluate_with_predictions, prepare
+from zoft.methods.common import (
+    Setup,
+    evaluate,
+    evaluate_with_predictions,
+    evaluation_line,
+    metrics_and_outputs,
+    prepare,
+)
 from zoft.methods.linear_probe import require_classification
 from zoft.methods.registry import Method, get_method, load_run, method_for, register_method
 from zoft.runs import RunDir
+from zoft.tasks.decision import decide
 
 METHOD = "ensemble"
 DATA_KEYS = ("task", "data_dir", "n_train", "n_dev", "n_eval", "k_per_class", "data_seed")   # the rows a run uses
@@ -146,8 +161,8 @@ def load_member(member: Member, trust_remote_code: bool):
     return load_run(member.folder, trust_remote_code=trust_remote_code)[1]
 
 
-def _member_summary(member: Member) -> dict:
-    """What the ensemble's eval.json says of a member: its folder, model and own results."""
+def _member_result(member: Member) -> dict:
+    """A finished member's eval.json."""
     path = member.folder / "eval.json"
     try:
         result = json.loads(path.read_text())
@@ -155,8 +170,38 @@ def _member_summary(member: Member) -> dict:
         raise ZoftError(f"{path}: unreadable or corrupt ({str(e).splitlines()[0][:80]})") from None
     if not isinstance(result, dict):
         raise ZoftError(f"{path}: corrupt (expected a JSON object)")
+    return result
+
+
+def _member_summary(member: Member) -> dict:
+    """What the ensemble's eval.json says of a member: its folder, model and own results."""
+    result = _member_result(member)
     return {"name": member.name, "run_dir": str(member.folder), "method": result.get("method"),
             "model": result.get("model"), "eval": result.get("eval"), "train_seconds": result.get("train_seconds")}
+
+
+def stored_probabilities(group: list[Member], examples, task) -> torch.Tensor | None:
+    """(N, C) float64: the mean of the members' level probabilities on ``examples`` (the eval
+    split) as their eval.json files hold them (rounded to 6 decimals), or None when some member's
+    do not match these rows one for one: response ids and gold scores, in order. A member must
+    also have been evaluated with the weights the ensemble loads (its best, ``load_best``)."""
+    columns = task.response_columns(examples)
+    if "ids" not in columns:   # a task without response ids: no way to be sure the rows are the same
+        return None
+    targets = [ex.target for ex in examples]
+    per_member = []
+    for member in group:
+        config = member.config or load_config(member.folder / "config.yaml", {"trust_remote_code": False})
+        outputs = _member_result(member).get("eval_outputs") or {}
+        probabilities = outputs.get("probabilities")
+        if (not config.load_best or outputs.get("ids") != columns["ids"] or outputs.get("targets") != targets
+                or not isinstance(probabilities, list) or len(probabilities) != len(examples)):
+            return None
+        per_member.append(torch.tensor(probabilities, dtype=torch.float64))
+    if len({tuple(p.shape) for p in per_member}) != 1:
+        raise ZoftError(f"{METHOD}: the members score different numbers of classes "
+                        f"({', '.join(str(p.shape[-1]) for p in per_member)})")
+    return torch.stack(per_member).mean(0)
 
 
 # ---------------------------------------------------------------- the method
@@ -175,8 +220,16 @@ def run(setup: Setup, run_dir: RunDir, resume: bool = False) -> dict:
     scorer = load_ensemble(group, cfg.trust_remote_code)
     dev = evaluate(scorer, scorer.encode(data.dev), data.dev, task, cfg.eval_batch_size, cfg.progress, label="dev",
                    decision=cfg.decision)
-    metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
-                                                 cfg.eval_batch_size, cfg.progress, label="eval", decision=cfg.decision)
+    eval_start = time.perf_counter()
+    stored = stored_probabilities(group, data.eval, task)
+    if stored is None:
+        metrics, outputs = evaluate_with_predictions(scorer, scorer.encode(data.eval), data.eval, task,
+                                                     cfg.eval_batch_size, cfg.progress, label="eval",
+                                                     decision=cfg.decision)
+    else:
+        metrics, outputs = metrics_and_outputs(task, decide(stored, cfg.decision), data.eval, stored.tolist())
+        print(evaluation_line("eval (the members' stored probabilities)", metrics, len(data.eval),
+                              time.perf_counter() - eval_start), file=sys.stderr, flush=True)
     summaries = [_member_summary(m) for m in group]
     result = {"method": METHOD, "mode": cfg.mode, "task": task.name,
               "model": "+".join(str(s["model"]) for s in summaries), "metric": task.metric, "eval": metrics,

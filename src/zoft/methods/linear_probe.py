@@ -170,8 +170,7 @@ def run(setup: Setup, run_dir, resume: bool = False) -> dict:
         probs = np.zeros((len(examples), len(task.label_words)))
         probs[:, probe.classes_] = probe.predict_proba(x)
         predicted = decide(torch.from_numpy(probs), cfg.decision)
-        splits[name], outputs = metrics_and_outputs(task, predicted, examples)
-        outputs["confidences"] = [round(float(p[c]), 6) for p, c in zip(probs, predicted)]   # for confidence routing
+        splits[name], outputs = metrics_and_outputs(task, predicted, examples, probs.tolist())
         if not cfg.progress:
             print(evaluation_line(name, splits[name], len(examples), time.perf_counter() - split_start),
                   file=sys.stderr, flush=True)
