@@ -70,19 +70,63 @@ def test_the_run_length_caps_the_lr_where_its_random_walk_would_outgrow_the_weig
     assert {"one_step", "drift_cap"} <= set(long.record())
 
 
-def test_function_weights_move_the_cap_to_the_walk_they_make():
-    """With ``function_weights`` the walk is measured on them against their norm: changes 3·θ (a
-    linear map, so its walk is 3× θ's) against a norm of 5 cap at DRIFT·5 / (3·u·√T)."""
+def probe_mapped(gain: float, norm: float, run_steps: float = 1e4):
+    """The quadratic's probe with function weights gain·θ against a norm: a linear map."""
     from zoft.zo.auto_lr import FunctionWeights
-    plain, _ = probe_quadratic(run_steps=1e8)
     params, loss_fn, _ = quadratic()
-    flat_norm = math.sqrt(sum(float(p.square().sum()) for p in params))
-    weights = FunctionWeights(changes=lambda: [3 * p for p in params], norm=5.0)
-    mapped = probe_lr(params, SPSA(eps=1e-4), build_optimizer("zo-sgd"), train_loss=lambda p: loss_fn,
-                      measure=lambda p: loss_fn, seeds=lambda p: [probe_seed(0, p)], run_steps=1e8,
-                      function_weights=weights)
-    assert mapped.per_probe == plain.per_probe
-    assert mapped.drift_cap == pytest.approx(plain.drift_cap * (5.0 / flat_norm) / 3, rel=1e-6)
+    return probe_lr(params, SPSA(eps=1e-4), build_optimizer("zo-sgd"), train_loss=lambda p: loss_fn,
+                    measure=lambda p: loss_fn, seeds=lambda p: [probe_seed(0, p)], run_steps=run_steps,
+                    function_weights=FunctionWeights(changes=lambda: [gain * q for q in params], norm=norm))
+
+
+def test_function_weights_cap_where_their_simulated_walk_reaches_the_drift():
+    """A linear map's walk is linear in lr·√T, so the cap is proportional to the norm, inversely to
+    the map's gain, and to 1/√T (to the bisection's 10^(1/1024)); the one-step rule is unchanged."""
+    plain, _ = probe_quadratic(run_steps=1e4)
+    base = probe_mapped(3.0, 5.0)
+    assert base.per_probe == plain.per_probe and base.one_step == plain.one_step
+    assert base.walk_sigma is not None and plain.walk_sigma is None
+    step = 10 ** (1 / 1024)
+    assert probe_mapped(3.0, 10.0).drift_cap / base.drift_cap == pytest.approx(2, rel=step - 1)
+    assert probe_mapped(6.0, 5.0).drift_cap / base.drift_cap == pytest.approx(0.5, rel=step - 1)
+    assert probe_mapped(3.0, 5.0, run_steps=4e4).drift_cap == pytest.approx(base.drift_cap / 2, rel=1e-12)
+
+
+def test_lora_cap_is_where_a_hand_simulated_noise_walk_of_s_b_a_reaches_the_drift():
+    """A toy LoRA layer (B = 0, A random, W = W₀ + s·B·A) under a quadratic loss in W. The probe's σ
+    is the RMS of its directions' projected gradients, checked against autograd's directional
+    derivatives zᵀ∇L in float64. Its cap is checked by an independent walk: run_steps real
+    steps θ ← θ − lr·g·z at lr = the cap (g ~ N(0, σ²), z ~ N(0, I), torch's own generator, not
+    zoft's backend), averaged over 40 walks, move s·B·A by FUNCTION_DRIFT·|W₀|: the probe's 100
+    simulated steps stand for 400, since the walk depends on lr·√T alone."""
+    from zoft.zo.auto_lr import FUNCTION_DRIFT, FunctionWeights
+    torch.manual_seed(0)
+    s, steps = 2.0, 400
+    w0, goal = torch.randn(30, 20, dtype=torch.float64), torch.randn(30, 20, dtype=torch.float64)
+    params = [torch.zeros(30, 4, dtype=torch.float64), 0.2 * torch.randn(4, 20, dtype=torch.float64)]
+
+    def loss_of(b, a):
+        return 0.5 * ((w0 + s * b @ a - goal) ** 2).sum()
+    result = probe_lr(params, SPSA(eps=1e-4), build_optimizer("zo-sgd"), train_loss=lambda p: lambda: float(loss_of(*params)),
+                      measure=lambda p: lambda: float(loss_of(*params)), seeds=lambda p: [probe_seed(0, p)],
+                      run_steps=steps, function_weights=FunctionWeights(lambda: [s * params[0] @ params[1]],
+                                                                       float(w0.norm())))
+    leaves = [q.clone().requires_grad_() for q in params]
+    grads = torch.autograd.grad(loss_of(*leaves), leaves)
+    directional = [sum(float((z * g).sum()) for z, g in zip(zs(params, probe_seed(0, p)), grads))
+                   for p in range(len(result.per_probe))]
+    assert result.walk_sigma == pytest.approx(math.sqrt(sum(d * d for d in directional) / len(directional)), rel=1e-6)
+
+    gen, walks = torch.Generator().manual_seed(1), []
+    for _ in range(40):
+        b, a = params[0].clone(), params[1].clone()
+        for _ in range(steps):
+            g = result.walk_sigma * float(torch.randn((), generator=gen, dtype=torch.float64))
+            b -= result.drift_cap * g * torch.randn(b.shape, generator=gen, dtype=torch.float64)
+            a -= result.drift_cap * g * torch.randn(a.shape, generator=gen, dtype=torch.float64)
+        walks.append(float((s * b @ a).norm()))
+    assert sum(walks) / len(walks) == pytest.approx(FUNCTION_DRIFT * float(w0.norm()), rel=0.25)
+    assert result.lr == min(result.one_step, result.drift_cap)
 
 
 def test_lora_changes_are_peft_scaling_times_b_times_a_against_the_base_weights():

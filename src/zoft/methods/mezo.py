@@ -165,6 +165,8 @@ def run(setup: Setup, run_dir, resume: bool = False, par: distributed.Parallel |
             run_dir.write_config(cfg.to_dict())
             run_dir.log({"step": 0, **chosen.record()})
         cap = "" if chosen.drift_cap is None else f", run-length cap {chosen.drift_cap:.3g}"
+        if chosen.walk_sigma is not None:   # LoRA: the cap came from a simulated walk with this g
+            cap += f" from a simulated walk at RMS g {chosen.walk_sigma:.3g}"
         print(f"zoft: lr=auto chose lr={chosen.lr:.3g} ({chosen.forwards} probe forwards; one-step optima "
               f"{', '.join('-' if x is None else f'{x:.3g}' for x in chosen.per_probe)} → {chosen.one_step:.3g}{cap})",
               file=sys.stderr, flush=True)

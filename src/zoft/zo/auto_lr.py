@@ -41,14 +41,24 @@ where the walk over the run stays within DRIFT of the trained tensors' own norm:
 
 and the run uses min(FRACTION · lr*, the cap). DRIFT = 0.1 reproduces the lrs picked by hand for
 SmolLM2-135M in full mode, 1e-4 for a few hundred steps and 3e-5 for thousands (README "lr=auto":
-caps of 1.9e-4 and 3.5e-5). In LoRA mode the walk is measured where the model sees it, on the
-adapted matrices W = W₀ + s·B·A against |W₀| (``FunctionWeights``; zoft.methods.mezo.auto_lr): an
-adapter's own init norm is no scale of the function (A moves nothing while B = 0), and capped by
-it, at 2e-4, MeZO-LoRA on ASAP set 1 left the loss flat for 250 steps where the guarded
-1e-2 → 1.25e-3 learned. Prefix mode has no weights to measure against and keeps the one-step rule.
-At LoRA's init the cap is loose: with B = 0 the probe's projected gradients are a fraction of those
-of training (ASAP set 1: |g| ≈ 0.15 against about 1-1.6), so u is too small; probing again once
-B ≠ 0 is still to be built (README "lr=auto").
+caps of 1.9e-4 and 3.5e-5).
+
+**In LoRA mode the walk is simulated.** It is measured where the model sees it, on the adapted
+matrices W = W₀ + s·B·A against |W₀| (``FunctionWeights``; zoft.methods.mezo.auto_lr): an adapter's
+own init norm is no scale of the function (A moves nothing while B = 0; capped by it, at 2e-4,
+MeZO-LoRA on ASAP set 1 left the loss flat). But s·B·A is not linear in the step: B and A both walk
+by about lr·σ·√T, so W walks by s·(B·A₀ + B·(A − A₀)), a term in lr·√T and one in (lr·√T)², and the
+second dominates within a few hundred steps. No one-step u describes that, so the probe runs the
+walk itself: WALK_STEPS optimizer updates of the run's kind on pure noise (the probes' directions'
+projected gradients g have RMS σ; each simulated step draws g ~ N(0, σ²) with a fresh seed), no
+forward pass, and finds by bisection the lr·√T_eff at which the walk of s·B·A reaches
+FUNCTION_DRIFT·|W₀|. Both terms depend on lr·√T alone, so WALK_STEPS steps at lr·√(T_eff/WALK_STEPS)
+walk as far as T_eff steps at lr. Checked against a real run (README "lr=auto"): MeZO-LoRA on ASAP
+set 1 at lr 3.16e-3 had moved W by 0.167·|W₀| at step 200, and this model (σ = 1.68, that run's RMS
+g) says 0.170. FUNCTION_DRIFT = 0.025: on that set every MeZO-LoRA run that blew up (five, at lr·√T
+≈ 0.05) had a walk of 0.07-0.09·|W₀| by this measure at σ = 1 (the RMS g of its first 20 steps), and
+the run that learned (dev QWK 0.21 → 0.34) ran at 1.25e-3 for 500 steps: 0.027. One model and one
+set calibrated it. Prefix mode has no weights to measure against and keeps the one-step rule.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
@@ -57,6 +67,7 @@ started from without the probe: replay and resume stay exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -73,6 +84,9 @@ GRID = [10 ** (k / 2) for k in range(-16, 1)]   # 1e-8, 3.2e-8, ..., 1: the lrs 
 PROBES, MAX_TRIES = 3, 9    # probes that found a descent; batches tried at most
 RISE = 0.1                  # relative rise above L_B(θ), after a fall, that ends a probe's scan (docstring)
 DRIFT = 0.1                 # the run's random walk may move θ by this fraction of |θ₀| (docstring)
+FUNCTION_DRIFT = 0.025      # ... and LoRA's s·B·A this fraction of |W₀|, by a simulated walk (docstring)
+WALK_STEPS = 100            # steps of that simulation; the walk depends on lr·√T only, so any T maps onto them
+WALK_PROBE = 10_000         # seeds(WALK_PROBE + t) give the simulated walk's directions: apart from the probes'
 
 
 def probe_seed(seed: int, probe: int, k: int = 0) -> int:
@@ -89,10 +103,11 @@ class AutoLR:
     per_probe: list[float | None] = field(default_factory=list)
     one_step: float | None = None     # FRACTION × the probes' median optimum
     drift_cap: float | None = None    # the run-length cap (None: no run length given)
+    walk_sigma: float | None = None   # LoRA: the RMS projected gradient the simulated walk drew from
 
     def record(self) -> dict:
         return {"event": "lr_auto", "lr": self.lr, "forwards": self.forwards, "per_probe": self.per_probe,
-                "one_step": self.one_step, "drift_cap": self.drift_cap}
+                "one_step": self.one_step, "drift_cap": self.drift_cap, "walk_sigma": self.walk_sigma}
 
 
 def _distance(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> float:
@@ -135,6 +150,7 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
             p.copy_(s)
 
     forwards, per_probe, unit_moves = 0, [], []   # unit_moves: u_p = |Δθ| / lr of each probe's update
+    projected, template = [], None   # every probe direction's g, and an estimate to shape the walk's steps on
     steady = 1 - optimizer.momentum if isinstance(optimizer, ZOSGDMomentum) else 1.0
     for p in range(MAX_TRIES):
         if sum(x is not None for x in per_probe) == PROBES:
@@ -148,6 +164,8 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
         if not any(g for _, g in estimate.directions) or not math.isfinite(base):
             per_probe.append(None)   # a zero estimate moves nothing: it says nothing about lr
             continue
+        projected += [g for _, g in estimate.directions]
+        template = estimate
         curve = []   # f_p on the grid; +inf once the loss fell and then rose clearly above L_B(θ), or doubled
         for lr in GRID:
             if curve and (curve[-1] > RISE * abs(base) and min(curve) < 0 or curve[-1] > abs(base)):
@@ -175,9 +193,58 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
         raise ZoftError(f"lr=auto: no trial step lowered the training loss at any lr in [{GRID[0]:g}, {GRID[-1]:g}] "
                         f"({len(per_probe)} probes, {forwards} forwards); raise eps or set lr explicitly")
     one_step = FRACTION * steady * 10 ** statistics.median(math.log10(x) for x in found)
-    drift_cap = None
-    if run_steps > 0 and statistics.median(unit_moves) > 0:
+    drift_cap = sigma = None
+    if run_steps > 0 and function_weights is not None:   # LoRA: s·B·A's walk, simulated (docstring)
+        sigma = math.sqrt(statistics.fmean(g * g for g in projected))
+        walk = _noise_walk(params, optimizer, estimator, template, sigma, seeds, moved, restore)
+        reach = _solve_increasing(walk, FUNCTION_DRIFT * norm0)
+        drift_cap = None if reach is None else reach / math.sqrt(run_steps)
+    elif run_steps > 0 and statistics.median(unit_moves) > 0:
         # momentum's steady step is its first one / (1 − μ), and so is the walk it adds up to
         drift_cap = DRIFT * steady * norm0 / (statistics.median(unit_moves) * math.sqrt(run_steps))
     lr = one_step if drift_cap is None else min(one_step, drift_cap)
-    return AutoLR(lr=lr, forwards=forwards, per_probe=per_probe, one_step=one_step, drift_cap=drift_cap)
+    return AutoLR(lr=lr, forwards=forwards, per_probe=per_probe, one_step=one_step, drift_cap=drift_cap,
+                  walk_sigma=sigma)
+
+
+def _noise_walk(params, optimizer, estimator, template, sigma: float, seeds: Callable[[int], list[int]],
+                moved: Callable[[], float], restore: Callable[[], None]) -> Callable[[float], float]:
+    """``walk(x)``: how far WALK_STEPS updates of the run's optimizer at lr = x/√WALK_STEPS, each on
+    pure noise (g ~ N(0, σ²) per direction, fresh seeds, as many directions as a step has), move
+    the measured tensors; θ restored after. The same draws for every x, so walk(x) is a smooth
+    function of x. No forward pass: the update regenerates z from its seed, as a step does."""
+    draws = np.random.default_rng(seeds(WALK_PROBE)[0])
+    steps = [[(seed, sigma * float(draws.standard_normal())) for seed in seeds(WALK_PROBE + 1 + t)]
+             for t in range(WALK_STEPS)]
+
+    def walk(x: float) -> float:
+        trial_optimizer = copy.deepcopy(optimizer)
+        for directions in steps:
+            trial_optimizer.update(params, dataclasses.replace(template, directions=directions),
+                                   x / math.sqrt(WALK_STEPS), estimator.backend, estimator.distribution)
+        distance = moved()
+        restore()
+        return distance if math.isfinite(distance) else math.inf
+    return walk
+
+
+def _solve_increasing(f: Callable[[float], float], target: float, start: float = 1e-2,
+                      halvings: int = 10) -> float | None:
+    """The largest x (to 10^(1/2^halvings)) with f(x) ≤ target, f increasing: bracketed by decades
+    from ``start``, then bisected in log x. None if no x in [1e-12, 1e6] brackets it."""
+    if f(start) <= target:
+        lo, hi = start, start * 10
+        while f(hi) <= target:
+            lo, hi = hi, hi * 10
+            if hi > 1e6:
+                return None
+    else:
+        lo, hi = start / 10, start
+        while f(lo) > target:
+            lo, hi = lo / 10, lo
+            if lo < 1e-12:
+                return None
+    for _ in range(halvings):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if f(mid) <= target else (lo, mid)
+    return lo
