@@ -197,7 +197,10 @@ def stored_probabilities(group: list[Member], examples, task) -> torch.Tensor | 
         if (not config.load_best or outputs.get("ids") != columns["ids"] or outputs.get("targets") != targets
                 or not isinstance(probabilities, list) or len(probabilities) != len(examples)):
             return None
-        per_member.append(torch.tensor(probabilities, dtype=torch.float64))
+        try:
+            per_member.append(torch.tensor(probabilities, dtype=torch.float64))
+        except (TypeError, ValueError, RuntimeError):   # an edited or damaged file: score the member live
+            return None
     if len({tuple(p.shape) for p in per_member}) != 1:
         raise ZoftError(f"{METHOD}: the members score different numbers of classes "
                         f"({', '.join(str(p.shape[-1]) for p in per_member)})")

@@ -118,8 +118,8 @@ def auto_lr(cfg, zo: ZOStep, measure: Objective) -> AutoLR:
         return batch_indices(zo.n_train, cfg.batch_size, cfg.seed, p)
     # T_eff = Σ_t (lr_t / lr)²: how the run's steps add up as a random walk, for the drift cap. In full
     # mode the walk is of the weights themselves; in LoRA mode of the adapted matrices W₀ + s·B·A,
-    # against |W₀| (the adapter's own init norm is no scale: A moves nothing while B = 0, and capped
-    # by it MeZO-LoRA on ASAP did not learn). Prefix mode has no weights to measure against: no cap.
+    # against |W₀|, simulated on noise since s·B·A is not linear in the steps (the adapter's own init
+    # norm is no scale: A moves nothing while B = 0). Prefix mode has no weights to measure against: no cap.
     capped = cfg.mode == "full" or zo.function_weights is not None
     run_steps = (sum(learning_rate(t, cfg.steps, 1.0, cfg.lr_schedule, cfg.warmup_steps) ** 2 for t in range(cfg.steps))
                  if capped else 0.0)

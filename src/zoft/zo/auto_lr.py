@@ -55,10 +55,11 @@ forward pass, and finds by bisection the lr·√T_eff at which the walk of s·B�
 FUNCTION_DRIFT·|W₀|. Both terms depend on lr·√T alone, so WALK_STEPS steps at lr·√(T_eff/WALK_STEPS)
 walk as far as T_eff steps at lr. Checked against a real run (README "lr=auto"): MeZO-LoRA on ASAP
 set 1 at lr 3.16e-3 had moved W by 0.167·|W₀| at step 200, and this model (σ = 1.68, that run's RMS
-g) says 0.170. FUNCTION_DRIFT = 0.025: on that set every MeZO-LoRA run that blew up (five, at lr·√T
-≈ 0.05) had a walk of 0.07-0.09·|W₀| by this measure at σ = 1 (the RMS g of its first 20 steps), and
-the run that learned (dev QWK 0.21 → 0.34) ran at 1.25e-3 for 500 steps: 0.027. One model and one
-set calibrated it. Prefix mode has no weights to measure against and keeps the one-step rule.
+g) says 0.170. FUNCTION_DRIFT = 0.025, about a third of the smallest walk at which MeZO-LoRA blew up
+on that set: the four blow-ups (lr 1e-2 at step 30, 5e-3 at 90, 2.5e-3 at 400, 3.16e-3 at 290) had
+walked 0.067-0.087·|W₀| by this measure at σ = 1 (the RMS g of a run's first 20 steps: 0.99). One
+model and one set calibrated it. Prefix mode has no weights to measure against and keeps the
+one-step rule.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
