@@ -180,10 +180,9 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
             curve.append(change if math.isfinite(change) else math.inf)
         best = min(range(len(GRID)), key=curve.__getitem__)
         per_probe.append(GRID[best] if curve[best] < 0 else None)   # None: no lr lowered this batch's loss
-        if curve[best] < 0 and run_steps > 0:
-            # u_p, the update's size per unit lr, taken at the run's scale FRACTION·lr*_p: small enough
-            # that LoRA's s·B·A is still linear in the step (at lr*, A's own move is as large as A),
-            # large enough not to drown in fp32 rounding as a step of 1e-8 would
+        if curve[best] < 0 and run_steps > 0 and function_weights is None:   # LoRA's walk is simulated instead
+            # u_p, the update's size per unit lr, taken at the run's scale FRACTION·lr*_p: large enough
+            # not to drown in fp32 rounding as a step of 1e-8 would
             at = FRACTION * GRID[best]
             copy.deepcopy(optimizer).update(params, estimate, at, estimator.backend, estimator.distribution)
             unit_moves.append(moved() / at)   # no forward: only the weights' distance
