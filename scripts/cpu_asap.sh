@@ -5,7 +5,9 @@
 # too with ZERO_SHOT=1, and the study's prompt-based LLM rows with LORA=1: SmolLM2 on the rubric
 # prompt (max_length=512, the item's header shared), FT-LoRA (300 AdamW steps, lr 3e-4) and MeZO-LoRA
 # (lr=auto, ε 1e-2, MEZO_STEPS steps, default 500); LP=1 adds the linear probe on the same prompt's
-# features. SCORER=0 leaves the recommended scorer out.
+# features. BASELINE=1 adds the study's BERT-class baseline alone (bert-cls on MiniLM-L6, 300 AdamW
+# steps of batch 16 at lr 5e-5, argmax: the README's baseline column). SCORER=0 leaves the
+# recommended scorer out.
 #
 #   scripts/cpu_asap.sh OUT_DIR [SET ...]          # sets default 1 2 10
 #   SCORER_ARGS="steps=200" scripts/cpu_asap.sh OUT 1     # try a variant of the recipe
@@ -43,6 +45,10 @@ timed() {   # timed NAME CMD...: run, then record the wall seconds beside the ru
 
 for s in $sets; do
   data="task=asap-$s n_train=-1 n_dev=100 n_eval=1000"
+  if [ "${BASELINE:-0}" = 1 ]; then
+    timed "$out/asap-$s/bert-cls" $zoft train method=bert-cls $data max_length=128 batch_size=16 \
+        steps=300 lr=5e-5 eval_every=100
+  fi
   if [ "${ZERO_SHOT:-0}" = 1 ]; then
     timed "$out/asap-$s/zero-shot" $zoft train method=zero-shot $data max_length=512 compute_dtype=bf16
   fi
