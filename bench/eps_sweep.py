@@ -79,8 +79,9 @@ def main() -> None:
         idx, seed = batch_indices(len(enc), args.batch, 0, step), direction_seed(0, step, 0)
         loss = scorers["fp32"].loss(enc, idx)
         grads = torch.autograd.grad(loss, params)
+        loss = loss.detach()
         d = sum(float((g.double() * z.double()).sum()) for g, z in zip(grads, direction(seed)))
-        row = {"step": step, "loss": float(loss), "d": d}
+        row = {"step": step, "loss": loss.item(), "d": d}
         for dtype, scorer in scorers.items():
             for eps in eps_grid:
                 with torch.no_grad():

@@ -124,3 +124,21 @@ def test_every_method_and_eval_record_the_compute_dtype(tmp_path):
         result = api.train({**small, "method": method, "icl_k": 2, "output_dir": str(tmp_path / method)})
         assert result["compute_dtype"] == "bf16", method
     assert api.evaluate(tmp_path / "zero-shot")["compute_dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_auto_keeps_fp32_compute_for_zo_in_lora_mode_only(tmp_path, mode):
+    """MeZO-LoRA's loss differences sit below bf16's rounding (bench/eps_sweep.py), so compute_dtype=auto
+    resolves to fp32 there; full mode and backprop methods keep the CPU's bf16 (where it is native)."""
+    loaded = tiny_random_model("causal", seed=0)
+    native = resolve_compute_dtype("auto", loaded.model)   # bf16 on a CPU with native bf16, else fp32
+    result = api.train({**SMALL, "method": "mezo", "mode": mode, "steps": 2, "eval_every": 2, "lr": 1e-3,
+                        "output_dir": str(tmp_path / "zo")}, loaded=loaded)
+    assert result["compute_dtype"] == ("fp32" if mode == "lora" else native)
+    result = api.train({**SMALL, "method": "ft", "mode": mode, "steps": 1, "eval_every": 1, "lr": 1e-4,
+                        "output_dir": str(tmp_path / "ft")}, loaded=tiny_random_model("causal", seed=0))
+    assert result["compute_dtype"] == native
+    explicit = api.train({**SMALL, "method": "mezo", "mode": mode, "steps": 1, "eval_every": 1, "lr": 1e-3,
+                          "compute_dtype": "bf16", "output_dir": str(tmp_path / "asked")},
+                         loaded=tiny_random_model("causal", seed=0))
+    assert explicit["compute_dtype"] == "bf16"   # the caller's own choice stands

@@ -61,7 +61,7 @@ class Config:
     method: str = "mezo"
     model: str = "smollm2-135m"
     dtype: str = "fp32"
-    compute_dtype: str = "auto"      # fp32 | bf16 | auto: bf16 matmuls over fp32 weights on a CPU with native bf16 (zoft.lm.resolve_compute_dtype)
+    compute_dtype: str = "auto"      # fp32 | bf16 | auto: bf16 matmuls over fp32 weights on a CPU with native bf16 (zoft.lm.resolve_compute_dtype), fp32 for ZO in LoRA mode (Setup.compute_dtype)
     device: str = "cpu"
     trust_remote_code: bool = False
     task: str = "sst2"
@@ -280,7 +280,8 @@ KEY_HELP: dict[str, str] = {
     "method": "what to run: zero-shot, icl, lp, ft, lp-ft, mezo, lp-mezo, bert-cls, lm-cls, ensemble",
     "model": "builtin name (smollm2-135m, gemma3-270m, tiny-llama, tiny-bert), HF folder, .gguf file or hub id",
     "dtype": "weight dtype: fp32 | bf16 | fp16",
-    "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights on a CPU with native bf16, else the weights' dtype)",
+    "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights on a CPU with native bf16, else the weights' dtype; "
+                     "fp32 for ZO methods in LoRA mode, whose loss differences bf16 rounds away)",
     "device": "where the model runs, e.g. cpu or cuda",
     "trust_remote_code": "run the Python a model folder ships (never taken from a run's own config.yaml)",
     "task": "builtin task (sst2, rte, cb, boolq, copa, ...) or a task YAML in lm-eval-harness style",
