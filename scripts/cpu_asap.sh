@@ -53,8 +53,9 @@ for s in $sets; do
     timed "$out/asap-$s/zero-shot" $zoft train method=zero-shot $data max_length=512 compute_dtype=bf16
   fi
   if [ "${LORA:-0}" = 1 ]; then   # the rubric prompt: each response runs on its item's shared header
-    prompt="$data max_length=512 compute_dtype=bf16 mode=lora batch_size=16 eval_batch_size=32 eval_every=100"
-    timed "$out/asap-$s/ft-lora" $zoft train method=ft $prompt steps=300 lr=3e-4
+    prompt="$data max_length=512 mode=lora batch_size=16 eval_batch_size=32 eval_every=100"
+    timed "$out/asap-$s/ft-lora" $zoft train method=ft $prompt compute_dtype=bf16 steps=300 lr=3e-4
+    # compute_dtype left to auto: fp32 for MeZO-LoRA, whose loss differences bf16 rounds away (bench/eps_sweep.py)
     timed "$out/asap-$s/mezo-lora" $zoft train method=mezo $prompt steps="${MEZO_STEPS:-500}" lr=auto eps=1e-2
   fi
   if [ "${LP:-0}" = 1 ]; then
