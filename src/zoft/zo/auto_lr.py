@@ -59,9 +59,9 @@ g) says 0.170. FUNCTION_DRIFT = 0.025, about a third of the smallest walk at whi
 on that set: the four blow-ups (lr 1e-2 at step 30, 5e-3 at 90, 2.5e-3 at 400, 3.16e-3 at 290) had
 walked 0.067-0.087·|W₀| by this measure at σ = 1 (the RMS g of a run's first 20 steps: 0.99). One
 model and one set calibrated it, with bf16 compute, whose rounding made up most of that σ. With fp32
-compute (compute_dtype=auto's choice for ZO in LoRA mode since then) σ starts 14× smaller at B = 0
-and grows as B moves, which a fixed σ does not follow: the cap came out 18× larger and the guard
-rolled back three times (README "ε and bf16 compute"). Prefix mode has no weights to measure against and keeps the
+compute (compute_dtype=auto's choice for ZO in LoRA mode since then) the probes' σ on that set was
+0.065, 14× smaller, while the run's own g were about 0.8: the cap came out 18× larger and the guard
+rolled back three times (README "ε and bf16 compute"). A σ that holds over the run is still owed. Prefix mode has no weights to measure against and keeps the
 one-step rule.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
