@@ -61,8 +61,8 @@ walked 0.067-0.087·|W₀| by this measure at σ = 1 (the RMS g of a run's first
 model and one set calibrated it, with bf16 compute, whose rounding made up most of that σ. With fp32
 compute (compute_dtype=auto's choice for ZO in LoRA mode since then) the probes' σ on that set was
 0.065, 14× smaller, while the run's own g were about 0.8: the cap came out 18× larger and the guard
-rolled back three times (README "ε and bf16 compute"). A σ that holds over the run is still owed. Prefix mode has no weights to measure against and keeps the
-one-step rule.
+rolled back three times (README "ε and bf16 compute"). A σ that holds over the run is still owed.
+Prefix mode has no weights to measure against and keeps the one-step rule.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
 the model's size in full mode), so training starts from exactly the weights it would have
