@@ -135,6 +135,8 @@ def test_auto_keeps_fp32_compute_for_zo_in_lora_mode_only(tmp_path, mode):
     result = api.train({**SMALL, "method": "mezo", "mode": mode, "steps": 2, "eval_every": 2, "lr": 1e-3,
                         "output_dir": str(tmp_path / "zo")}, loaded=loaded)
     assert result["compute_dtype"] == ("fp32" if mode == "lora" else native)
+    # config.yaml records the resolved dtype, so a resume keeps it whatever auto's rule becomes
+    assert RunDir(tmp_path / "zo").read_config()["compute_dtype"] == result["compute_dtype"]
     result = api.train({**SMALL, "method": "ft", "mode": mode, "steps": 1, "eval_every": 1, "lr": 1e-4,
                         "output_dir": str(tmp_path / "ft")}, loaded=tiny_random_model("causal", seed=0))
     assert result["compute_dtype"] == native

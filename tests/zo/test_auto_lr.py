@@ -94,12 +94,12 @@ def test_function_weights_cap_where_their_simulated_walk_reaches_the_drift():
 
 def test_lora_cap_is_where_a_hand_simulated_noise_walk_of_s_b_a_reaches_the_drift():
     """A toy LoRA layer (B = 0, A random, W = W₀ + s·B·A) under a quadratic loss in W. The probe's σ
-    is the RMS of its directions' projected gradients, checked against autograd's directional
-    derivatives zᵀ∇L in float64. Its cap is checked by an independent walk: run_steps real
+    is the RMS of SIGMA_DRAWS directions' projected gradients (the probes' and extra ones), checked
+    against autograd's directional derivatives zᵀ∇L in float64. Its cap is checked by an independent walk: run_steps real
     steps θ ← θ − lr·g·z at lr = the cap (g ~ N(0, σ²), z ~ N(0, I), torch's own generator, not
     zoft's backend), averaged over 40 walks, move s·B·A by FUNCTION_DRIFT·|W₀|: the probe's 100
     simulated steps stand for 400, since the walk depends on lr·√T alone."""
-    from zoft.zo.auto_lr import FUNCTION_DRIFT, FunctionWeights
+    from zoft.zo.auto_lr import FUNCTION_DRIFT, SIGMA_DRAWS, SIGMA_PROBE, FunctionWeights
     torch.manual_seed(0)
     s, steps = 2.0, 400
     w0, goal = torch.randn(30, 20, dtype=torch.float64), torch.randn(30, 20, dtype=torch.float64)
@@ -113,8 +113,11 @@ def test_lora_cap_is_where_a_hand_simulated_noise_walk_of_s_b_a_reaches_the_drif
                                                                        float(w0.norm())))
     leaves = [q.clone().requires_grad_() for q in params]
     grads = torch.autograd.grad(loss_of(*leaves), leaves)
-    directional = [sum(float((z * g).sum()) for z, g in zip(zs(params, probe_seed(0, p)), grads))
-                   for p in range(len(result.per_probe))]
+    # σ is over SIGMA_DRAWS directions: the probes' own, then seeds(SIGMA_PROBE + i)
+    probes = [probe_seed(0, p) for p in range(len(result.per_probe))]
+    extra = [probe_seed(0, SIGMA_PROBE + i) for i in range(SIGMA_DRAWS - len(probes))]
+    directional = [sum(float((z * g).sum()) for z, g in zip(zs(params, seed), grads)) for seed in probes + extra]
+    assert len(directional) == SIGMA_DRAWS
     assert result.walk_sigma == pytest.approx(math.sqrt(sum(d * d for d in directional) / len(directional)), rel=1e-6)
 
     gen, walks = torch.Generator().manual_seed(1), []

@@ -59,9 +59,13 @@ g) says 0.170. FUNCTION_DRIFT = 0.025, about a third of the smallest walk at whi
 on that set: the four blow-ups (lr 1e-2 at step 30, 5e-3 at 90, 2.5e-3 at 400, 3.16e-3 at 290) had
 walked 0.067-0.087·|W₀| by this measure at σ = 1 (the RMS g of a run's first 20 steps: 0.99). One
 model and one set calibrated it, with bf16 compute, whose rounding made up most of that σ. With fp32
-compute (compute_dtype=auto's choice for ZO in LoRA mode since then) the probes' σ on that set was
-0.065, 14× smaller, while the run's own g were about 0.8: the cap came out 18× larger and the guard
-rolled back three times (README "ε and bf16 compute"). A σ that holds over the run is still owed.
+compute (compute_dtype=auto's choice for ZO in LoRA mode since then) the three probes' σ on that set
+was 0.065, while the run's own g had an RMS of 0.68 over its first 10 steps and 0.84 over 112: the
+cap came out about 10× too large and the guard rolled back three times (README "ε and bf16
+compute"). The projected gradients are heavy-tailed (autograd's directional derivatives at B = 0 on
+that set: 0.47, 0.07, 0.13, 0.21, 0.46 in size), and an RMS of three draws can miss their scale by
+10×. So σ is taken over SIGMA_DRAWS = 16 directions: the probes' own, then extra two-sided estimates
+on the run's first batches with directions of their own (2 forwards each, counted).
 Prefix mode has no weights to measure against and keeps the one-step rule.
 
 θ is copied to CPU memory once and restored after every trial (one copy of the trained tensors:
@@ -91,6 +95,8 @@ DRIFT = 0.1                 # the run's random walk may move θ by this fraction
 FUNCTION_DRIFT = 0.025      # ... and LoRA's s·B·A this fraction of |W₀|, by a simulated walk (docstring)
 WALK_STEPS = 100            # steps of that simulation; the walk depends on lr·√T only, so any T maps onto them
 WALK_PROBE = 10_000         # seeds(WALK_PROBE + t) give the simulated walk's directions: apart from the probes'
+SIGMA_DRAWS = 16            # LoRA: projected gradients σ is measured from (the probes' own, then extra estimates)
+SIGMA_PROBE = 20_000        # seeds(SIGMA_PROBE + i) give those extra estimates' directions, on the run's batches i
 
 
 def probe_seed(seed: int, probe: int, k: int = 0) -> int:
@@ -198,6 +204,14 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
     one_step = FRACTION * steady * 10 ** statistics.median(math.log10(x) for x in found)
     drift_cap = sigma = None
     if run_steps > 0 and function_weights is not None:   # LoRA: s·B·A's walk, simulated (docstring)
+        # g is heavy-tailed: three draws of RMS 0.065 stood for a run whose g had RMS 0.84 (docstring)
+        for i in range(max(0, SIGMA_DRAWS - len(projected))):
+            estimate = estimator.estimate(params, train_loss(i), seeds(SIGMA_PROBE + i), step=i)
+            forwards += estimate.forwards
+            restore()
+            projected += [g for _, g in estimate.directions if math.isfinite(g)]
+            if len(projected) >= SIGMA_DRAWS:
+                break
         sigma = math.sqrt(statistics.fmean(g * g for g in projected))
         walk = _noise_walk(params, optimizer, estimator, template, sigma, seeds, moved, restore)
         reach = _solve_increasing(walk, FUNCTION_DRIFT * norm0)
