@@ -281,7 +281,7 @@ KEY_HELP: dict[str, str] = {
     "model": "builtin name (smollm2-135m, gemma3-270m, tiny-llama, tiny-bert), HF folder, .gguf file or hub id",
     "dtype": "weight dtype: fp32 | bf16 | fp16",
     "compute_dtype": "matmul dtype: fp32 | bf16 | auto (bf16 matmuls over fp32 weights on a CPU with native bf16, else the weights' dtype; "
-                     "fp32 for ZO methods in LoRA mode, whose loss differences bf16 rounds away)",
+                     "fp32 for ZO methods in LoRA mode, whose loss differences bf16 rounds away; config.yaml records the choice)",
     "device": "where the model runs, e.g. cpu or cuda",
     "trust_remote_code": "run the Python a model folder ships (never taken from a run's own config.yaml)",
     "task": "builtin task (sst2, rte, cb, boolq, copa, ...) or a task YAML in lm-eval-harness style",
