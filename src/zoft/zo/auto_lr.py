@@ -97,7 +97,7 @@ DRIFT = 0.1                 # the run's random walk may move θ by this fraction
 FUNCTION_DRIFT = 0.025      # ... and LoRA's s·B·A this fraction of |W₀|, by a simulated walk (docstring)
 WALK_STEPS = 100            # steps of that simulation; the walk depends on lr·√T only, so any T maps onto them
 WALK_PROBE = 10_000         # seeds(WALK_PROBE + t) give the simulated walk's directions: apart from the probes'
-SIGMA_DRAWS = 16            # LoRA: projected gradients σ is measured from (the probes' own, then extra estimates)
+SIGMA_DRAWS = 16            # LoRA: σ is the RMS of this many projected gradients (the probes', then extra ones)
 SIGMA_PROBE = 20_000        # seeds(SIGMA_PROBE + i) give those extra estimates' directions, on the run's batches i
 
 
