@@ -96,9 +96,9 @@ def test_lora_cap_is_where_a_hand_simulated_noise_walk_of_s_b_a_reaches_the_drif
     """A toy LoRA layer (B = 0, A random, W = W₀ + s·B·A) under a quadratic loss in W. The probe's σ
     is the RMS of SIGMA_DRAWS directions' projected gradients (the probes' and extra ones), checked
     against autograd's directional derivatives zᵀ∇L in float64. Its cap is checked by an independent
-    walk: run_steps real steps θ ← θ − lr·g·z at lr = the cap (g ~ N(0, σ²), z ~ N(0, I), torch's own generator, not
-    zoft's backend), averaged over 40 walks, move s·B·A by FUNCTION_DRIFT·|W₀|: the probe's 100
-    simulated steps stand for 400, since the walk depends on lr·√T alone."""
+    walk: run_steps real steps θ ← θ − lr·g·z at lr = the cap (g ~ N(0, σ²), z ~ N(0, I), torch's own
+    generator, not zoft's backend), averaged over 40 walks, move s·B·A by FUNCTION_DRIFT·|W₀|: the
+    probe's 100 simulated steps stand for 400, since the walk depends on lr·√T alone."""
     from zoft.zo.auto_lr import FUNCTION_DRIFT, SIGMA_DRAWS, SIGMA_PROBE, FunctionWeights
     torch.manual_seed(0)
     s, steps = 2.0, 400
