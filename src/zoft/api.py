@@ -64,9 +64,7 @@ def train(config: Config | dict | str | Path | None = None, resume: str | Path |
         run_dir.check_usable(overwrite=cfg.overwrite_output_dir)
     setup = prepare(cfg, loaded, load_lm=method.loads_lm)   # bad data or model fails here, before any write
     if writes and resume is None:
-        if cfg.compute_dtype == "auto" and setup.compute_dtype:
-            # config.yaml names what auto chose here, so --resume keeps it if auto's rule changes later
-            cfg.compute_dtype = setup.compute_dtype
+        setup.pin_compute_dtype()    # config.yaml names what compute_dtype=auto chose here
         run_dir.clear()              # the earlier run's entries (check_usable refused unless overwrite)
         run_dir.write_config(cfg.to_dict())
     elif writes:

@@ -63,6 +63,9 @@ def test_members_train_in_their_own_folders_on_the_ensembles_data(finished):
         assert own["method"] == method and member["eval"] == own["eval"]
         assert (own["n_train"], own["n_dev"], own["n_eval"]) == (16, 8, 16)   # the ensemble's rows
         assert own["eval_outputs"]["ids"] == result["eval_outputs"]["ids"]
+    lm_folder = out / "members" / "1-lm-cls"   # its config.yaml names what compute_dtype=auto resolved to
+    recorded = json.loads((lm_folder / "eval.json").read_text())["compute_dtype"]
+    assert RunDir(lm_folder).read_config()["compute_dtype"] == recorded != "auto"
     assert result["model"] == "minilm-l6+tiny-llama"
 
 

@@ -81,6 +81,12 @@ class Setup:
             return "fp32"
         return resolved
 
+    def pin_compute_dtype(self) -> None:
+        """Put auto's choice into the config before config.yaml is written, so a resume keeps it
+        even if auto's rule changes (it did: ZO in LoRA mode went from bf16 to fp32)."""
+        if self.cfg.compute_dtype == "auto" and self.compute_dtype:
+            self.cfg.compute_dtype = self.compute_dtype
+
 
 def prepare(cfg: Config, loaded: LoadedModel | None = None, load_lm: bool = True) -> Setup:
     """Load the task data and the model a config names (the model can be passed in, e.g. by tests).

@@ -147,6 +147,7 @@ def train_member(member: Member, resume: bool) -> None:
     if again:
         run_dir.sweep()   # temps of writes the kill cut short
     else:
+        setup.pin_compute_dtype()   # as zoft.api.train does for a run of its own
         run_dir.clear()
         run_dir.write_config(config.to_dict())
     print(f"zoft: {METHOD}: {'resuming' if again else 'training'} member {member.name} in {member.folder}",
