@@ -59,6 +59,13 @@ METHODS = {
 TARGETS = {"sst2": 0.80, "rte": 0.55}
 
 
+def forwards_per_step(cfg) -> int:
+    """Forward passes of one ZO step of this config (the README's estimator and optimizer tables)."""
+    n = cfg.n_directions
+    per_step = n + 1 if cfg.estimator == "fzoo" or cfg.one_sided else 2 * n
+    return per_step + (3 if cfg.optimizer == "zo-sgd-cons" else 0)
+
+
 def concat(*encs: Encoded) -> tuple[Encoded, list[range]]:
     """One Encoded holding several splits (one fixed width, one compiled graph), and each split's rows."""
     rows, spans, start = Encoded([], [], torch.zeros(0, dtype=torch.long), encs[0].label_ids), [], 0
@@ -133,8 +140,11 @@ class Bench:
         else:
             overrides = {**self.cfg.to_dict(), **METHODS[method], "seed": seed, "flat_params": method != "lozo",
                          **args.lr.get(method, {})}
-            # LOZO perturbs matrices by their shapes: it gets the per-tensor views of the same buffer
-            cfg = load_config(overrides={**overrides, "steps": 10**9})
+            # LOZO perturbs matrices by their shapes: it gets the per-tensor views of the same buffer.
+            # `steps` is what the budget buys: lr=auto's run-length cap scales as 1/√steps, and 10⁹
+            # steps once made it choose 9.4e-8 for Sparse MeZO, which then never moved.
+            cfg = load_config(overrides=overrides)
+            cfg.steps = max(1, budget // forwards_per_step(cfg))
             zo = build_step(cfg, self.model, objective, len(train_ids))
             step_fn, per_step = zo.step_fn, None
         probe_forwards, probe_s = 0, 0.0
