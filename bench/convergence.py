@@ -144,7 +144,7 @@ class Bench:
             # `steps` is what the budget buys: lr=auto's run-length cap scales as 1/√steps, and 10⁹
             # steps once made it choose 9.4e-8 for Sparse MeZO, which then never moved.
             cfg = load_config(overrides=overrides)
-            cfg.steps = max(1, budget // forwards_per_step(cfg))
+            cfg.steps = max(1, -(-budget // forwards_per_step(cfg)))   # ceil: the loop's last step may pass the budget
             zo = build_step(cfg, self.model, objective, len(train_ids))
             step_fn, per_step = zo.step_fn, None
         probe_forwards, probe_s = 0, 0.0
