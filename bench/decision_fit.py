@@ -20,11 +20,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import cohen_kappa_score
+import torch
+
+from zoft.tasks.decision import decide
+from zoft.tasks.metrics import quadratic_weighted_kappa
 
 
 def qwk(gold, pred) -> float:
-    return cohen_kappa_score(gold, pred, weights="quadratic")
+    return quadratic_weighted_kappa(list(gold), list(pred))
+
+
+def shipped_levels(probabilities: np.ndarray) -> list[int]:
+    """The run's own rule (``decision=expected``): the level nearest the expected score."""
+    return decide(torch.from_numpy(probabilities), "expected")
 
 
 def levels_from(expected: np.ndarray, cuts) -> np.ndarray:
@@ -54,8 +62,6 @@ def dev_probabilities(run: Path, cache: Path | None) -> dict:
     cached = cache / (run.resolve().as_posix().strip("/").replace("/", "_") + ".json") if cache else None
     if cached and cached.is_file():
         return json.loads(cached.read_text())
-    import torch
-
     from zoft.methods.registry import load_run
     setup, scorer = load_run(run)
     dev = setup.data.dev
@@ -95,15 +101,13 @@ def main() -> None:
         gold_eval = np.array(json.loads((run / "eval.json").read_text())["eval_outputs"]["targets"])
         n_levels = dev_members[0].shape[1]
         scale = np.arange(n_levels)
-        halfway = np.arange(n_levels - 1) + 0.5
-        shipped = qwk(gold_eval, levels_from((sum(eval_members) / 2) @ scale, halfway))
+        shipped = qwk(gold_eval, shipped_levels(sum(eval_members) / 2))
         cuts = fit_cuts((sum(dev_members) / 2) @ scale, gold_dev, n_levels)
         with_cuts = qwk(gold_eval, levels_from((sum(eval_members) / 2) @ scale, cuts))
         weights = np.linspace(0, 1, 11)
-        on_dev = [qwk(gold_dev, levels_from((w * dev_members[0] + (1 - w) * dev_members[1]) @ scale, halfway))
-                  for w in weights]
+        on_dev = [qwk(gold_dev, shipped_levels(w * dev_members[0] + (1 - w) * dev_members[1])) for w in weights]
         w = weights[int(np.argmax(on_dev))]
-        with_weight = qwk(gold_eval, levels_from((w * eval_members[0] + (1 - w) * eval_members[1]) @ scale, halfway))
+        with_weight = qwk(gold_eval, shipped_levels(w * eval_members[0] + (1 - w) * eval_members[1]))
         deltas["cuts"].append(with_cuts - shipped)
         deltas["weight"].append(with_weight - shipped)
         print(f"| {run} | {shipped:.4f} | {with_cuts:.4f} | {with_cuts - shipped:+.4f} | "
