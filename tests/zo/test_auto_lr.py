@@ -1,12 +1,13 @@
 """lr=auto: the probe's rule against a hand computation on a quadratic, and on tiny-llama: a finite
 lr, the same for the same seed, weights left as they were, and a loss that falls."""
 import math
+import statistics
 
 import pytest
 import torch
 
 from zoft.zo import SPSA, build_optimizer
-from zoft.zo.auto_lr import DRIFT, FRACTION, GRID, probe_lr, probe_seed
+from zoft.zo.auto_lr import DRIFT, DRIFT_DRAWS, FRACTION, GRID, SIGMA_PROBE, probe_lr, probe_seed
 
 from test_zo_optim import A, quadratic, tiny_step, zs
 
@@ -43,23 +44,29 @@ def test_zo_sgd_on_a_quadratic_picks_the_grid_point_nearest_one_over_the_curvatu
 
 def test_the_run_length_caps_the_lr_where_its_random_walk_would_outgrow_the_weights():
     """Over T steps the updates' noise adds up to about lr·u·√T, u = |g·z| per unit lr: the lr is
-    capped at DRIFT·|θ₀| / (u·√T), u the probes' median, computed here by hand. On a quadratic SPSA's
-    g is exactly zᵀ∇L(θ₀), so u_p = |zᵀ∇L|·|z| with ∇L = Aθ₀ − b."""
+    capped at DRIFT·|θ₀| / (u·√T), u the median over DRIFT_DRAWS estimates (the 3 probes' directions,
+    then directions SIGMA_PROBE + i), computed here by hand. On a quadratic SPSA's g is exactly
+    zᵀ∇L(θ₀), so u = |zᵀ∇L|·|z| with ∇L = Aθ₀ − b."""
     params, _, _ = quadratic()
     flat = torch.cat([p.reshape(-1) for p in params])
     torch.manual_seed(0)
     b = torch.randn(40, dtype=torch.float64)   # quadratic()'s own b: the same seed, drawn first
     grad = A * flat - b
+    seeds = [probe_seed(0, p) for p in range(3)] + [probe_seed(0, SIGMA_PROBE + i) for i in range(DRIFT_DRAWS - 3)]
     moves = []
-    for p in range(3):
-        z = torch.cat([zi.reshape(-1) for zi in zs(params, probe_seed(0, p))])
+    for seed in seeds:
+        z = torch.cat([zi.reshape(-1) for zi in zs(params, seed)])
         moves.append(abs(float(z @ grad)) * float(z.norm()))
-    cap_one_step = DRIFT * float(flat.norm()) / sorted(moves)[1]
+    cap_one_step = DRIFT * float(flat.norm()) / statistics.median(moves)
+    probes_only = DRIFT * float(flat.norm()) / sorted(moves[:3])[1]   # the rule before the extra draws
+    assert not cap_one_step == pytest.approx(probes_only, rel=1e-3)    # so this test tells them apart
 
     short, _ = probe_quadratic(run_steps=1e-6)   # a cap far above the one-step choice: it does not bind
     assert short.lr == short.one_step and short.drift_cap == pytest.approx(cap_one_step / 1e-3, rel=1e-6)
     long, _ = probe_quadratic(run_steps=1e8)
     assert long.per_probe == short.per_probe and long.one_step == short.one_step
+    # each extra estimate costs SPSA's 2 forwards; a probe without a run length spends none on them
+    assert long.forwards == short.forwards == probe_quadratic()[0].forwards + 2 * (DRIFT_DRAWS - 3)
     assert long.lr == long.drift_cap == pytest.approx(cap_one_step / 1e4, rel=1e-6) and long.lr < long.one_step
     quarter, _ = probe_quadratic(run_steps=4e8)   # 4× the steps: half the lr
     assert quarter.lr == pytest.approx(long.lr / 2, rel=1e-12)
