@@ -1,12 +1,13 @@
 """How much lr=auto's choice moves with the seed: the probe alone, over many seeds, on one model and task.
 
-    python bench/auto_lr_spread.py --seeds 0-7 [--draws 3,16] [key=value ...]   # any `zoft train` keys
+    python bench/auto_lr_spread.py --seeds 0-7 [--draws 3,16] [--drift 0.1] [key=value ...]   # any `zoft train` keys
 
 lr=auto (zoft.zo.auto_lr) is a pure function of the seed, but the seed picks the probes' batches and
 directions, and a projected gradient g = zᵀ∇L is heavy-tailed. For each seed and each number of
-draws behind the run-length cap (``DRIFT_DRAWS``: 3 was the rule until 2026-11-29, the probes' own
-directions only, with DRIFT 0.1 where it is now 0.15: the cap is linear in DRIFT) this runs zoft's own probe (``zoft.methods.mezo.auto_lr``) on the config the keys
-describe, and prints the one-step choice, the cap, the chosen lr and the probe's forwards. No step
+draws behind the run-length cap (``DRIFT_DRAWS``; until 2026-11-29 the rule was 3, the probes' own
+directions only, with DRIFT 0.1 where it is now 0.15: ``--draws 3 --drift 0.1`` is that rule) this
+runs zoft's own probe (``zoft.methods.mezo.auto_lr``) on the config the keys describe, and prints
+each probe's optimum, the one-step choice, the cap, the chosen lr and the probe's forwards. No step
 is taken: the probe leaves the weights exactly as loaded. The spread of the chosen lr over seeds is
 the number to read (max/min); the default keys are the README's 2,000-step SST-2 run.
 """
@@ -37,6 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0-7")
     p.add_argument("--draws", default="3,16", help="values of DRIFT_DRAWS to compare (3: the old rule)")
+    p.add_argument("--drift", type=float, default=auto_lr_module.DRIFT, help="DRIFT, the cap's share of |θ₀|")
     p.add_argument("overrides", nargs="*", help="key=value config keys over the defaults above")
     args = p.parse_args()
     overrides = dict(DEFAULTS, **dict(kv.split("=", 1) for kv in args.overrides))
@@ -49,9 +51,11 @@ def main() -> None:
     enc_train = scorer.encode(setup.data.train)
     objective = make_objective(setup, scorer, enc_train, setup.data.train)
     print(f"{cfg.model}, {cfg.task}, mode {cfg.mode}, estimator {cfg.estimator}, optimizer {cfg.optimizer}, "
-          f"steps {cfg.steps} ({cfg.lr_schedule}), compute {setup.compute_dtype}, {len(enc_train)} train rows")
+          f"steps {cfg.steps} ({cfg.lr_schedule}), compute {setup.compute_dtype}, {len(enc_train)} train rows, "
+          f"DRIFT {args.drift}")
     print("| draws | seed | probes' optima | one-step lr | run-length cap | chosen lr | probe forwards | probe s |")
     print("|---|---|---|---|---|---|---|---|")
+    auto_lr_module.DRIFT = args.drift
     chosen_by_draws: dict[int, list[float]] = {}
     for draws in [int(d) for d in args.draws.split(",")]:
         auto_lr_module.DRIFT_DRAWS = draws
