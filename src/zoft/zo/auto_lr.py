@@ -207,6 +207,14 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
             restore()
     restore()
     found = [x for x in per_probe if x is not None]
+
+    def extra_estimate(i: int):   # for σ (LoRA) or u (full): the run's batch i, directions of its own
+        nonlocal forwards
+        estimate = estimator.estimate(params, train_loss(i), seeds(SIGMA_PROBE + i), step=i)
+        estimate.extra.setdefault("conservative", -1)   # zo-sgd-cons: the step itself
+        forwards += estimate.forwards
+        restore()
+        return estimate
     if not found:
         raise ZoftError(f"lr=auto: no trial step lowered the training loss at any lr in [{GRID[0]:g}, {GRID[-1]:g}] "
                         f"({len(per_probe)} probes, {forwards} forwards); raise eps or set lr explicitly")
@@ -215,9 +223,7 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
     if run_steps > 0 and function_weights is not None:   # LoRA: s·B·A's walk, simulated (docstring)
         # g is heavy-tailed: three draws of RMS 0.065 stood for a run whose g had RMS 0.84 (docstring)
         for i in range(max(0, SIGMA_DRAWS - len(projected))):
-            estimate = estimator.estimate(params, train_loss(i), seeds(SIGMA_PROBE + i), step=i)
-            forwards += estimate.forwards
-            restore()
+            estimate = extra_estimate(i)
             projected += [g for _, g in estimate.directions if math.isfinite(g)]
             if len(projected) >= SIGMA_DRAWS:
                 break
@@ -231,10 +237,7 @@ def probe_lr(params: Sequence[torch.Tensor], estimator, optimizer,
         # run's batch i with directions of its own, update sizes only: 2 forwards apiece for SPSA.
         at = one_step   # any scale above fp32's rounding: the update is linear in lr
         for i in range(max(0, DRIFT_DRAWS - len(unit_moves))):
-            estimate = estimator.estimate(params, train_loss(i), seeds(SIGMA_PROBE + i), step=i)
-            estimate.extra.setdefault("conservative", -1)
-            forwards += estimate.forwards
-            restore()
+            estimate = extra_estimate(i)
             if all(math.isfinite(g) for _, g in estimate.directions) and any(g for _, g in estimate.directions):
                 copy.deepcopy(optimizer).update(params, estimate, at, estimator.backend, estimator.distribution)
                 unit_moves.append(moved() / at)
