@@ -338,6 +338,22 @@ def test_sparse_mezo_step_matches_hand_derived_update_on_the_quadratic():
     assert loss_fn() < 0.7 * start
 
 
+def test_sparse_mezo_mask_of_a_large_tensor_keeps_its_fraction_across_columns():
+    """Above SAMPLE entries the threshold comes from a sample. Rows of 256 whose even columns are
+    100x larger: a sample with stride 4 (numel / SAMPLE) would read only large columns and mask
+    about 62% of the tensor; fixed random positions keep it at 25%, as a threshold, the same on a copy."""
+    from zoft.zo.estimator import SAMPLE, small_magnitude_mask
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(4 * SAMPLE // 256, 256, generator=gen)
+    p[:, ::2] *= 100
+    mask = small_magnitude_mask(p, 0.25)
+    assert abs(mask.float().mean().item() - 0.25) < 0.01
+    assert p.abs()[mask].max() < p.abs()[~mask].min()   # the smallest entries, not some of them
+    assert torch.equal(mask, small_magnitude_mask(p.clone(), 0.25))   # a function of θ: replay rebuilds it
+    bf16 = small_magnitude_mask(p.bfloat16(), 0.25)
+    assert abs(bf16.float().mean().item() - 0.25) < 0.01
+
+
 def test_sparse_mezo_trajectory_replays_bitwise(tmp_path):
     """The mask is a function of θ at each step, so replaying the trajectory rebuilds the weights exactly."""
     zo, objective, cfg = tiny_step(estimator="smezo", lr=1e-3, fused=False)

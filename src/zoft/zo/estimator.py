@@ -307,15 +307,29 @@ class SparseBackend:
                 p.copy_(theta.add_(z, alpha=scale))
 
 
-SAMPLE = 1 << 20   # |θ| values a threshold is estimated from: a strided sample of larger tensors
+SAMPLE = 1 << 16   # |θ| values a larger tensor's threshold is estimated from
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(numel: int) -> torch.Tensor:
+    """``SAMPLE`` positions of a flat tensor of ``numel`` entries, uniform and fixed per size.
+
+    Random, not strided: a stride that is a multiple of a row's length would read the same few
+    columns of every row, and LLM weights have columns of outlier magnitude. Fixed: the mask is a
+    function of θ alone, so resume and replay rebuild it. Cached: a model has a few distinct sizes."""
+    gen = torch.Generator().manual_seed(numel)
+    return torch.randint(numel, (SAMPLE,), generator=gen)
 
 
 def small_magnitude_mask(p: torch.Tensor, fraction: float) -> torch.Tensor:
     """True for the ``fraction`` of ``p``'s entries smallest in magnitude (ties at the threshold
-    included). The threshold is the ``fraction`` quantile of |θ|, from a deterministic strided
-    sample for tensors of more than 2²⁰ entries."""
-    flat = p.detach().reshape(-1).abs()
-    sample = flat[::max(1, flat.numel() // SAMPLE)]
+    included). The threshold is the ``fraction`` quantile of |θ|: exact for tensors of up to 2¹⁶
+    entries, and from 2¹⁶ fixed random positions for larger ones (the fraction then has a standard
+    deviation of 0.17% at 25%). Selecting the exact quantile of every large tensor was most of a
+    Sparse MeZO step on a CPU: SmolLM2-135M's 135M weights cost about 1.9 s a step."""
+    flat = p.detach().reshape(-1)
+    sample = flat if flat.numel() <= SAMPLE else flat[_sample_positions(flat.numel()).to(flat.device)]
+    sample = sample.abs()
     k = max(1, min(sample.numel(), math.ceil(fraction * sample.numel())))
     # kthvalue in float32 at least (none for bf16 on CPU); the threshold is one of the tensor's own
     # values, so it converts back to the tensor's dtype exactly
@@ -324,7 +338,7 @@ def small_magnitude_mask(p: torch.Tensor, fraction: float) -> torch.Tensor:
         threshold = torch.tensor(np.partition(sample.numpy(), k - 1)[k - 1])
     else:
         threshold = sample.kthvalue(k).values
-    return flat.le(threshold.to(flat.dtype)).reshape(p.shape)
+    return flat.abs().le(threshold.to(flat.dtype)).reshape(p.shape)
 
 
 @dataclass
