@@ -131,6 +131,39 @@ def test_lora_init_mismatch_is_refused(tmp_path):
         rebuild("tiny-llama", path, tmp_path / "out", progress=False)
 
 
+@pytest.mark.parametrize("estimator", ["lozo", "smezo"])
+def test_replay_of_wrapped_backends_uses_the_backend_that_drew_z(tmp_path, estimator):
+    """LOZO's and Sparse MeZO's backends wrap the one that draws z; the run records that one, which
+    `zoft replay` can build (it once recorded "lowrank"/"sparse", which no config accepts)."""
+    train(tmp_path, "run", estimator=estimator, distribution="rademacher", steps=3, eval_every=3)
+    traj = Trajectory.load(tmp_path / "run" / FILENAME)
+    assert traj.header["backend"] == "cpu-fast"   # rademacher on a CPU: auto resolves to it
+    trained = load_file(str(tmp_path / "run" / "checkpoint-3" / "trainable.safetensors"))
+    out = rebuild("tiny-llama", tmp_path / "run" / FILENAME, tmp_path / "out", progress=False)
+    replayed = load_file(str(out / "trainable.safetensors"))
+    assert all(torch.equal(replayed[k], trained[k]) for k in trained)
+
+
+def test_sparse_mezo_trajectory_names_its_mask_rule_and_an_older_rule_is_refused(tmp_path, capsys):
+    """Replay rebuilds Sparse MeZO's masks from θ by this zoft's rule; a file whose masks came from
+    another rule (before 2026-11-29 it named none) would replay without complaint onto other weights."""
+    from zoft.zo.estimator import MASK_RULE
+    train(tmp_path, "run", estimator="smezo", steps=3, eval_every=3)
+    path = tmp_path / "run" / FILENAME
+    traj = Trajectory.load(path)
+    assert traj.header["smezo_mask"] == MASK_RULE
+    trained = load_file(str(tmp_path / "run" / "checkpoint-3" / "trainable.safetensors"))
+    replayed = load_file(str(rebuild("tiny-llama", path, tmp_path / "ok", progress=False) / "trainable.safetensors"))
+    assert all(torch.equal(replayed[k], trained[k]) for k in trained)
+    del traj.header["smezo_mask"]   # as the files of the old rule were
+    traj.save(path)
+    capsys.readouterr()
+    code = cli_main(["replay", "tiny-llama", str(tmp_path / "run"), "--output", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zoft: error")]
+    assert code == 2 and len(errors) == 1 and "masks by 'the exact quantile of before 2026-11-29'" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resume_from_trajectory_equals_uninterrupted(tmp_path, mode):
     """save_weights=false: the run keeps no weights at all, only trajectory.safetensors."""

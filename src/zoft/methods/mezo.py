@@ -93,6 +93,9 @@ def build_step(cfg, model, objective: Objective, n_train: int, par: distributed.
     named = named_trainable(model)
     params = trained_params(cfg, named)
     estimator, optimizer = build_components(cfg, next(iter(named.values())).device)
+    # what draws z, under LOZO's and Sparse MeZO's wrappers ("lowrank", "sparse" are not backends a
+    # config can name): the run records it, and replay and resume must use the same
+    z_backend = getattr(estimator.backend, "dense", estimator.backend).name
     if offloader is not None:
         estimator.backend = offloader.backend(estimator.backend, params)
 
@@ -104,7 +107,7 @@ def build_step(cfg, model, objective: Objective, n_train: int, par: distributed.
     trainable = Trainable(named, get_optimizer_state=lambda: state() or None,
                           set_optimizer_state=optimizer.load_state_dict, settle=stepper.settle)
     changes = lora_changes(model) if cfg.mode == "lora" else None
-    return ZOStep(cfg, objective, n_train, params, estimator.backend.name, stepper, trainable, par,
+    return ZOStep(cfg, objective, n_train, params, z_backend, stepper, trainable, par,
                   function_weights=FunctionWeights(*changes) if changes else None)
 
 

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from zoft.atomic import atomic_dir
 from zoft.errors import ZoftError
 from zoft.zo.build import build_components, build_stepper, trained_params
-from zoft.zo.trajectory import Trajectory, TrajectoryMismatch, check_base, init_sha, replay_through
+from zoft.zo.trajectory import (WRAPPER_NAMES, Trajectory, TrajectoryMismatch, check_base, check_mask_rule, init_sha,
+                                replay_through)
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,13 @@ def rebuild(base: str, trajectory_path: str | Path, output: str | Path, device: 
 
     traj = Trajectory.load(trajectory_path)
     header = traj.header
-    overrides = {"backend": header["backend"], "parallel": "none", "trust_remote_code": trust_remote_code} \
+    backend = header["config"].get("backend", "auto") if header["backend"] in WRAPPER_NAMES else header["backend"]
+    overrides = {"backend": backend, "parallel": "none", "trust_remote_code": trust_remote_code} \
         | ({"device": device} if device else {})
     if header["config"].get("method", "mezo") != "mezo":   # lp-mezo starts from its probe head, not the base
         raise TrajectoryMismatch(f"{trajectory_path}: a {header['config']['method']} run starts from weights the base "
                                  "model alone does not give; load its run directory instead (zoft eval --model RUN_DIR)")
+    check_mask_rule(header, where=str(trajectory_path))
     cfg = load_config(overrides={**header["config"], **overrides})
     loaded = load_model(base, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     model = Setup(cfg, None, None, loaded).with_mode()

@@ -41,12 +41,15 @@ from tqdm.auto import tqdm
 
 from zoft.atomic import atomic_write_bytes
 from zoft.errors import ZoftError
-from zoft.zo.estimator import Estimate, Objective
+from zoft.zo.estimator import MASK_RULE, Estimate, Objective
 from zoft.zo.step import PlainStep, StepRecord, Stepper
 
 # version 2 records each step's settle; version 1 files settled where the training loop did then
 FORMAT, VERSION = "zoft-trajectory", 2
 FILENAME = "trajectory.safetensors"
+# what LOZO and Sparse MeZO runs recorded as their backend until 2026-11-29: their wrappers' names,
+# not the backend that drew z (that was the config's, "auto" resolved as it is today)
+WRAPPER_NAMES = ("lowrank", "sparse")
 log = logging.getLogger(__name__)
 
 
@@ -167,6 +170,15 @@ def check_base(header: Mapping[str, Any], identity: str, init_sha: str | None, w
                                  f"hash to {init_sha}, the run started from {header['init_sha']}")
 
 
+def check_mask_rule(header: Mapping[str, Any], where: str = "trajectory") -> None:
+    """Refuse, in one line, a Sparse MeZO trajectory whose masks came from another rule than this
+    zoft's: its recorded g and losses would replay without complaint onto other weights."""
+    if (header.get("config") or {}).get("estimator") == "smezo" and header.get("smezo_mask") != MASK_RULE:
+        recorded = header.get("smezo_mask") or "the exact quantile of before 2026-11-29"
+        raise TrajectoryMismatch(f"{where}: Sparse MeZO drew this run's masks by {recorded!r}; this zoft draws "
+                                 f"them by {MASK_RULE!r}, so replay would not rebuild its weights")
+
+
 def replay_through(stepper: Stepper, trajectory: Trajectory, steps: int | None = None, progress=None) -> None:
     """Re-apply the first ``steps`` records through ``stepper``, which must be built as training's was.
 
@@ -209,7 +221,8 @@ class TrajectoryRecorder:
         self.path, self.stepper = Path(path), stepper
         self.trajectory: Trajectory | None = Trajectory({
             **header, "format": FORMAT, "version": VERSION, "torch": torch.__version__,
-            "fused": stepper.fused})   # 2-pass steps: replay runs the same passes
+            "fused": stepper.fused,   # 2-pass steps: replay runs the same passes
+            **({"smezo_mask": MASK_RULE} if (header.get("config") or {}).get("estimator") == "smezo" else {})})
 
     def append(self, record: StepRecord) -> None:
         if self.trajectory is not None:
@@ -224,6 +237,8 @@ class TrajectoryRecorder:
         """Continue from a weight checkpoint's ``state``, or rebuild θ by replay and return the saved state."""
         saved = Trajectory.load(self.path) if self.path.is_file() else None
         recorded, ours_backend = (saved.header.get("backend") if saved else None), self.trajectory.header["backend"]
+        if recorded in WRAPPER_NAMES:   # recorded before runs named the backend under LOZO's / Sparse MeZO's
+            recorded = None
         if recorded is not None and recorded != ours_backend:   # z would change under the run's feet
             raise ZoftError(f"{self.path}: the run drew its directions with backend '{recorded}', this resume "
                             f"would use '{ours_backend}'; resume with backend={recorded}")
@@ -232,6 +247,11 @@ class TrajectoryRecorder:
                 log.warning("%s covers %s of the %d steps done; not continuing it", self.path,
                             saved.steps if saved else "none", state.step)
                 self.trajectory = None
+            elif saved.header.get("smezo_mask") != self.trajectory.header.get("smezo_mask"):
+                # the weights resume fine; a trajectory mixing two mask rules would replay wrong
+                log.warning("%s drew Sparse MeZO's masks by another rule than this zoft; not continuing it",
+                            self.path)
+                self.trajectory = None
             else:
                 self.trajectory.records = saved.records[:state.step]
             return state
@@ -239,6 +259,7 @@ class TrajectoryRecorder:
             return None   # nothing to resume from: start over
         ours = self.trajectory.header
         check_base(saved.header, ours["base"]["identity"], ours["init_sha"], where=str(self.path))
+        check_mask_rule(saved.header, where=str(self.path))
         with tqdm(total=saved.steps, desc="replay", disable=not saved.header["config"].get("progress")) as bar:
             replay_through(self.stepper, saved, progress=lambda t: bar.update(1))
         self.trajectory.records = saved.records
