@@ -350,6 +350,8 @@ def test_sparse_mezo_mask_of_a_large_tensor_keeps_its_fraction_across_columns():
     assert abs(mask.float().mean().item() - 0.25) < 0.01
     assert p.abs()[mask].max() < p.abs()[~mask].min()   # the smallest entries, not some of them
     assert torch.equal(mask, small_magnitude_mask(p.clone(), 0.25))   # a function of θ: replay rebuilds it
+    out, scratch = torch.ones_like(mask), torch.full((p.numel() + 5,), float("nan"))   # stale buffers, as reused
+    assert small_magnitude_mask(p, 0.25, out=out, scratch=scratch) is out and torch.equal(out, mask)
     bf16 = small_magnitude_mask(p.bfloat16(), 0.25)
     assert abs(bf16.float().mean().item() - 0.25) < 0.01
 

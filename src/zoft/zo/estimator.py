@@ -324,25 +324,33 @@ def _sample_positions(numel: int) -> torch.Tensor:
     return torch.randint(numel, (SAMPLE,), generator=gen)
 
 
-def small_magnitude_mask(p: torch.Tensor, fraction: float) -> torch.Tensor:
+def small_magnitude_mask(p: torch.Tensor, fraction: float, out: torch.Tensor | None = None,
+                         scratch: torch.Tensor | None = None) -> torch.Tensor:
     """True for the ``fraction`` of ``p``'s entries smallest in magnitude (ties at the threshold
     included). The threshold is the ``fraction`` quantile of |θ|: exact for tensors of up to 2¹⁶
     entries, and from 2¹⁶ fixed random positions for larger ones (the fraction then has a standard
     deviation of 0.17% at 25%). Selecting the exact quantile of every large tensor was most of a
-    Sparse MeZO step on a CPU: 0.82 s for SmolLM2-135M's 135M weights, against 0.31 s now, which is
-    mostly the compare pass over every weight (``bench/smezo_mask.py``, 2 cores)."""
+    Sparse MeZO step on a CPU (``bench/smezo_mask.py``).
+
+    ``out`` (bool, shaped as ``p``) receives the mask, and ``scratch`` (flat, ``p``'s dtype and
+    device, at least its size) holds |θ|: Sparse MeZO passes the last step's, so a step does not
+    allocate 5 bytes per weight afresh."""
     flat = p.detach().reshape(-1)
-    sample = flat if flat.numel() <= SAMPLE else flat[_sample_positions(flat.numel()).to(flat.device)]
-    sample = sample.abs()
+    magnitude = flat.abs() if scratch is None else torch.abs(flat, out=scratch[:flat.numel()])
+    sample = magnitude if flat.numel() <= SAMPLE else magnitude[_sample_positions(flat.numel()).to(flat.device)]
     k = max(1, min(sample.numel(), math.ceil(fraction * sample.numel())))
     # kthvalue in float32 at least (none for bf16 on CPU); the threshold is one of the tensor's own
     # values, so it converts back to the tensor's dtype exactly
     sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
-    if sample.device.type == "cpu":   # numpy's introselect: the same k-th value, 2-3x faster than kthvalue here
+    if sample.device.type == "cpu":   # numpy's introselect (on a copy): 2-3x faster than kthvalue here
         threshold = torch.tensor(np.partition(sample.numpy(), k - 1)[k - 1])
     else:
         threshold = sample.kthvalue(k).values
-    return flat.abs().le(threshold.to(flat.dtype)).reshape(p.shape)
+    threshold = threshold.to(flat.dtype)
+    if out is None:
+        return magnitude.le(threshold).reshape(p.shape)
+    torch.le(magnitude, threshold, out=out.view(-1))
+    return out
 
 
 @dataclass
@@ -355,7 +363,8 @@ class SparseMeZO:
 
     with q_f the ``fraction`` quantile of the tensor's |θ|. The mask is a function of θ at the
     step, so resume and replay (which rebuild that θ bit for bit) rebuild it too; nothing is
-    stored between steps. 2 forwards per direction; 1 byte per weight for the step's mask.
+    carried between steps but buffers. 2 forwards per direction; 1 byte per weight for the step's
+    mask, and a scratch copy of |θ| of the largest tensor.
     """
 
     eps: float = 1e-3
@@ -363,10 +372,21 @@ class SparseMeZO:
     fraction: float = 0.25
     distribution: str = "gaussian"
     backend: SparseBackend = field(default_factory=SparseBackend)
+    scratch: dict = field(default_factory=dict, repr=False)   # |θ| of the largest tensor, per dtype and device
 
     def estimate(self, params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int],
                  step: int = 0) -> Estimate:
-        self.backend.masks = [small_magnitude_mask(p, self.fraction) for p in params]   # from θ, before any probe
+        last = self.backend.masks if len(self.backend.masks) == len(params) else [None] * len(params)
+        masks = []
+        for p, out in zip(params, last):   # from θ, before any probe; into the last step's buffers
+            if out is None or out.shape != p.shape or out.device != p.device:
+                out = torch.empty(p.shape, dtype=torch.bool, device=p.device)
+            key = (p.dtype, p.device)
+            if key not in self.scratch or self.scratch[key].numel() < p.numel():
+                self.scratch[key] = torch.empty(max(q.numel() for q in params if (q.dtype, q.device) == key),
+                                                dtype=p.dtype, device=p.device)
+            masks.append(small_magnitude_mask(p, self.fraction, out=out, scratch=self.scratch[key]))
+        self.backend.masks = masks
         inner = SPSA(self.eps, len(seeds), self.distribution, self.backend).estimate(params, loss_fn, seeds)
         inner.extra["perturbed"] = round(sum(int(m.sum()) for m in self.backend.masks)
                                          / max(1, sum(m.numel() for m in self.backend.masks)), 6)
