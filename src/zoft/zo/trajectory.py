@@ -170,10 +170,15 @@ def check_base(header: Mapping[str, Any], identity: str, init_sha: str | None, w
                                  f"hash to {init_sha}, the run started from {header['init_sha']}")
 
 
+def mask_rule(header: Mapping[str, Any]) -> str | None:
+    """The mask rule a run of this header draws by today: Sparse MeZO's, else none."""
+    return MASK_RULE if (header.get("config") or {}).get("estimator") == "smezo" else None
+
+
 def check_mask_rule(header: Mapping[str, Any], where: str = "trajectory") -> None:
     """Refuse, in one line, a Sparse MeZO trajectory whose masks came from another rule than this
     zoft's: its recorded g and losses would replay without complaint onto other weights."""
-    if (header.get("config") or {}).get("estimator") == "smezo" and header.get("smezo_mask") != MASK_RULE:
+    if header.get("smezo_mask") != mask_rule(header):
         recorded = header.get("smezo_mask") or "the exact quantile of before 2026-11-29"
         raise TrajectoryMismatch(f"{where}: Sparse MeZO drew this run's masks by {recorded!r}; this zoft draws "
                                  f"them by {MASK_RULE!r}, so replay would not rebuild its weights")
@@ -222,7 +227,7 @@ class TrajectoryRecorder:
         self.trajectory: Trajectory | None = Trajectory({
             **header, "format": FORMAT, "version": VERSION, "torch": torch.__version__,
             "fused": stepper.fused,   # 2-pass steps: replay runs the same passes
-            **({"smezo_mask": MASK_RULE} if (header.get("config") or {}).get("estimator") == "smezo" else {})})
+            **({"smezo_mask": mask_rule(header)} if mask_rule(header) else {})})
 
     def append(self, record: StepRecord) -> None:
         if self.trajectory is not None:
