@@ -8,7 +8,12 @@ up to 2²⁰ strided values of each tensor (the exact quantile below that size);
 2¹⁶ fixed random positions (``zoft.zo.estimator.small_magnitude_mask``), into the last step's mask
 and scratch buffers. All three are timed here on the weights a run trains, side by side in one
 process, with the share of weights whose mask the two rules disagree on and the range of the
-fraction each masks. A step's other cost, for scale, is the
+fraction each masks.
+
+Then a whole step's work on the weights, without its forwards (the loss is a random number): Sparse
+MeZO's step as training takes it (since 2026-11-29 evening the C loop writes the masks in the step's
+first pass, from thresholds of 2¹⁶ sampled weights, instead of a mask pass of their own), beside
+plain MeZO's fused two-pass step on the same weights. A step's forwards, for scale, are most of the
 README's MeZO step (1.26-1.5 s for SmolLM2-135M at batch 16 × 64 tokens, bf16, 2 cores).
 """
 from __future__ import annotations
@@ -24,8 +29,9 @@ import torch
 from zoft.adapters import named_trainable
 from zoft.config import load_config
 from zoft.methods.common import prepare
-from zoft.zo.build import trained_params
+from zoft.zo.build import build_components, build_stepper, trained_params
 from zoft.zo.estimator import small_magnitude_mask
+from zoft.zo.schedule import direction_seed
 
 DEFAULTS = dict(method="mezo", estimator="smezo", model="smollm2-135m", task="sst2", n_train=16, n_dev=1,
                 n_eval=1, progress=False)
@@ -47,6 +53,21 @@ def timed(rule, params, fraction: float, repeats: int) -> tuple[float, list[torc
         masks = [rule(p, fraction) for p in params]
         times.append(time.perf_counter() - t)
     return statistics.median(times), masks
+
+
+def step_seconds(cfg, params: list[torch.Tensor], repeats: int) -> float:
+    """Median seconds of one step's weight passes (``cfg``'s estimator and stepper, as training
+    builds them), the forwards replaced by a random loss."""
+    estimator, optimizer = build_components(cfg, "cpu")
+    stepper = build_stepper(cfg, params, estimator, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(repeats + 1):   # the first builds buffers (and the C loop): not timed
+        t = time.perf_counter()
+        stepper.step(step, lambda: float(torch.rand((), generator=gen)), [direction_seed(cfg.seed, step)], 1e-9)
+        times.append(time.perf_counter() - t)
+    stepper.settle()
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -77,6 +98,13 @@ def main() -> None:
         fractions = [m.float().mean().item() for m in masks]
         print(f"| {name} | {seconds:.3f} | {min(fractions):.4f}-{max(fractions):.4f} | {old_s / seconds:.2f}x |")
     print(f"masks differ on {differ:.4%} of the weights")
+    print("\n| a step's weight passes, no forwards | s per step |")
+    print("|---|---|")
+    for name, estimator in (("Sparse MeZO (plain step: masks, 3 probe passes, 1 update pass)", "smezo"),
+                            ("MeZO (fused step: 2 passes)", "spsa")):
+        step_cfg = load_config(overrides=dict(DEFAULTS, **dict(kv.split("=", 1) for kv in args.overrides),
+                                              estimator=estimator, smezo_fraction=args.fraction))
+        print(f"| {name} | {step_seconds(step_cfg, params, args.repeats):.3f} |")
 
 
 if __name__ == "__main__":

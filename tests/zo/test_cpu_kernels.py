@@ -159,3 +159,42 @@ def test_sparse_mezo_passes_on_cpu_fast_take_the_masked_c_loop_and_give_the_same
         assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
     moved = results[1][0] != start[0]
     assert moved.float().mean().item() == pytest.approx(0.25, abs=0.01)   # only the masked-in quarter moved
+
+
+@needs_kernels
+def test_sparse_mezo_masks_written_in_the_first_pass_equal_the_torch_masks(monkeypatch):
+    """With the C loop, Sparse MeZO's masks are written by the step's first pass (|θ| ≤ threshold,
+    no pass of their own). Steps must give the torch path's masks and weights bit for bit: a tensor
+    above SAMPLE (sampled threshold), exact ±0 weights, ties at the threshold, a non-contiguous tensor
+    (swept in a copy, in the mask's element order), and a bf16 tensor the C loop does not take."""
+    from zoft.zo import SparseMeZO
+    from zoft.zo.estimator import SAMPLE, SparseBackend
+    torch.manual_seed(2)
+    start = [torch.randn(SAMPLE + 4097), torch.randn(40, 65), torch.randn(300, 200).t(), torch.randn(999).bfloat16()]
+    start[0][:64] = 0.0
+    start[0][64:128] = -0.0
+    start[1][:, :10] = 0.5                                # ties at whatever threshold falls on them
+    results, calls = [], []
+    real = cpu_kernels.sweep_
+    monkeypatch.setattr(cpu_kernels, "sweep_", lambda *a, **k: (calls.append(k.get("thresholds")), real(*a, **k)))
+    for enabled in (False, True):
+        monkeypatch.setattr(cpu_kernels, "available", lambda enabled=enabled: enabled)
+        ps = [p.clone() for p in start]
+        estimator = SparseMeZO(eps=1e-3, fraction=0.25, distribution="rademacher",
+                               backend=SparseBackend(CPUFastBackend()))
+        masks = []
+        for step, seed in enumerate((11, 12, 13)):
+            loss = lambda: float(sum((p.float() ** 2).sum() * (i + 1) for i, p in enumerate(ps)))   # noqa: E731
+            e = estimator.estimate(ps, loss, [seed], step=step)
+            estimator.backend.add_noise_(ps, seed, -0.01 * e.directions[0][1], "rademacher")   # the ZO-SGD update
+            masks.append([m.clone() for m in estimator.backend.masks])
+            assert not estimator.backend.thresholds   # every mask was made within the step
+        results.append((ps, masks, e.extra["perturbed"]))
+    (plain, plain_masks, plain_share), (swept, swept_masks, swept_share) = results
+    assert calls and calls[0] is not None and len(calls[0]) == 3   # the fp32 tensors, not the bf16 one
+    assert sum(c is not None for c in calls) == 3                  # once per step: the first probe's pass
+    for a, b in zip(plain, swept):
+        assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+    for step_a, step_b in zip(plain_masks, swept_masks):
+        assert all(torch.equal(a, b) for a, b in zip(step_a, step_b))
+    assert swept_share == plain_share and 0.24 < swept_share < 0.3

@@ -45,6 +45,7 @@ import torch
 MAX_TERMS = 8   # a pass has at most 3 (undo, update, next +εz); more go in several calls
 
 SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -62,22 +63,29 @@ static const uint32_t BIT[32] = {1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u
 /* theta[i] += c[k] * z(seeds[k], index[i]) for every term k in order, on the words
    [words*part/parts, words*(part+1)/parts) of every tensor i (element e of a tensor takes
    bit e%64 of its word e/64; bit 0 gives +1, bit 1 gives -1, so c*z is c or -c exactly).
-   With masks[i] (one byte per element, or masks NULL), only elements whose byte is nonzero move. */
+   With masks[i] (one byte per element, or masks NULL), only elements whose byte is nonzero move.
+   With thresholds too, the masks are outputs: masks[i] = |theta| <= thresholds[i], from theta before
+   this pass's terms (Sparse MeZO's mask, made in the pass that reads theta anyway). */
 void zoft_sweep(int64_t n_tensors, float *const *theta, const int64_t *numel, const int64_t *index,
                 int64_t n_terms, const uint64_t *seeds, const float *coeff, int64_t part, int64_t parts,
-                const uint8_t *const *masks) {
+                uint8_t *const *masks, const float *thresholds) {
     for (int64_t i = 0; i < n_tensors; i++) {
         uint64_t key[8];
         for (int64_t k = 0; k < n_terms; k++)   /* perturb.tensor_seed */
             key[k] = mix64(seeds[k] * GOLDEN + (uint64_t)index[i] + 1) >> 1;
-        const uint8_t *mask = masks ? masks[i] : 0;
+        uint8_t *mask = masks ? masks[i] : 0;
         int64_t n = numel[i], words = (n + 63) / 64;
         for (int64_t j = words * part / parts; j < words * (part + 1) / parts; j++) {
             float *row = theta[i] + 64 * j, buf[64] = {0};   /* 64 elements, one word per term */
             int64_t m = n - 64 * j < 64 ? n - 64 * j : 64;
             uint8_t moves[64] = {0};
             memcpy(buf, row, (size_t)m * sizeof(float));
-            if (mask) memcpy(moves, mask + 64 * j, (size_t)m);
+            if (mask && thresholds) {
+                for (int e = 0; e < 64; e++) moves[e] = fabsf(buf[e]) <= thresholds[i];
+                memcpy(mask + 64 * j, moves, (size_t)m);
+            } else if (mask) {
+                memcpy(moves, mask + 64 * j, (size_t)m);
+            }
             for (int64_t k = 0; k < n_terms; k++) {
                 uint64_t w = mix64(key[k] + (uint64_t)(j + 1) * GOLDEN);
                 uint32_t low = (uint32_t)w, high = (uint32_t)(w >> 32);
@@ -151,7 +159,7 @@ def _library() -> ctypes.CDLL:
                                        ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
                                        ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64),
                                        ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_int64,
-                                       ctypes.POINTER(ctypes.c_void_p)]
+                                       ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float)]
         return library
     raise RuntimeError(f"{compiler} could not build the sweep: {errors}")
 
@@ -164,11 +172,13 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
 
 
 def sweep_(params: Sequence[torch.Tensor], indices: Sequence[int], terms: Sequence[tuple[int, float]],
-           masks: Sequence[torch.Tensor | None] | None = None) -> None:
+           masks: Sequence[torch.Tensor | None] | None = None, thresholds: Sequence[float] | None = None) -> None:
     """``θ ← θ + c·z(seed, index)`` for each ``(seed, c)`` of ``terms`` in order, on fp32 CPU
     tensors ``params`` whose direction indices are ``indices``: one call on every core. With
     ``masks`` (bool tensors shaped as the params, or None for "all"), only the masked-in elements
-    move (Sparse MeZO's z ⊙ m)."""
+    move (Sparse MeZO's z ⊙ m). With ``thresholds`` (one per tensor, each with a contiguous mask),
+    the masks are written first, ``m = |θ| ≤ threshold`` from θ before the terms: the same bytes as
+    ``torch.le(θ.abs(), threshold)``, without a pass of its own."""
     if not params or not terms:
         return
     flats = [p.detach().view(-1) if p.is_contiguous() else p.detach().flatten() for p in params]
@@ -178,12 +188,18 @@ def sweep_(params: Sequence[torch.Tensor], indices: Sequence[int], terms: Sequen
     tensors = ((ctypes.c_void_p * n)(*[f.data_ptr() for f in flats]),
                (ctypes.c_int64 * n)(*[f.numel() for f in flats]), (ctypes.c_int64 * n)(*indices))
     mask_ptrs = None if bytes_ is None else (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in bytes_])
+    if thresholds is not None:   # the masks are written, so each must be the tensor's own memory
+        if bytes_ is None or any(b is None or b.data_ptr() != m.data_ptr() for b, m in zip(bytes_, masks)):
+            raise ValueError("sweep_ with thresholds needs a contiguous mask per tensor")
+        thresholds = (ctypes.c_float * n)(*[float(t) for t in thresholds])
     for k in range(0, len(terms), MAX_TERMS):   # each add rounds once, so chunks give the same bits
         chunk = terms[k:k + MAX_TERMS]
         args = (n, *tensors, len(chunk), (ctypes.c_uint64 * len(chunk))(*[s & 0xFFFFFFFFFFFFFFFF for s, _ in chunk]),
                 (ctypes.c_float * len(chunk))(*[c for _, c in chunk]))
-        others = [_pool(parts - 1, os.getpid()).submit(sweep, *args, part, parts, mask_ptrs) for part in range(1, parts)]
-        sweep(*args, 0, parts, mask_ptrs)
+        build = thresholds if k == 0 else None   # the masks come from θ before the first term
+        others = [_pool(parts - 1, os.getpid()).submit(sweep, *args, part, parts, mask_ptrs, build)
+                  for part in range(1, parts)]
+        sweep(*args, 0, parts, mask_ptrs, build)
         for other in others:
             other.result()
     for p, flat in zip(params, flats):   # a non-contiguous tensor was swept in a copy

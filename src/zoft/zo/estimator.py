@@ -278,9 +278,23 @@ class SparseBackend:
     def __init__(self, dense: PerturbationBackend | None = None) -> None:
         self.dense = dense or TorchBackend()
         self.masks: list[torch.Tensor | None] = []
+        # masks not yet written, by index: their |θ| thresholds. The C loop writes them in the step's
+        # first pass, which reads θ anyway; elsewhere they are made before their first use.
+        self.thresholds: dict[int, float] = {}
+
+    def sweeps(self, param: torch.Tensor, distribution: str) -> bool:
+        """Whether this tensor's passes run in cpu-fast's C loop (which can also write its mask)."""
+        return (getattr(self.dense, "name", None) == "cpu-fast" and distribution == "rademacher"
+                and cpu_kernels.available() and cpu_kernels.takes(param))
+
+    def _make_mask(self, index: int, param: torch.Tensor) -> None:
+        threshold = self.thresholds.pop(index)
+        torch.le(param.detach().reshape(-1).abs(), threshold, out=self.masks[index].view(-1))
 
     def direction(self, param: torch.Tensor, seed: int, index: int, distribution: str = "gaussian",
                   out: torch.Tensor | None = None) -> torch.Tensor:
+        if index in self.thresholds:
+            self._make_mask(index, param)
         z = self.dense.direction(param, seed, index, distribution, out=out)
         mask = self.masks[index] if index < len(self.masks) else None
         return z if mask is None else z.mul_(mask)
@@ -288,14 +302,21 @@ class SparseBackend:
     @torch.no_grad()
     def add_noise_(self, params: Sequence[torch.Tensor], seed: int, scale: float,
                    distribution: str = "gaussian", undo: float = 0.0) -> None:
-        swept = set()
-        if getattr(self.dense, "name", None) == "cpu-fast" and distribution == "rademacher" and cpu_kernels.available():
-            # cpu-fast's z from the same hashed bits, masked in the C loop: no z tensor per pass, and
-            # the same bits as below (a masked-out weight is nonzero, so θ + 0·c is θ either way)
-            swept = {i for i, p in enumerate(params) if cpu_kernels.takes(p)}
+        # cpu-fast's z from the same hashed bits, masked in the C loop: no z tensor per pass, and
+        # the same bits as below (a masked-out weight is nonzero, so θ + 0·c is θ either way)
+        swept = {i for i, p in enumerate(params) if self.sweeps(p, distribution)}
+        if swept:
             order = sorted(swept)
-            cpu_kernels.sweep_([params[i] for i in order], order, [(seed, scale - undo)],
-                               masks=[self.masks[i] if i < len(self.masks) else None for i in order])
+            masks = [self.masks[i] if i < len(self.masks) else None for i in order]
+            thresholds = None
+            if self.thresholds and all(i in self.thresholds for i in order):   # the step's first pass
+                thresholds = [self.thresholds.pop(i) for i in order]
+            else:
+                for i in order:
+                    if i in self.thresholds:
+                        self._make_mask(i, params[i])
+            cpu_kernels.sweep_([params[i] for i in order], order, [(seed, scale - undo)], masks=masks,
+                               thresholds=thresholds)
         for index, p in enumerate(params):
             if index in swept:
                 continue
@@ -321,23 +342,22 @@ def _sample_positions(numel: int) -> torch.Tensor:
     columns of every row, and LLM weights have columns of outlier magnitude. Fixed: the mask is a
     function of θ alone, so resume and replay rebuild it. Cached: a model has a few distinct sizes."""
     gen = torch.Generator().manual_seed(numel)
-    return torch.randint(numel, (SAMPLE,), generator=gen)
+    # sorted: the same sample (a quantile ignores order), read front to back, which made the gather
+    # 2-4x faster than in draw order on SmolLM2's tensors
+    return torch.randint(numel, (SAMPLE,), generator=gen).sort().values
 
 
-def small_magnitude_mask(p: torch.Tensor, fraction: float, out: torch.Tensor | None = None,
-                         scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """True for the ``fraction`` of ``p``'s entries smallest in magnitude (ties at the threshold
-    included). The threshold is the ``fraction`` quantile of |θ|: exact for tensors of up to 2¹⁶
-    entries, and from 2¹⁶ fixed random positions for larger ones (the fraction then has a standard
-    deviation of 0.17% at 25%). Selecting the exact quantile of every large tensor was most of a
-    Sparse MeZO step on a CPU (``bench/smezo_mask.py``).
-
-    ``out`` (bool, shaped as ``p``) receives the mask, and ``scratch`` (flat, ``p``'s dtype and
-    device, at least its size) holds |θ|: Sparse MeZO passes the last step's, so a step does not
-    allocate 5 bytes per weight afresh."""
+def magnitude_threshold(p: torch.Tensor, fraction: float, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``fraction`` quantile of |θ| (0-dim, ``p``'s dtype): exact for tensors of up to 2¹⁶
+    entries, and from 2¹⁶ fixed random positions for larger ones (the fraction under it then has a
+    standard deviation of 0.17% at 25%). Selecting the exact quantile of every large tensor was most
+    of a Sparse MeZO step on a CPU (``bench/smezo_mask.py``). ``magnitude``: |θ| flat, where the
+    caller has it."""
     flat = p.detach().reshape(-1)
-    magnitude = flat.abs() if scratch is None else torch.abs(flat, out=scratch[:flat.numel()])
-    sample = magnitude if flat.numel() <= SAMPLE else magnitude[_sample_positions(flat.numel()).to(flat.device)]
+    if flat.numel() <= SAMPLE:
+        sample = flat.abs() if magnitude is None else magnitude
+    else:   # gathered, then |·|: the same values as gathering |θ|
+        sample = torch.index_select(flat, 0, _sample_positions(flat.numel()).to(flat.device)).abs()
     k = max(1, min(sample.numel(), math.ceil(fraction * sample.numel())))
     # kthvalue in float32 at least (none for bf16 on CPU); the threshold is one of the tensor's own
     # values, so it converts back to the tensor's dtype exactly
@@ -346,7 +366,20 @@ def small_magnitude_mask(p: torch.Tensor, fraction: float, out: torch.Tensor | N
         threshold = torch.tensor(np.partition(sample.numpy(), k - 1)[k - 1])
     else:
         threshold = sample.kthvalue(k).values
-    threshold = threshold.to(flat.dtype)
+    return threshold.to(flat.dtype)
+
+
+def small_magnitude_mask(p: torch.Tensor, fraction: float, out: torch.Tensor | None = None,
+                         scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """True for the ``fraction`` of ``p``'s entries smallest in magnitude (ties at the threshold
+    included): |θ| ≤ :func:`magnitude_threshold`.
+
+    ``out`` (bool, shaped as ``p``) receives the mask, and ``scratch`` (flat, ``p``'s dtype and
+    device, at least its size) holds |θ|: Sparse MeZO passes the last step's, so a step does not
+    allocate 5 bytes per weight afresh."""
+    flat = p.detach().reshape(-1)
+    magnitude = flat.abs() if scratch is None else torch.abs(flat, out=scratch[:flat.numel()])
+    threshold = magnitude_threshold(p, fraction, magnitude)
     if out is None:
         return magnitude.le(threshold).reshape(p.shape)
     torch.le(magnitude, threshold, out=out.view(-1))
@@ -377,10 +410,14 @@ class SparseMeZO:
     def estimate(self, params: Sequence[torch.Tensor], loss_fn: LossFn, seeds: Sequence[int],
                  step: int = 0) -> Estimate:
         last = self.backend.masks if len(self.backend.masks) == len(params) else [None] * len(params)
-        masks = []
-        for p, out in zip(params, last):   # from θ, before any probe; into the last step's buffers
+        masks, self.backend.thresholds = [], {}
+        for index, (p, out) in enumerate(zip(params, last)):   # from θ, before any probe; into the last step's buffers
             if out is None or out.shape != p.shape or out.device != p.device:
                 out = torch.empty(p.shape, dtype=torch.bool, device=p.device)
+            if self.backend.sweeps(p, self.distribution):   # the C loop writes it in the first probe's pass
+                self.backend.thresholds[index] = float(magnitude_threshold(p, self.fraction))
+                masks.append(out)
+                continue
             key = (p.dtype, p.device)
             if key not in self.scratch or self.scratch[key].numel() < p.numel():
                 self.scratch[key] = torch.empty(max(q.numel() for q in params if (q.dtype, q.device) == key),
@@ -388,7 +425,8 @@ class SparseMeZO:
             masks.append(small_magnitude_mask(p, self.fraction, out=out, scratch=self.scratch[key]))
         self.backend.masks = masks
         inner = SPSA(self.eps, len(seeds), self.distribution, self.backend).estimate(params, loss_fn, seeds)
-        inner.extra["perturbed"] = round(sum(int(m.sum()) for m in self.backend.masks)
+        # count_nonzero: summing a bool tensor widens it to int64 first, ~10x slower per step
+        inner.extra["perturbed"] = round(sum(int(torch.count_nonzero(m)) for m in self.backend.masks)
                                          / max(1, sum(m.numel() for m in self.backend.masks)), 6)
         return inner
 
