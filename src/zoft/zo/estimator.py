@@ -397,7 +397,9 @@ class SparseMeZO:
     with q_f the ``fraction`` quantile of the tensor's |θ|. The mask is a function of θ at the
     step, so resume and replay (which rebuild that θ bit for bit) rebuild it too; nothing is
     carried between steps but buffers. 2 forwards per direction; 1 byte per weight for the step's
-    mask, and a scratch copy of |θ| of the largest tensor.
+    mask, and a scratch copy of |θ| of the largest tensor whose mask torch makes. Where cpu-fast's C
+    loop moves a tensor, only its threshold is computed here (from 2¹⁶ sampled weights), and the
+    loop writes the mask in the step's first pass, which reads θ anyway.
     """
 
     eps: float = 1e-3
