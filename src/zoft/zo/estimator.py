@@ -343,7 +343,7 @@ def _sample_positions(numel: int) -> torch.Tensor:
     function of θ alone, so resume and replay rebuild it. Cached: a model has a few distinct sizes."""
     gen = torch.Generator().manual_seed(numel)
     # sorted: the same sample (a quantile ignores order), read front to back, which made the gather
-    # 2-4x faster than in draw order on SmolLM2's tensors
+    # about 2x faster than in draw order (SmolLM2's 211 large tensors on 2 cores: 0.084 s -> 0.043 s)
     return torch.randint(numel, (SAMPLE,), generator=gen).sort().values
 
 
