@@ -9,8 +9,8 @@ skipped) take from it.
 The curve is measured past the probe's own stop (until the loss has doubled), each point from θ
 restored exactly, on probe p's batch with probe p's direction, as the probe does. The number to
 read is the spread of the per-probe optima (sd of log10) under each rule: the probe's choice is the
-median of three of them. The default keys are the README's 2,000-step SST-2 run; add
-`compute_dtype=bf16` for the rounding noise that the noise gate is for.
+median of three of them. The default keys are bench/auto_lr_spread.py's (the README's 2,000-step
+SST-2 run); add `compute_dtype=bf16` for the rounding noise that the noise gate is for.
 """
 from __future__ import annotations
 
@@ -20,34 +20,17 @@ import json
 import math
 import statistics
 
+from auto_lr_spread import load_run, seed_list   # its neighbour in bench/: the same run's keys and set-up
+
 from zoft.zo.auto_lr import CLEAR, GRID, NOISE_POINTS, RISE, _vertex, probe_seed
 
-DEFAULTS = dict(method="mezo", model="smollm2-135m", task="sst2", n_train=10000, n_dev=200, n_eval=32,
-                max_length=64, batch_size=16, steps=2000, eps=1e-3, lr="auto", progress=False)
 
-
-def seed_list(text: str) -> list[int]:
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
-
-
-def record_curves(seeds: list[int], probes: int, overrides: dict):
+def record_curves(seeds: list[int], probes: int, overrides: list[str]):
     import torch
 
-    from zoft.config import load_config
-    from zoft.methods.common import prepare
-    from zoft.methods.mezo import build_components, build_step, make_objective
+    from zoft.methods.mezo import build_components, build_step
     from zoft.training import batch_indices
-    cfg = load_config(overrides=overrides)
-    setup = prepare(cfg)
-    setup.pin_compute_dtype()
-    model = setup.with_mode()
-    model.eval()
-    scorer = setup.scorer(model)
-    enc = scorer.encode(setup.data.train)
-    objective = make_objective(setup, scorer, enc, setup.data.train)
+    cfg, setup, model, enc, objective = load_run(overrides)
     print(f"{cfg.model}, {cfg.task}, mode {cfg.mode}, compute {setup.compute_dtype}, {len(enc)} train rows", flush=True)
     with torch.no_grad():
         for seed in seeds:
@@ -109,9 +92,8 @@ def main() -> None:
         with open(args.load) as f:
             records = [json.loads(line) for line in f]
     else:
-        overrides = dict(DEFAULTS, **dict(kv.split("=", 1) for kv in args.overrides))
         records, sink = [], open(args.save, "w") if args.save else None
-        for record in record_curves(seed_list(args.seeds), args.probes, overrides):
+        for record in record_curves(seed_list(args.seeds), args.probes, args.overrides):
             records.append(record)
             if sink:
                 sink.write(json.dumps(record) + "\n")

@@ -34,6 +34,19 @@ def seed_list(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
+def load_run(overrides: list[str]):
+    """The config (the defaults above, then ``key=value`` overrides), its model in eval mode, the
+    encoded training rows and the training objective, as a run would build them."""
+    cfg = load_config(overrides=dict(DEFAULTS, **dict(kv.split("=", 1) for kv in overrides)))
+    setup = prepare(cfg)
+    setup.pin_compute_dtype()
+    model = setup.with_mode()
+    model.eval()
+    scorer = setup.scorer(model)
+    enc_train = scorer.encode(setup.data.train)
+    return cfg, setup, model, enc_train, make_objective(setup, scorer, enc_train, setup.data.train)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0-7")
@@ -41,15 +54,7 @@ def main() -> None:
     p.add_argument("--drift", type=float, default=auto_lr_module.DRIFT, help="DRIFT, the cap's share of |θ₀|")
     p.add_argument("overrides", nargs="*", help="key=value config keys over the defaults above")
     args = p.parse_args()
-    overrides = dict(DEFAULTS, **dict(kv.split("=", 1) for kv in args.overrides))
-    cfg = load_config(overrides=overrides)
-    setup = prepare(cfg)
-    setup.pin_compute_dtype()
-    model = setup.with_mode()
-    model.eval()
-    scorer = setup.scorer(model)
-    enc_train = scorer.encode(setup.data.train)
-    objective = make_objective(setup, scorer, enc_train, setup.data.train)
+    cfg, setup, model, enc_train, objective = load_run(args.overrides)
     print(f"{cfg.model}, {cfg.task}, mode {cfg.mode}, estimator {cfg.estimator}, optimizer {cfg.optimizer}, "
           f"steps {cfg.steps} ({cfg.lr_schedule}), compute {setup.compute_dtype}, {len(enc_train)} train rows, "
           f"DRIFT {args.drift}")
