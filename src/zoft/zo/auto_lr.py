@@ -32,8 +32,8 @@ that noise (SmolLM2-135M on SST-2 got lr 3e-9 and never moved). Past the optimum
 is large: one grid point beyond lr* (×√10) a step raises the loss by ~1.8× what the best step lowered it.
 
 **Two refinements against the spread over seeds** (2026-11-29). Each probe's whole curve was
-recorded for seeds 0-7 (SmolLM2-135M, SST-2, batch 16, 3 probes a seed). In fp32 the curves are
-clean (f = −g²·lr to 3 digits up to near lr*), and the grid's argmins land on 3.16e-4 or 1e-3, so the
+recorded (SmolLM2-135M, SST-2, batch 16, 3 probes a seed: seeds 0-7 in fp32, 0-4 in bf16). In fp32 the curves are
+clean (f = −g²·lr to 2-3 digits up to near lr*), and the grid's argmins land on 3.16e-4 or 1e-3, so the
 median of three jumps by √10 between seeds. In bf16 the three smallest steps change the loss by
 up to ±0.016 (rounding), as much as a probe with a small |g| falls at its best lr, and such a probe's
 argmin was noise: 1e-7 where its neighbours found 1e-3. So (a) a probe counts only if its fall is
