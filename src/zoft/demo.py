@@ -1,6 +1,6 @@
 """`zoft demo` / `make demo`: zero-shot against MeZO on SST-2 with SmolLM2-135M, on a CPU.
 
-Sized to finish in about ten minutes on 2 CPU cores, so it is a small run: the point is
+Sized to finish in 4-7 minutes on 2 CPU cores, so it is a small run: the point is
 an honest before/after on the same eval examples, not the paper's numbers (for those,
 see the README's GPU table and `zoft compare`).
 """
