@@ -103,6 +103,43 @@ def test_a_reference_that_drifts_up_slowly_across_checkpoints_is_judged_from_its
     assert fired and "reference batches' loss 0.9 > 0.675" in fired[0]
 
 
+def test_a_checkpoint_is_judged_on_the_reference_loss_from_its_lowest_value():
+    guard, state = Guard(1.5), GuardState()
+    assert guard.check_reference(state, 9.0) is None   # nothing to judge against before the start's reference
+    guard.record_reference(state, 0.60)
+    guard.record_reference(state, 0.70)
+    assert guard.check_reference(state, 0.89) is None   # under 1.5 × 0.60, the lowest: still good
+    assert "reference batches' loss 0.91 > 0.9 (1.5× 0.6)" in guard.check_reference(state, 0.91)
+    assert guard.check_reference(state, math.nan) is not None
+
+
+def test_a_climb_the_loss_ema_misses_is_rolled_back_where_a_checkpoint_is_due(tmp_path, monkeypatch):
+    """Only the reference batches read 3× where checkpoint-8 is due, so the loss EMA sees nothing
+    (as in a slow climb under its limit). The weights there are not saved as a good state: the run
+    goes back to checkpoint-4 with the lr halved, and checkpoint-8 is written after the redone steps."""
+    from zoft.lm import CandidateScorer
+    real, calls = CandidateScorer.loss, {"n": 0}
+    at_checkpoint_8 = range(calls_before(9) - REFERENCE_BATCHES + 1, calls_before(9) + 1)
+
+    def loss(self, enc, idx):
+        calls["n"] += 1
+        return real(self, enc, idx) * (3.0 if calls["n"] in at_checkpoint_8 else 1.0)
+    monkeypatch.setattr(CandidateScorer, "loss", loss)
+    out = tmp_path / "run"
+    api.train({**SMALL, "steps": 12, "eval_every": 4, "output_dir": str(out)},
+              loaded=tiny_random_model("causal", seed=0))
+    records = RunDir(out).read_metrics()
+    events = [r for r in records if "event" in r]
+    assert [(e["step"], e["from_step"], e["lr_scale"]) for e in events] == [(4, 8, 0.5)]
+    assert events[0]["reason"].startswith("at a checkpoint the reference batches' loss")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    logged = {r["step"]: r["reference"] for r in records if "reference" in r and "loss" in r}
+    assert sorted(logged) == [4, 8, 12] and max(logged.values()) <= 1.5 * min(logged.values())
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["guard"]
+    assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5
+    assert state["reference"] <= min(logged.values()) + 1e-6   # the lowest good one (the start's, if lower)
+
+
 def test_hard_batches_do_not_roll_back_a_run_and_a_resume_after_the_check_is_bit_identical(tmp_path):
     """ZOFT_FAULT=hard: steps 21-30 read a 3× loss, the weights are fine. The guard checks the
     reference batches, logs the check, rolls nothing back; killed after it, the run resumes to the

@@ -20,7 +20,9 @@ the loop a ``reference`` loss (the loss on ``REFERENCE_BATCHES`` fixed training 
 of the EMA is judged on it before anything is undone: the reference is measured at every good
 state (the start and each checkpoint) and again when the EMA fires, and judged against its lowest
 value at any good state (so a drift too slow to climb by the factor between two checkpoints is
-still caught once it adds up to it). If it has not climbed by the same factor, the alarm was the
+still caught once it adds up to it). The same limit is checked before each checkpoint is written,
+so a checkpoint is always a good state (a slow climb under the EMA's rule is rolled back there). If
+the reference has not climbed by the same factor when the EMA fires, the alarm was the
 batches, not the weights: the loop logs
 ``{"event": "guard_check", "verdict": "no climb", ...}`` and goes on, the loss rule's best
 becomes the slow EMA's current level (the reference vouched for the weights at it), and the rule
@@ -104,6 +106,19 @@ class Guard:
         state.quiet_until, state.false_alarms = state.seen + QUIET, state.false_alarms + 1
         state.last_check = {"loss_ema": smoothed, "limit": limit, "reference": now, "reference_good": good,
                             "reference_limit": allowed}
+        return None
+
+    def check_reference(self, state: GuardState, loss: float) -> str | None:
+        """The reference batches' loss where a checkpoint is due: the reason the weights there are
+        not a good state, or None. A climb slow enough that the loss EMA never crosses its limit
+        (the limit follows the EMA's level after each unconfirmed alarm) would otherwise be saved as
+        the last good state, and a rollback would land on it."""
+        if state.reference is None:
+            return None
+        allowed = state.reference + (self.factor - 1) * abs(state.reference)
+        if not math.isfinite(loss) or loss > allowed:
+            return (f"at a checkpoint the reference batches' loss {loss:.4g} > {allowed:.4g} "
+                    f"({self.factor:g}× {state.reference:.4g})")
         return None
 
     def record_reference(self, state: GuardState, loss: float) -> None:

@@ -237,10 +237,10 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
         state.guard = guarded.to_dict()
         last_good.mark(state)
 
-    def save(step: int) -> None:
+    def save(step: int, reference_loss: float | None) -> None:
         state.step = step
-        if reference is not None:   # this checkpoint becomes the last good state: its reference loss counts
-            guard.record_reference(guarded, measure_reference())
+        if reference_loss is not None:   # this checkpoint becomes the last good state: its reference loss counts
+            guard.record_reference(guarded, reference_loss)
         state.guard = guarded.to_dict()
         if on_save is not None:
             on_save(step, dict(state.__dict__))
@@ -329,6 +329,11 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             # step's pending ±εz is left in place between checks: the norm hardly notices it
             if reason is None and guard and (checks or done % WEIGHT_CHECK_EVERY == 0):
                 reason = guard.check_weights(guarded, trainable.tensors.values())
+            checkpoint, reference_loss = done % save_every == 0 or done == steps, None
+            if reason is None and checkpoint and reference is not None:   # only good states are saved
+                reference_loss = faults.loss(done, measure_reference(), guarded.lr_scale, reference=True)
+                reason = guard.check_reference(guarded, reference_loss)
+                record["reference"] = round(reference_loss, 6)   # in metrics.jsonl: how far a slow climb has gone
             if reason is not None:
                 state = roll_back(done, reason, last_lr)
                 step = state.step
@@ -351,8 +356,8 @@ def train_loop(run: RunDir, *, steps: int, eval_every: int, save_every: int | No
             bar.set_postfix({"loss": f"{record['loss']:.4f}",
                              f"best dev {metric_name}": f"{state.best_metric or 0:.3f}"}, refresh=False)
             bar.update(1)
-            if done % save_every == 0 or done == steps:
-                save(done)
+            if checkpoint:
+                save(done, reference_loss)
             step += 1
         except (DivergedError, WriteError) as e:
             bar.close()
