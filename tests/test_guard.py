@@ -107,6 +107,8 @@ def test_a_checkpoint_is_judged_on_the_reference_loss_from_its_lowest_value():
     guard, state = Guard(1.5), GuardState()
     assert guard.check_reference(state, 9.0) is None   # nothing to judge against before the start's reference
     guard.record_reference(state, 0.60)
+    assert guard.check_reference(state, 9.0) is None   # nor in the first WARMUP steps, as for the loss rule
+    state.seen = WARMUP
     guard.record_reference(state, 0.70)
     assert guard.check_reference(state, 0.89) is None   # under 1.5 × 0.60, the lowest: still good
     assert "reference batches' loss 0.91 > 0.9 (1.5× 0.6)" in guard.check_reference(state, 0.91)
@@ -114,28 +116,28 @@ def test_a_checkpoint_is_judged_on_the_reference_loss_from_its_lowest_value():
 
 
 def test_a_climb_the_loss_ema_misses_is_rolled_back_where_a_checkpoint_is_due(tmp_path, monkeypatch):
-    """Only the reference batches read 3× where checkpoint-8 is due, so the loss EMA sees nothing
+    """Only the reference batches read 3× where checkpoint-24 is due, so the loss EMA sees nothing
     (as in a slow climb under its limit). The weights there are not saved as a good state: the run
-    goes back to checkpoint-4 with the lr halved, and checkpoint-8 is written after the redone steps."""
+    goes back to checkpoint-20 with the lr halved, and checkpoint-24 is written after the redone steps."""
     from zoft.lm import CandidateScorer
     real, calls = CandidateScorer.loss, {"n": 0}
-    at_checkpoint_8 = range(calls_before(9) - REFERENCE_BATCHES + 1, calls_before(9) + 1)
+    at_checkpoint_24 = range(calls_before(25) - REFERENCE_BATCHES + 1, calls_before(25) + 1)
 
     def loss(self, enc, idx):
         calls["n"] += 1
-        return real(self, enc, idx) * (3.0 if calls["n"] in at_checkpoint_8 else 1.0)
+        return real(self, enc, idx) * (3.0 if calls["n"] in at_checkpoint_24 else 1.0)
     monkeypatch.setattr(CandidateScorer, "loss", loss)
     out = tmp_path / "run"
-    api.train({**SMALL, "steps": 12, "eval_every": 4, "output_dir": str(out)},
+    api.train({**SMALL, "steps": 28, "eval_every": 4, "output_dir": str(out)},
               loaded=tiny_random_model("causal", seed=0))
     records = RunDir(out).read_metrics()
     events = [r for r in records if "event" in r]
-    assert [(e["step"], e["from_step"], e["lr_scale"]) for e in events] == [(4, 8, 0.5)]
+    assert [(e["step"], e["from_step"], e["lr_scale"]) for e in events] == [(20, 24, 0.5)]
     assert events[0]["reason"].startswith("at a checkpoint the reference batches' loss")
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 29))
     logged = {r["step"]: r["reference"] for r in records if "reference" in r and "loss" in r}
-    assert sorted(logged) == [4, 8, 12] and max(logged.values()) <= 1.5 * min(logged.values())
-    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["guard"]
+    assert sorted(logged) == list(range(4, 29, 4)) and max(logged.values()) <= 1.5 * min(logged.values())
+    state = json.loads((out / "checkpoint-28" / "trainer_state.json").read_text())["guard"]
     assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5
     assert state["reference"] <= min(logged.values()) + 1e-6   # the lowest good one (the start's, if lower)
 
