@@ -20,11 +20,10 @@ the loop a ``reference`` loss (the loss on ``REFERENCE_BATCHES`` fixed training 
 of the EMA is judged on it before anything is undone: the reference is measured at every good
 state (the start and each checkpoint) and again when the EMA fires, and judged against its lowest
 value at any good state (so a drift too slow to climb by the factor between two checkpoints is
-still caught once it adds up to it). The same limit is checked before each checkpoint after the
-first ``WARMUP`` steps is written, so such a checkpoint is a good state (a slow climb under the
-EMA's rule is rolled back there). If
-the reference has not climbed by the same factor when the EMA fires, the alarm was the
-batches, not the weights: the loop logs
+still caught once it adds up to it). After the first ``WARMUP`` steps the same limit is checked
+before each checkpoint is written, so a checkpoint is a good state: a slow climb under the EMA's
+rule is rolled back there. If the reference has not climbed by the factor when the EMA fires, the
+alarm was the batches, not the weights: the loop logs
 ``{"event": "guard_check", "verdict": "no climb", ...}`` and goes on, the loss rule's best
 becomes the slow EMA's current level (the reference vouched for the weights at it), and the rule
 stays quiet for ``QUIET`` steps before it may fire (and be judged) again. The reference costs
@@ -114,8 +113,8 @@ class Guard:
         not a good state, or None. A climb slow enough that the loss EMA never crosses its limit
         (the limit follows the EMA's level after each unconfirmed alarm) would otherwise be saved as
         the last good state, and a rollback would land on it. Like the loss rule, it judges nothing
-        in the first ``WARMUP`` steps: a short run's first steps from a fitted head may move the
-        loss a lot, and the guard has always let them (its tests and measured runs assume so)."""
+        in the first ``WARMUP`` steps, where a run from a fitted head (LP-FT, LP-MeZO) may move the
+        loss a lot at first."""
         if state.reference is None or state.seen < WARMUP:
             return None
         allowed = state.reference + (self.factor - 1) * abs(state.reference)
