@@ -78,6 +78,10 @@ class Guard:
     factor: float = 1.5
     max_rollbacks: int = 3
 
+    def limit(self, good: float) -> float:
+        """How far a value may climb from ``good`` (a loss, or minus a metric) before it counts as a climb."""
+        return good + (self.factor - 1) * abs(good)
+
     def observe(self, state: GuardState, loss: float, reference: Callable[[], float] | None = None) -> str | None:
         """Add a step's loss to the EMA; the reason to roll back, or None. With ``reference`` (the
         loss on the fixed reference batches, measured now), a climb of the EMA is judged on it."""
@@ -90,14 +94,14 @@ class Guard:
         if state.seen < WARMUP:
             return None
         state.best = level if state.best is None else min(state.best, level)
-        limit = state.best + (self.factor - 1) * abs(state.best)
+        limit = self.limit(state.best)
         if smoothed <= limit or state.seen <= state.quiet_until:
             return None
         reason = f"loss EMA {smoothed:.4g} > {limit:.4g} ({self.factor:g}× its best, {state.best:.4g})"
         if reference is None or state.reference is None:
             return reason
         now, good = reference(), state.reference
-        allowed = good + (self.factor - 1) * abs(good)
+        allowed = self.limit(good)
         if not math.isfinite(now) or now > allowed:
             return f"{reason}, and the reference batches' loss {now:.4g} > {allowed:.4g} ({self.factor:g}× {good:.4g})"
         # the reference vouches for the weights at this loss level: the loss rule measures from it
@@ -117,7 +121,7 @@ class Guard:
         loss a lot at first."""
         if state.reference is None or state.seen < WARMUP:
             return None
-        allowed = state.reference + (self.factor - 1) * abs(state.reference)
+        allowed = self.limit(state.reference)
         if not math.isfinite(loss) or loss > allowed:
             return (f"at a checkpoint the reference batches' loss {loss:.4g} > {allowed:.4g} "
                     f"({self.factor:g}× {state.reference:.4g})")
